@@ -1,0 +1,13 @@
+# The two commands of the README. Each does all set-up on a fresh machine first.
+.PHONY: demo test test-fast
+
+demo:            ## install into .venv, then run the main job (the demo) on the embedded defaults
+	bash scripts/setup.sh
+	.venv/bin/python -m bread_ray.demo
+
+test:            ## install into .venv with the test tools and the S3-compatible server, run every test
+	bash scripts/setup.sh --test
+	.venv/bin/python -m pytest -q
+
+test-fast:       ## the tests without the slow end-to-end ones (after `make test` has installed once)
+	.venv/bin/python -m pytest -q -m "not slow"

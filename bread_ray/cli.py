@@ -1,0 +1,213 @@
+"""bgit: bake prompts into LoRA adapters, versioned with git.
+
+    bgit init NAME                 a new repository with an example input.yml
+    bgit add input.yml             stage it (refused if invalid)
+    bgit commit -m "..."           commit it (.bread refreshed with its names and hashes)
+    bgit validate [FILE]           check a file and print it resolved
+    bgit status                    branch, parent model, input.yml, and what `bgit run` would do
+    bgit tree                      the lineage of models across all branches
+
+This module only parses arguments and calls the modules that do the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from bread_ray.config import ConfigError, load_and_resolve
+from bread_ray.repo import DEFAULT_BASE_MODEL, INPUT_FILE, BreadRepo, RepoError, render_lineage_tree
+
+PASSTHROUGH = {
+    "add": "Stage files, as `git add`. Staging input.yml validates it first: an invalid one is refused and nothing is staged.",
+    "commit": "Commit, as `git commit`. The commit is refused if the staged input.yml is invalid; otherwise .bread "
+    "is refreshed with the names and hashes of the input.yml being committed.",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in PASSTHROUGH and not {"-h", "--help"} & set(argv[1:]):
+            return passthrough(argv[0], argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+    except ConfigError as error:
+        for line in error.render():
+            print(line, file=sys.stderr)
+        return 1
+    except RepoError as error:
+        print(f"bgit: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bgit: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bgit", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `bgit COMMAND --help` for the details of a command.",
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    init = commands.add_parser(
+        "init", help="create a bgit repository",
+        description="Create the folder NAME ('.' for the current folder) holding a git repository with an example "
+        "input.yml, .bread, recipe.yml, .gitignore, .gitattributes and a first commit.",
+    )
+    init.add_argument("name", metavar="NAME", help="folder to create; its name is the repository's name")
+    init.add_argument("--base-model", default=DEFAULT_BASE_MODEL, metavar="ID_OR_PATH",
+                      help=f"the model the first bake starts from: a hub id or a local folder (default {DEFAULT_BASE_MODEL})")
+    init.add_argument("--owner", help="owner part of model names <owner>/<repo>/<bake>/<step> (default: your user name)")
+    init.set_defaults(handler=cmd_init)
+
+    for name, text in PASSTHROUGH.items():
+        sub = commands.add_parser(name, help=text.split(".")[0].lower(), description=text, add_help=True)
+        sub.add_argument("git_args", nargs="*", metavar="GIT_ARGS", help=f"arguments for `git {name}`")
+
+    validate = commands.add_parser(
+        "validate", help="check an input.yml and print it resolved",
+        description="Check FILE (default: input.yml of this repository) and print the resolved config: content-addressed "
+        "names, hashes and every default. Errors name the file, line and field.",
+    )
+    validate.add_argument("file", nargs="?", metavar="FILE", help="the file to check (default: input.yml)")
+    validate.add_argument("--parent", metavar="MODEL",
+                          help="parent model to resolve against (default: this repository's, or the default base model outside one)")
+    validate.set_defaults(handler=cmd_validate)
+
+    status = commands.add_parser(
+        "status", help="show the repository's state and what `bgit run` would do",
+        description="Branch, parent model, whether input.yml is staged or has unstaged changes, and what "
+        "`bgit run stim rollout bake` would do with the staged input.yml: which targets and bake, and which of "
+        "them are already in the store (BREAD_STORE).",
+    )
+    status.set_defaults(handler=cmd_status)
+
+    tree = commands.add_parser(
+        "tree", help="draw the lineage of models across all branches",
+        description="Read recipe.yml on every branch and draw the models as a tree: base -> v1 -> v2, with the "
+        "branches that hold each.",
+    )
+    tree.set_defaults(handler=cmd_tree)
+
+    tiny = commands.add_parser(
+        "tiny-model", help="build a tiny local model for demos and tests",
+        description="Build a tiny Qwen3-architecture model and a BPE tokenizer with a ChatML chat template into DIR, "
+        "deterministically from SEED, in seconds. Use it as --base-model where no model can be downloaded.",
+    )
+    tiny.add_argument("dir", metavar="DIR")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(handler=cmd_tiny_model)
+
+    hook = commands.add_parser("_pre-commit")  # called by the repository's git pre-commit hook
+    hook.set_defaults(handler=cmd_pre_commit)
+    commands._choices_actions = [a for a in commands._choices_actions if a.dest != "_pre-commit"]
+    return parser
+
+
+def passthrough(command: str, git_args: list[str]) -> int:
+    repo = BreadRepo.find()
+    if command == "add":
+        return repo.add(git_args)
+    return subprocess.run(["git", "commit", *git_args]).returncode
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    repo = BreadRepo.init(Path(args.name), base_model=args.base_model, owner=args.owner)
+    print(f"Created bgit repository {repo.owner}/{repo.name} in {repo.root} (base model {repo.base_model})")
+    print("Next: edit input.yml, then `bgit add input.yml && bgit commit -m '...'`")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    repo = _find_repo_or_none()
+    path = Path(args.file) if args.file else (repo.root / INPUT_FILE if repo else Path(INPUT_FILE))
+    if not path.is_file():
+        raise RepoError(f"{path}: no such file")
+    shown = os.path.relpath(path)  # as the user would type it
+    if repo and not args.parent:
+        resolved = repo.resolve_input(path.read_text(), filename=shown)
+    else:
+        _, resolved = load_and_resolve(path.read_text(), parent_model=args.parent or DEFAULT_BASE_MODEL, filename=shown)
+    print(f"# {shown}: valid" + ("" if not resolved.is_empty else " (empty: `bgit run` has nothing to do)"))
+    print(yaml.safe_dump(resolved_summary(resolved), sort_keys=False, allow_unicode=True, width=100), end="")
+    return 0
+
+
+def resolved_summary(resolved) -> dict:
+    return {
+        "parent_model": resolved.parent_model,
+        "prompts": [{"name": p.name, "hash": p.hash, **p.content} for p in resolved.prompts],
+        "targets": [{"name": t.name, "id": t.id, "hash": t.hash, "config": t.config} for t in resolved.targets],
+        "bake": None if resolved.bake is None else
+        {"name": resolved.bake.name, "id": resolved.bake.id, "hash": resolved.bake.hash, "config": resolved.bake.config},
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from bread_ray.pipeline import plan
+    from bread_ray.store import open_store
+
+    repo = BreadRepo.find()
+    parent = repo.parent_model
+    print(f"On branch {repo.current_branch()}")
+    print(f"Repository {repo.owner}/{repo.name}, base model {repo.base_model}")
+    print(f"Parent model: {parent}" + ("  (the base: nothing baked on this branch yet)" if parent == repo.base_model else ""))
+    print(f"input.yml: {repo.input_state().describe()}")
+    try:
+        resolved = repo.resolve_staged()
+    except ConfigError as error:
+        print("The staged input.yml is invalid, `bgit run` would refuse it:")
+        for line in error.render():
+            print(f"  {line}")
+        return 0
+    if resolved.is_empty:
+        print("\n`bgit run` has nothing to do: the staged input.yml has no TARGET or BAKE.")
+        return 0
+    try:
+        store = open_store()
+        where = store.uri
+    except Exception as error:  # status still reports the plan without a store
+        store, where = None, f"unavailable ({error})"
+    print(f"Store: {where}\n\n`bgit run stim rollout bake` would:")
+    marks = {True: "✓", False: "·", None: "?"}
+    states = {True: "in the store, reused", False: "to run", None: "store not readable"}
+    for step in plan(resolved, owner=repo.owner, repo=repo.name, store=store):
+        print(f"  {marks[step.done]} {step.stages:<15} {step.resource}  ({step.detail}): {states[step.done]}")
+    return 0
+
+
+def cmd_tree(args: argparse.Namespace) -> int:
+    repo = BreadRepo.find()
+    print(render_lineage_tree(repo.base_model, repo.bake_chains()))
+    return 0
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from bread_ray.tiny import build_tiny_model
+
+    folder = build_tiny_model(Path(args.dir), seed=args.seed)
+    print(f"Built a tiny model in {folder} (seed {args.seed})")
+    return 0
+
+
+def cmd_pre_commit(args: argparse.Namespace) -> int:
+    BreadRepo.find(Path(os.environ.get("GIT_WORK_TREE", Path.cwd()))).pre_commit()
+    return 0
+
+
+def _find_repo_or_none() -> BreadRepo | None:
+    try:
+        return BreadRepo.find()
+    except RepoError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

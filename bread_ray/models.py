@@ -1,0 +1,114 @@
+"""Loading models and tokenizers, and rendering chats: one path for hub ids and local folders.
+
+Every stage (rollout, bake, serve, eval) loads through here, so a model name means the same
+weights, dtype and chat template everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model is neither an existing local folder nor loadable from the Hugging Face Hub."""
+
+
+def _hub_offline() -> bool:
+    """Read at call time: huggingface_hub reads HF_HUB_OFFLINE only once, at import."""
+    return any(os.environ.get(var, "").upper() in {"1", "ON", "YES", "TRUE"}
+               for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def resolve_model_source(name_or_path: str | Path) -> str:
+    """An existing local folder, or a hub id (`name` or `org/name`); anything else is an error.
+
+    transformers reports a missing local path as a malformed repo id, so we check first.
+    """
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise ModelNotFoundError(f"model path {text!r} is a file, not a model folder")
+    if isinstance(name_or_path, Path) or text.startswith(("/", ".", "~")) or text.count("/") > 1:
+        raise ModelNotFoundError(f"model path {text!r} does not exist")
+    return text
+
+
+def _load(loader: Any, name_or_path: str | Path, **kwargs: Any) -> Any:
+    """Call `loader.from_pretrained`, turning a hub miss into an error that names the model."""
+    source = resolve_model_source(name_or_path)
+    if Path(source).is_dir():
+        return loader.from_pretrained(source, **kwargs)
+    offline = _hub_offline()
+    try:
+        return loader.from_pretrained(source, local_files_only=offline, **kwargs)
+    except OSError as err:
+        why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if offline
+               else "the Hugging Face Hub is unreachable or has no such repository")
+        raise ModelNotFoundError(
+            f"model {source!r}: no local folder of that name, and it cannot be loaded from the hub ({why}): {err}"
+        ) from err
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer with its chat template, from a local folder or a hub id."""
+    return _load(AutoTokenizer, name_or_path)
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bf16 on CUDA (what the GPUs train and serve in), fp32 on CPU (bf16 matmuls are slow there)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_causal_lm(
+    name_or_path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+) -> PreTrainedModel:
+    """AutoModelForCausalLM on `device` (default: CUDA if available), in eval mode.
+
+    The dtype is always explicit: transformers 5 otherwise loads in the checkpoint's dtype.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = _load(AutoModelForCausalLM, name_or_path, dtype=dtype or default_dtype(device))
+    return model.to(device).eval()
+
+
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = True,
+    **template_kwargs: Any,
+) -> str:
+    """The chat as the model sees it; `tools` are OpenAI-format function specs.
+
+    `template_kwargs` reach the template (e.g. `enable_thinking=False`).
+    """
+    return tokenizer.apply_chat_template(
+        messages,
+        tools=tools,
+        add_generation_prompt=add_generation_prompt,
+        tokenize=False,
+        **template_kwargs,
+    )
+
+
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = True,
+    **template_kwargs: Any,
+) -> list[int]:
+    """Token ids of `render_chat`: a plain list (transformers 5's `apply_chat_template(tokenize=True)`
+    returns a BatchEncoding). No special tokens are added: the template writes them all.
+    """
+    text = render_chat(tokenizer, messages, tools, add_generation_prompt, **template_kwargs)
+    return tokenizer.encode(text, add_special_tokens=False)

@@ -1,0 +1,461 @@
+"""A bgit repository: a git repository holding input.yml, .bread and recipe.yml.
+
+    input.yml   what to bake next (PROMPT, TARGET, BAKE); runs read the *staged* copy
+    .bread      INI state: [REPO] name/owner, [RECIPE] base model, [PARENT_MODEL] the model the
+                next bake starts from, and the names/hashes of the committed input.yml
+    recipe.yml  the history that led here: steps run and `resources.bakes`, the chain of bakes
+
+git does the versioning: each bake commits `Update recipe.yml after bake completion: <bake>`,
+so `git revert` of it restores the previous parent and a branch is an alternative lineage.
+"""
+
+from __future__ import annotations
+
+import configparser
+import getpass
+import io
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bread_ray.config import ConfigError, ResolvedConfig, load_config, resolve
+
+DEFAULT_BASE_MODEL = "Qwen/Qwen3-32B"
+BREAD_FILE = ".bread"
+RECIPE_FILE = "recipe.yml"
+INPUT_FILE = "input.yml"
+BAKE_COMMIT_PREFIX = "Update recipe.yml after bake completion: "
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+EXAMPLE_INPUT = """\
+# input.yml: what to bake next. Edit, then:
+#   bgit add input.yml && bgit commit -m "..." && bgit run stim rollout bake
+# `bgit validate` prints this file fully resolved (defaults, names, hashes).
+
+PROMPT:
+  teacher:                 # the prompt to bake into the weights
+    messages:
+      - role: system
+        content: "You are Yoda. Speak like Yoda: object, subject, verb. Wise and brief, be."
+  student:                 # what the baked model sees instead; empty = always-on
+    messages: []
+
+TARGET:
+  name: main_target
+  generators:              # where the questions (stimuli) come from
+    - type: hardcoded
+      questions:
+        - "What is the best way to learn something new?"
+        - "How should I deal with fear?"
+        - "What makes a good friend?"
+        - "Why is patience important?"
+    # An LLM can write them instead (needs ANTHROPIC_API_KEY):
+    # - type: oneshot_qs
+    #   model: claude-sonnet-4-5-20250929
+    #   numq: 100
+  num_traj_per_stimulus: 2 # responses the prompted teacher writes per question
+  temperature: 1.0
+  max_tokens: 256
+
+BAKE:
+  name: yoda_bake
+  datasets:
+    - target: main_target
+      weight: 1.0
+  epochs: 1
+  model:
+    baked_adapter_config:
+      r: 8
+      lora_alpha: 16
+      target_modules: all-linear
+  optimizer:
+    learning_rate: 0.0001
+"""
+
+CLEARED_INPUT = """\
+# input.yml: what to bake next. The last bake is recorded in recipe.yml and is now the parent
+# model (.bread, [PARENT_MODEL]). Write the next PROMPT / TARGET / BAKE here, then:
+#   bgit add input.yml && bgit commit -m "..." && bgit run stim rollout bake
+"""
+
+REPO_GITIGNORE = """\
+__pycache__/
+.bgit/
+"""
+
+GITATTRIBUTES = """\
+# bgit state files: on merge take the other branch's version (its lineage), never a conflict
+.bread merge=keepTheirs
+recipe.yml merge=keepTheirs
+"""
+
+PRE_COMMIT_HOOK = """\
+#!/bin/sh
+# bgit: refuse an invalid input.yml and refresh .bread from the input.yml being committed.
+if [ -x {python} ]; then exec {python} -m bread_ray.cli _pre-commit; fi
+exec bgit _pre-commit
+"""
+
+
+class RepoError(Exception):
+    """A problem the user can fix, described in one line."""
+
+
+def git(cwd: Path, *args: str, check: bool = True, env: dict[str, str] | None = None) -> str:
+    """Run git in `cwd`, returning stdout; a failure raises RepoError with git's own message."""
+    result = subprocess.run(
+        ["git", *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
+    if check and result.returncode != 0:
+        message = (result.stderr or result.stdout).strip().splitlines()
+        raise RepoError(f"git {' '.join(args[:2])} failed: {message[-1] if message else result.returncode}")
+    return result.stdout
+
+
+def check_name(kind: str, value: str) -> str:
+    if not NAME_RE.match(value) or value in (".", ".."):
+        raise RepoError(f"invalid {kind} {value!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit")
+    return value
+
+
+def empty_recipe(base_model: str) -> dict[str, Any]:
+    return {"base_model": base_model, "total_steps": 0, "steps": [], "resources": {"prompts": [], "targets": [], "bakes": []}}
+
+
+def dump_recipe(recipe: dict[str, Any]) -> str:
+    body = yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True, width=100)
+    return "# Written by bgit after each bake. The chain of bakes that led to this commit.\n\n" + body
+
+
+def dump_bread(bread: configparser.ConfigParser) -> str:
+    out = io.StringIO()
+    out.write("# bgit state of this repository. Written by bgit: edit with care.\n\n")
+    bread.write(out)
+    return out.getvalue()
+
+
+@dataclass(frozen=True)
+class InputState:
+    """Where input.yml stands between HEAD, the index and the working tree."""
+
+    tracked: bool
+    staged: bool  # the index differs from HEAD: committed by the next `bgit commit`
+    unstaged: bool  # the working tree differs from the index: not seen by `bgit run`
+
+    def describe(self) -> str:
+        if not self.tracked:
+            return "not added (run `bgit add input.yml`)"
+        if self.unstaged:
+            return "has unstaged changes: `bgit run` uses the staged copy (run `bgit add input.yml`)"
+        if self.staged:
+            return "staged, not committed yet"
+        return "committed, no changes"
+
+
+@dataclass
+class BreadRepo:
+    root: Path
+
+    # ---- finding and creating ------------------------------------------------------------
+
+    @classmethod
+    def find(cls, start: Path | None = None) -> BreadRepo:
+        """The bgit repository holding `start` (default: the current folder)."""
+        here = (start or Path.cwd()).resolve()
+        for folder in (here, *here.parents):
+            if (folder / BREAD_FILE).is_file() and (folder / ".git").exists():
+                return cls(folder)
+        raise RepoError(f"not a bgit repository (no {BREAD_FILE} in {here} or its parents): run `bgit init NAME` first")
+
+    @classmethod
+    def init(cls, folder: Path, *, base_model: str = DEFAULT_BASE_MODEL, owner: str | None = None) -> BreadRepo:
+        """Create a bgit repository in `folder` (created if missing) with a first commit."""
+        folder = folder.resolve()
+        name = check_name("repository name", folder.name)
+        owner = check_name("owner", owner) if owner else _default_owner()
+        if not base_model.strip():
+            raise RepoError("the base model must not be empty")
+        if (folder / BREAD_FILE).exists():
+            raise RepoError(f"{folder} is already a bgit repository")
+        clashes = [f for f in (INPUT_FILE, RECIPE_FILE, ".gitattributes") if (folder / f).exists()]
+        if clashes:
+            raise RepoError(f"{folder} already has {', '.join(clashes)}: choose an empty folder")
+        created = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            return cls._populate(folder, name=name, owner=owner, base_model=base_model)
+        except BaseException:
+            if created:  # leave nothing half made behind
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    @classmethod
+    def _populate(cls, folder: Path, *, name: str, owner: str, base_model: str) -> BreadRepo:
+        if not (folder / ".git").exists():
+            git(folder, "init", "-q", "-b", "main")
+        repo = cls(folder)
+        if not git(folder, "config", "user.name", check=False).strip():
+            git(folder, "config", "user.name", owner)
+            git(folder, "config", "user.email", f"{owner}@localhost")
+        git(folder, "config", "merge.keepTheirs.name", "bgit: keep the other branch's version")
+        git(folder, "config", "merge.keepTheirs.driver", "cp -f %B %A")
+
+        bread = configparser.ConfigParser(interpolation=None)
+        bread["REPO"] = {"name": name, "owner": owner}
+        bread["RECIPE"] = {"base_model": base_model, "recipe_file": RECIPE_FILE}
+        bread["PARENT_MODEL"] = {"model_name": ""}
+        (folder / BREAD_FILE).write_text(dump_bread(bread))
+        (folder / RECIPE_FILE).write_text(dump_recipe(empty_recipe(base_model)))
+        (folder / INPUT_FILE).write_text(EXAMPLE_INPUT)
+        (folder / ".gitattributes").write_text(GITATTRIBUTES)
+        if not (folder / ".gitignore").exists():
+            (folder / ".gitignore").write_text(REPO_GITIGNORE)
+        repo.install_hooks()
+        git(folder, "add", BREAD_FILE, RECIPE_FILE, INPUT_FILE, ".gitattributes", ".gitignore")
+        git(folder, "commit", "-q", "-m", f"bgit init {name} (base model {base_model})")
+        return repo
+
+    def install_hooks(self) -> None:
+        hooks = Path(self.git("rev-parse", "--git-path", "hooks").strip())
+        hooks = hooks if hooks.is_absolute() else self.root / hooks
+        hooks.mkdir(parents=True, exist_ok=True)
+        hook = hooks / "pre-commit"
+        hook.write_text(PRE_COMMIT_HOOK.format(python=shlex.quote(sys.executable)))
+        hook.chmod(0o755)
+
+    def git(self, *args: str, check: bool = True) -> str:
+        return git(self.root, *args, check=check)
+
+    # ---- .bread --------------------------------------------------------------------------
+
+    def read_bread(self) -> configparser.ConfigParser:
+        bread = configparser.ConfigParser(interpolation=None)
+        try:
+            bread.read_string((self.root / BREAD_FILE).read_text())
+        except configparser.Error as error:
+            raise RepoError(f"{BREAD_FILE} is not valid INI: {error}") from None
+        for section, key in (("REPO", "name"), ("REPO", "owner"), ("RECIPE", "base_model")):
+            if not bread.get(section, key, fallback="").strip():
+                raise RepoError(f"{BREAD_FILE}: [{section}] {key} is missing")
+        return bread
+
+    def write_bread(self, bread: configparser.ConfigParser) -> None:
+        (self.root / BREAD_FILE).write_text(dump_bread(bread))
+
+    @property
+    def name(self) -> str:
+        return self.read_bread()["REPO"]["name"]
+
+    @property
+    def owner(self) -> str:
+        return self.read_bread()["REPO"]["owner"]
+
+    @property
+    def base_model(self) -> str:
+        return self.read_bread()["RECIPE"]["base_model"]
+
+    @property
+    def parent_model(self) -> str:
+        """The model the next bake starts from: the last bake's model, or the base model."""
+        bread = self.read_bread()
+        return bread.get("PARENT_MODEL", "model_name", fallback="").strip() or bread["RECIPE"]["base_model"]
+
+    def refresh_bread(self, resolved: ResolvedConfig) -> None:
+        """Record the names and hashes of a committed input.yml in .bread (nothing to record: kept)."""
+        if resolved.is_empty:
+            return
+        bread = self.read_bread()
+        teachers = list({t.teacher.name: t.teacher for t in resolved.targets}.values())
+        students = list({t.student.name: t.student for t in resolved.targets}.values())
+        sections = {
+            "PROMPT.teacher": {"hash": [p.hash for p in teachers], "prompt_name": [p.name for p in teachers]},
+            "PROMPT.student": {"hash": [p.hash for p in students], "prompt_name": [p.name for p in students]},
+            "TARGET": {"hash": [t.hash for t in resolved.targets], "target_name": [t.id for t in resolved.targets]},
+            "BAKE": {"hash": [resolved.bake.hash] if resolved.bake else [], "bake_name": [resolved.bake.id] if resolved.bake else []},
+        }
+        kept = {s: dict(bread[s]) for s in bread.sections()}
+        fresh = configparser.ConfigParser(interpolation=None)
+        fresh["REPO"] = kept.pop("REPO")
+        for section, values in sections.items():  # several targets: comma-separated, in file order
+            kept.pop(section, None)
+            fresh[section] = {key: ", ".join(items) for key, items in values.items()}
+        for section, values in kept.items():
+            fresh[section] = values
+        self.write_bread(fresh)
+
+    # ---- recipe.yml ----------------------------------------------------------------------
+
+    def read_recipe(self, rev: str | None = None) -> dict[str, Any]:
+        """recipe.yml of the working tree, or of a revision (`main`, a commit)."""
+        text = self.git("show", f"{rev}:{RECIPE_FILE}") if rev else (self.root / RECIPE_FILE).read_text()
+        recipe = yaml.safe_load(text) or {}
+        if not isinstance(recipe, dict) or not isinstance(recipe.get("resources", {}), dict):
+            raise RepoError(f"{RECIPE_FILE}{' at ' + rev if rev else ''} is not a bgit recipe")
+        return recipe
+
+    def recorded_target_ids(self) -> list[str]:
+        return list(self.read_recipe().get("resources", {}).get("targets") or [])
+
+    # ---- input.yml -----------------------------------------------------------------------
+
+    def staged_input(self) -> str:
+        """input.yml as staged in the git index: what `bgit run` reads."""
+        return self.git("show", f":{INPUT_FILE}", check=False)
+
+    def input_state(self) -> InputState:
+        status = self.git("status", "--porcelain=v1", "--", INPUT_FILE)
+        code = status[:2] if status else "  "
+        tracked = code != "??" and bool(self.git("ls-files", "--", INPUT_FILE).strip())
+        return InputState(tracked=tracked, staged=code[0] not in " ?", unstaged=code[1] not in " ")
+
+    def resolve_input(self, text: str, filename: str = INPUT_FILE) -> ResolvedConfig:
+        """Validate input.yml text and resolve it against this repository's parent and recipe."""
+        config, lines = load_config(text, filename)
+        return resolve(config, parent_model=self.parent_model, recipe_targets=self.recorded_target_ids(), filename=filename, lines=lines)
+
+    def resolve_staged(self) -> ResolvedConfig:
+        return self.resolve_input(self.staged_input())
+
+    def add(self, git_args: list[str]) -> int:
+        """`git add`, refusing to stage an invalid input.yml: the index is restored as it was."""
+        index = Path(self.git("rev-parse", "--git-path", "index").strip())
+        index = index if index.is_absolute() else self.root / index
+        before_blob = self.git("rev-parse", "-q", "--verify", f":{INPUT_FILE}", check=False).strip()
+        snapshot = index.read_bytes() if index.exists() else None
+        returncode = subprocess.run(["git", "add", *git_args]).returncode
+        after_blob = self.git("rev-parse", "-q", "--verify", f":{INPUT_FILE}", check=False).strip()
+        if after_blob and after_blob != before_blob:
+            try:
+                self.resolve_staged()
+            except ConfigError:
+                if snapshot is None:
+                    index.unlink(missing_ok=True)
+                else:
+                    index.write_bytes(snapshot)
+                raise
+        return returncode
+
+    def pre_commit(self) -> None:
+        """The pre-commit hook: refuse an invalid staged input.yml, else refresh and stage .bread."""
+        resolved = self.resolve_staged()  # raises ConfigError: the commit is refused, nothing written
+        self.refresh_bread(resolved)
+        self.git("add", BREAD_FILE)
+
+    # ---- after a bake --------------------------------------------------------------------
+
+    def complete_bake(self, resolved: ResolvedConfig, model_names: list[str]) -> str:
+        """Record a finished bake: recipe.yml gains its steps, .bread's parent becomes its last
+        model, input.yml is cleared, and everything is committed. Returns the commit id."""
+        if resolved.bake is None or not model_names:
+            raise RepoError("complete_bake needs a resolved BAKE and at least one model name")
+        recipe = self.read_recipe()
+        record_bake(recipe, resolved, model_names)
+        (self.root / RECIPE_FILE).write_text(dump_recipe(recipe))
+        bread = self.read_bread()
+        bread["PARENT_MODEL"] = {"model_name": model_names[-1]}
+        self.write_bread(bread)
+        (self.root / INPUT_FILE).write_text(CLEARED_INPUT)
+        self.git("add", RECIPE_FILE, BREAD_FILE, INPUT_FILE)
+        self.git("commit", "-q", "-m", BAKE_COMMIT_PREFIX + resolved.bake.id)
+        return self.git("rev-parse", "HEAD").strip()
+
+    # ---- lineage across branches ---------------------------------------------------------
+
+    def branches(self) -> list[str]:
+        return self.git("for-each-ref", "--format=%(refname:short)", "refs/heads").split()
+
+    def current_branch(self) -> str:
+        return self.git("rev-parse", "--abbrev-ref", "HEAD").strip()
+
+    def bake_chains(self) -> dict[str, list[dict[str, Any]]]:
+        """For each branch, its recipe's `resources.bakes`: the chain of bakes, oldest first."""
+        return {branch: list(self.read_recipe(branch).get("resources", {}).get("bakes") or []) for branch in self.branches()}
+
+
+def record_bake(recipe: dict[str, Any], resolved: ResolvedConfig, model_names: list[str]) -> None:
+    """Append a bake's steps and resources to a recipe, in Bread's recipe.yml layout."""
+    steps = recipe.setdefault("steps", [])
+    resources = recipe.setdefault("resources", {})
+    for key in ("prompts", "targets", "bakes"):
+        resources[key] = resources.get(key) or []
+
+    def step(action: str, kind: str, name: str, dependencies: list[str], config: dict[str, Any]) -> None:
+        steps.append(
+            {"step": len(steps) + 1, "action": action, "resource_type": kind, "resource_name": name,
+             "dependencies": dependencies, "config": config}
+        )
+
+    for prompt in resolved.prompts:
+        if prompt.name not in resources["prompts"]:
+            step("create_prompt", "prompt", prompt.name, [], {"name": prompt.name, "content": prompt.content})
+            resources["prompts"].append(prompt.name)
+    for target in resolved.targets:
+        step("create_target", "target", target.id, [f"prompt:{target.student.name}", f"prompt:{target.teacher.name}"], target.config)
+        step("run_stim", "target", target.id, [f"target:{target.id}"], {})
+        step("run_rollout", "target", target.id, [f"target:{target.id}"], {})
+        if target.id not in resources["targets"]:
+            resources["targets"].append(target.id)
+    bake = resolved.bake
+    step("create_bake", "bake", bake.id, [f"target:{t}" for t, _ in bake.datasets], bake.config)
+    step("run_bake", "bake", bake.id, [f"bake:{bake.id}", *(f"target:{t}:rollout_complete" for t, _ in bake.datasets)], {})
+    resources["bakes"].append({"bake_name": bake.id, "model_names": list(model_names)})
+    recipe["total_steps"] = len(steps)
+
+
+def render_lineage_tree(base_model: str, chains: dict[str, list[dict[str, Any]]]) -> str:
+    """Draw the models of every branch's bake chain as one tree rooted at the base model.
+
+    Each bake is a node named by its final model (its other checkpoints in brackets), followed by
+    the branches whose recipe holds it:
+
+        Qwen/Qwen3-32B  (base)
+        └── alice/yoda/yoda_bake_3f2a…/120  [exp, main]
+            ├── alice/yoda/calm_bake_9c1d…/80  [main]
+            └── alice/yoda/wise_bake_77b0…/64  [exp]
+    """
+    children: dict[str, list[str]] = {base_model: []}
+    holders: dict[str, set[str]] = {base_model: set(chains)}
+    checkpoints: dict[str, list[str]] = {}
+    for branch, chain in sorted(chains.items()):
+        parent = base_model
+        for entry in chain:
+            names = [str(n) for n in entry.get("model_names") or []]
+            if not names:
+                continue
+            model = names[-1]
+            if model not in holders:
+                children.setdefault(parent, []).append(model)
+                children[model] = []
+                holders[model] = set()
+                checkpoints[model] = names[:-1]
+            holders[model].add(branch)
+            parent = model
+
+    lines = [f"{base_model}  (base)"]
+
+    def draw(node: str, indent: str) -> None:
+        kids = children.get(node, [])
+        for index, child in enumerate(kids):
+            last = index == len(kids) - 1
+            earlier = f"  (checkpoints: {', '.join(n.rsplit('/', 1)[-1] for n in checkpoints[child])})" if checkpoints[child] else ""
+            lines.append(f"{indent}{'└── ' if last else '├── '}{child}{earlier}  [{', '.join(sorted(holders[child]))}]")
+            draw(child, indent + ("    " if last else "│   "))
+
+    draw(base_model, "")
+    return "\n".join(lines)
+
+
+def _default_owner() -> str:
+    """The OS user name, made a valid name component."""
+    owner = re.sub(r"[^A-Za-z0-9._-]", "-", getpass.getuser()).strip(".-") or "user"
+    return check_name("owner", owner)
+
+

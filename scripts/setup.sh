@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Sets up this checkout on a fresh machine: a virtual environment in .venv with bread_ray installed.
+#   bash scripts/setup.sh          the package and its dependencies (what the demo needs)
+#   bash scripts/setup.sh --test   plus pytest and the loopback S3-compatible server the tests
+#                                  start (OpenStack Swift with s3api, from Debian packages)
+# Re-running is cheap: pip skips what is already installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+with_tests=0
+[[ "${1:-}" == "--test" ]] && with_tests=1
+
+if [[ ! -x .venv/bin/python ]]; then
+    python3 -m venv .venv
+fi
+# constraints.txt pins torch: its CPU wheel here, the CUDA wheel from PyPI on GPU machines.
+extras=""
+[[ $with_tests == 1 ]] && extras="[test]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt "torch"
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".${extras}"
+
+if [[ $with_tests == 1 ]] && ! command -v swift-proxy-server >/dev/null 2>&1; then
+    sudo=""
+    [[ $(id -u) != 0 ]] && sudo="sudo"
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends \
+        swift-proxy swift-account swift-container swift-object
+fi
