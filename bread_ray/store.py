@@ -1,0 +1,468 @@
+"""The artifact and adapter store: a local folder (the embedded default) or S3 (any S3-compatible endpoint).
+
+    BREAD_STORE=./store                 LocalStore   (also file:///abs/path; default ~/.bread/store)
+    BREAD_STORE=s3://bucket/prefix      S3Store      (endpoint from AWS_ENDPOINT_URL, credentials
+                                                      from the usual boto3 chain)
+
+Layout, relative to the store root:
+
+    <owner>/<repo>/targets/<target_id>/{stim, rollout, manifest.json}
+    models/<owner>/<repo>/<bake_id>/<step>/{adapter_config.json, adapter_model.safetensors, lineage.json}
+
+A model becomes visible only when its lineage.json exists, and that file is written last: a crash
+mid-upload leaves no half model. Backends implement a few raw primitives (`_put_bytes`, `_list`,
+...); key validation, folders, JSON and models live once, in `Store`.
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from bread_ray.lineage import (
+    InvalidModelName, InvalidName, ModelName, component_problem, validate_name_component,
+)
+
+LINEAGE_FILE = "lineage.json"
+MAX_KEY_LENGTH = 1024  # S3's limit, in bytes; keys here are ASCII
+MiB = 1024 * 1024
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked (missing bucket, overwriting a model, broken lineage...)."""
+
+
+class InvalidKey(ValueError):
+    """A key that is not a safe relative path inside the store."""
+
+
+class ArtifactNotFound(StoreError, KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class ModelNotFound(ArtifactNotFound):
+    pass
+
+
+class ModelExists(StoreError):
+    pass
+
+
+class BrokenLineage(StoreError):
+    """A parent chain that does not end at a base model: a missing parent or a cycle."""
+
+
+def key_problem(key: object) -> str | None:
+    """Why `key` is not a relative posix path of `[A-Za-z0-9._=-]` components (none empty, none
+    starting with '.'), or None if it is."""
+    if not isinstance(key, str) or key == "":
+        return "must be a non-empty string"
+    if key.startswith("/"):
+        return "must be relative, not start with '/'"
+    if len(key) > MAX_KEY_LENGTH:
+        return f"longer than {MAX_KEY_LENGTH} characters"
+    for part in key.split("/"):
+        problem = component_problem(part, extra_chars="=")
+        if problem:
+            return f"component {problem}"
+    return None
+
+
+def validate_key(key: str) -> str:
+    """Every store operation checks its key here; returns the key or raises InvalidKey."""
+    problem = key_problem(key)
+    if problem:
+        shown = key if not isinstance(key, str) or len(key) <= 100 else key[:100] + "..."
+        raise InvalidKey(f"invalid store key {shown!r}: {problem}")
+    return key
+
+
+def target_prefix(owner: str, repo: str, target_id: str) -> str:
+    validate_name_component("owner", owner)
+    validate_name_component("repo", repo)
+    validate_name_component("target id", target_id)
+    if owner == "models":  # `models/` at the root holds the published models
+        raise InvalidName("invalid owner 'models': reserved for the store's model tree")
+    return f"{owner}/{repo}/targets/{target_id}"
+
+
+def model_prefix(name: ModelName | str) -> str:
+    name = ModelName.parse(name) if isinstance(name, str) else name
+    return f"models/{name.owner}/{name.repo}/{name.bake_id}/{name.step}"
+
+
+def json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+class Store(abc.ABC):
+    uri: str
+
+    # --- the raw primitives a backend implements; keys arrive validated ---
+    @abc.abstractmethod
+    def _put_bytes(self, key: str, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def _get_bytes(self, key: str) -> bytes:
+        """Raises self._not_found(key) when missing."""
+
+    @abc.abstractmethod
+    def _exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def _list(self, prefix: str) -> list[str]:
+        """Keys under the folder `prefix` (every key when prefix is ''), in any order."""
+
+    @abc.abstractmethod
+    def _delete(self, keys: list[str]) -> None: ...
+
+    @abc.abstractmethod
+    def _upload_file(self, local_path: Path, key: str) -> None: ...
+
+    @abc.abstractmethod
+    def _download_file(self, key: str, local_path: Path) -> None:
+        """Raises self._not_found(key) when missing; the parent folder of local_path exists."""
+
+    # --- keys and folders ---
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"
+
+    def _not_found(self, key: str) -> ArtifactNotFound:
+        return ArtifactNotFound(f"{key!r} is not in store {self.uri}")
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._put_bytes(validate_key(key), bytes(data))
+
+    def get_bytes(self, key: str) -> bytes:
+        return self._get_bytes(validate_key(key))
+
+    def exists(self, key: str) -> bool:
+        return self._exists(validate_key(key))
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Sorted keys under the folder `prefix` (recursive); '' lists the whole store. Objects
+        whose names are not valid keys (temp files, foreign objects) are left out."""
+        keys = self._list(validate_key(prefix) if prefix else "")
+        return sorted(k for k in keys if key_problem(k) is None)
+
+    def delete(self, prefix: str) -> int:
+        """Delete every key under the folder `prefix`; returns how many."""
+        keys = self.list(validate_key(prefix))
+        self._delete(keys)
+        return len(keys)
+
+    def put_json(self, key: str, obj) -> None:
+        self.put_bytes(key, json_bytes(obj))
+
+    def get_json(self, key: str):
+        return json.loads(self.get_bytes(key))
+
+    def upload_file(self, local_path: str | os.PathLike, key: str) -> None:
+        self._upload_file(Path(local_path), validate_key(key))
+
+    def download_file(self, key: str, local_path: str | os.PathLike) -> Path:
+        local_path = Path(local_path)
+        validate_key(key)
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        self._download_file(key, local_path)
+        return local_path
+
+    def upload_dir(self, local_dir: str | os.PathLike, prefix: str) -> list[str]:
+        """Upload every file under `local_dir` to `prefix/<relative path>` (symlinked folders are not
+        followed); all keys are checked before the first upload. Returns the keys, sorted."""
+        local_dir = Path(local_dir)
+        if not local_dir.is_dir():
+            raise FileNotFoundError(f"{local_dir} is not a folder")
+        paths = [Path(folder, f) for folder, _, names in os.walk(local_dir) for f in names]
+        files = sorted((validate_key(f"{prefix}/{path.relative_to(local_dir).as_posix()}"), path)
+                       for path in paths)
+        for key, path in files:
+            self._upload_file(path, key)
+        return [key for key, _ in files]
+
+    def download_dir(self, prefix: str, local_dir: str | os.PathLike) -> Path:
+        """Download every key under `prefix` into `local_dir`, keeping the relative paths."""
+        keys = self.list(prefix)
+        if not keys:
+            raise ArtifactNotFound(f"nothing under {prefix!r} in store {self.uri}")
+        for key in keys:
+            self.download_file(key, Path(local_dir, key[len(prefix) + 1:]))
+        return Path(local_dir)
+
+    # --- models ---
+    def publish_model(self, name: ModelName | str, adapter_dir: str | os.PathLike,
+                      lineage: dict) -> dict:
+        """Upload the adapter folder, then lineage.json (with `model_name`, and `created_at` if
+        absent) last, which makes the model visible. Returns the lineage written.
+
+        `lineage` needs `parent` (a model name, or None when the parent is the base model) and
+        `base_model`; a published model is never overwritten."""
+        prefix = model_prefix(name)
+        adapter_dir = Path(adapter_dir)
+        missing = {"parent", "base_model"} - lineage.keys()
+        if missing:
+            raise ValueError(f"lineage of {name} lacks {sorted(missing)}")
+        if lineage["parent"] is not None:
+            ModelName.parse(lineage["parent"])
+        if (adapter_dir / LINEAGE_FILE).exists():
+            raise ValueError(f"{adapter_dir} contains {LINEAGE_FILE}: publish_model writes it, last")
+        if not adapter_dir.is_dir() or not any(adapter_dir.iterdir()):
+            raise FileNotFoundError(f"adapter folder {adapter_dir} is missing or empty")
+        if self.model_exists(name):
+            raise ModelExists(f"model {name} is already published in {self.uri}; published models "
+                              "are never overwritten (bake again for a new name)")
+        record = {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  **lineage, "model_name": str(name)}
+        encoded = json_bytes(record)  # fails here, before any upload, if not JSON-serialisable
+        self.delete(prefix)  # leftovers of an interrupted publish: never visible, safe to drop
+        self.upload_dir(adapter_dir, prefix)
+        self.put_bytes(f"{prefix}/{LINEAGE_FILE}", encoded)
+        return record
+
+    def model_exists(self, name: ModelName | str) -> bool:
+        return self.exists(f"{model_prefix(name)}/{LINEAGE_FILE}")
+
+    def read_lineage(self, name: ModelName | str) -> dict:
+        try:
+            return self.get_json(f"{model_prefix(name)}/{LINEAGE_FILE}")
+        except ArtifactNotFound:
+            raise ModelNotFound(f"model {name} is not in store {self.uri}") from None
+
+    def list_models(self, owner: str | None = None, repo: str | None = None) -> list[ModelName]:
+        """Published models (those with a lineage.json), sorted, steps numerically."""
+        if repo is not None and owner is None:
+            raise ValueError("list_models: repo given without owner")
+        parts = ["models"]
+        if owner is not None:
+            parts.append(validate_name_component("owner", owner))
+        if repo is not None:
+            parts.append(validate_name_component("repo", repo))
+        names = []
+        for key in self.list("/".join(parts)):
+            folders = key.split("/")  # models/<owner>/<repo>/<bake_id>/<step>/lineage.json
+            if len(folders) == 6 and folders[5] == LINEAGE_FILE:
+                try:
+                    names.append(ModelName.parse("/".join(folders[1:5])))
+                except InvalidModelName:
+                    continue  # e.g. a step folder that is not a number: not a model
+        return sorted(names)
+
+    def download_model(self, name: ModelName | str, local_dir: str | os.PathLike) -> Path:
+        if not self.model_exists(name):
+            raise ModelNotFound(f"model {name} is not in store {self.uri}")
+        return self.download_dir(model_prefix(name), local_dir)
+
+    def model_chain(self, name: ModelName | str) -> list[dict]:
+        """Lineages from `name` up through its parents to the one whose parent is the base model
+        (`parent: null`), child first."""
+        chain: list[dict] = []
+        visited = [str(name)]
+        while True:
+            try:
+                lineage = self.read_lineage(visited[-1])
+            except ModelNotFound:
+                if not chain:
+                    raise
+                raise BrokenLineage(f"lineage of {name} is broken: {visited[-1]}, the parent of "
+                                    f"{visited[-2]}, is not in store {self.uri}") from None
+            if "parent" not in lineage:
+                raise BrokenLineage(f"lineage.json of {visited[-1]} has no 'parent' field")
+            chain.append(lineage)
+            if lineage["parent"] is None:
+                return chain
+            if lineage["parent"] in visited:
+                cycle = " -> ".join(visited + [lineage["parent"]])
+                raise BrokenLineage(f"lineage of {name} has a cycle: {cycle}")
+            visited.append(lineage["parent"])
+
+
+def write_atomically(path: Path, write) -> None:
+    """Call write(file) on a temp file next to `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    try:
+        with open(temp, "xb") as out:
+            write(out)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+class LocalStore(Store):
+    """A folder. Writes go to a temp file beside the target, then os.replace: readers never see
+    half files. Temp names start with '.', which no key may, so listings skip them."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        """Defence in depth against symlinks: the resolved path must stay inside the root."""
+        path = self.root / key
+        if not path.resolve().is_relative_to(self.root):
+            raise InvalidKey(f"store key {key!r} resolves outside the store root {self.root}")
+        return path
+
+    def _put_bytes(self, key, data):
+        write_atomically(self._path(key), lambda out: out.write(data))
+
+    def _get_bytes(self, key):
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise self._not_found(key) from None
+
+    def _exists(self, key):
+        return self._path(key).is_file()
+
+    def _list(self, prefix):
+        top = self._path(prefix) if prefix else self.root
+        return [Path(folder, f).relative_to(self.root).as_posix()
+                for folder, _, names in os.walk(top) for f in names]
+
+    def _delete(self, keys):
+        for key in keys:
+            path = self._path(key)
+            path.unlink(missing_ok=True)
+            for folder in path.parents:  # drop folders left empty, up to the root
+                if folder == self.root or any(folder.iterdir()):
+                    break
+                folder.rmdir()
+
+    def _upload_file(self, local_path, key):
+        with open(local_path, "rb") as source:
+            write_atomically(self._path(key), lambda out: shutil.copyfileobj(source, out))
+
+    def _download_file(self, key, local_path):
+        try:
+            with open(self._path(key), "rb") as source:
+                write_atomically(local_path, lambda out: shutil.copyfileobj(source, out))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise self._not_found(key) from None
+
+
+def add_content_md5(request, **_):
+    """botocore >= 1.36 sends a CRC32 checksum instead of Content-MD5 on DeleteObjects; Swift's
+    s3api (and other S3-compatible servers) still require Content-MD5."""
+    if "Content-MD5" not in request.headers:
+        request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(request.body).digest()).decode()
+
+
+def http_status(error: ClientError) -> int:
+    return error.response["ResponseMetadata"]["HTTPStatusCode"]
+
+
+class S3Store(Store):
+    """A bucket and an optional prefix. The multipart settings exist so tests can force multipart
+    uploads with small files; `list_page_size` so they can force paginated listings."""
+
+    def __init__(self, uri: str, *, endpoint_url: str | None = None,
+                 multipart_threshold: int = 64 * MiB, multipart_chunksize: int = 16 * MiB,
+                 list_page_size: int = 1000):
+        if not uri.startswith("s3://"):
+            raise ValueError(f"not an s3:// uri: {uri!r}")
+        self.bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        self.prefix = prefix.removesuffix("/")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", self.bucket):
+            raise ValueError(f"invalid bucket name {self.bucket!r} in {uri!r}")
+        if self.prefix:
+            validate_key(self.prefix)
+        self.uri = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        # Checksums only where the API requires them: Swift and many S3-compatible servers
+        # reject or mis-validate botocore's default CRC checksums.
+        config = Config(request_checksum_calculation="when_required",
+                        response_checksum_validation="when_required")
+        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+        self.client.meta.events.register("before-sign.s3.DeleteObjects", add_content_md5)
+        self.transfer_config = TransferConfig(multipart_threshold=multipart_threshold,
+                                              multipart_chunksize=multipart_chunksize)
+        self.list_page_size = list_page_size
+        self.check_bucket()
+
+    def check_bucket(self) -> None:
+        """Fail early and by name when the bucket is missing or forbidden; never create it."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as e:
+            status = http_status(e)
+            where = f"store {self.uri} at {self.client.meta.endpoint_url}"
+            if status == 404:
+                raise StoreError(f"bucket {self.bucket!r} does not exist ({where}); "
+                                 "create it first") from None
+            if status == 403:
+                raise StoreError(f"access to bucket {self.bucket!r} denied ({where}): check the "
+                                 "AWS credentials") from None
+            raise
+
+    def _object_key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _put_bytes(self, key, data):
+        self.client.put_object(Bucket=self.bucket, Key=self._object_key(key), Body=data)
+
+    def _get_bytes(self, key):
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            raise self._not_found(key) from None
+
+    def _exists(self, key):
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._object_key(key))
+        except ClientError as e:
+            if http_status(e) == 404:
+                return False
+            raise
+        return True
+
+    def _list(self, prefix):
+        root = f"{self.prefix}/" if self.prefix else ""
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=f"{root}{prefix}/" if prefix else root,
+            PaginationConfig={"PageSize": self.list_page_size})
+        return [obj["Key"].removeprefix(root) for page in pages for obj in page.get("Contents", [])]
+
+    def _delete(self, keys):
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": self._object_key(k)} for k in keys[start:start + 1000]]
+            response = self.client.delete_objects(Bucket=self.bucket,
+                                                  Delete={"Objects": batch, "Quiet": True})
+            if response.get("Errors"):
+                raise StoreError(f"deleting from {self.uri} failed: {response['Errors'][:3]}")
+
+    def _upload_file(self, local_path, key):
+        # boto3's managed transfer: multipart (in parallel) above multipart_threshold
+        self.client.upload_file(str(local_path), self.bucket, self._object_key(key),
+                                Config=self.transfer_config)
+
+    def _download_file(self, key, local_path):
+        try:  # boto3 downloads to a temp file and renames it into place
+            self.client.download_file(self.bucket, self._object_key(key), str(local_path),
+                                      Config=self.transfer_config)
+        except ClientError as e:
+            if http_status(e) == 404:
+                raise self._not_found(key) from None
+            raise
+
+
+def open_store(uri: str | None = None) -> Store:
+    """The store at `uri`, else $BREAD_STORE, else ~/.bread/store."""
+    uri = uri or os.environ.get("BREAD_STORE") or "~/.bread/store"
+    if uri.startswith("s3://"):
+        return S3Store(uri)
+    return LocalStore(uri.removeprefix("file://"))

@@ -1,0 +1,29 @@
+import shutil
+import uuid
+
+import pytest
+
+from bread_ray.store import S3Store
+from s3_server import swift_s3_server
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One loopback Swift (s3api) server for the whole test session."""
+    if shutil.which("swift-proxy-server") is None:
+        pytest.skip("OpenStack Swift is not installed: run `bash scripts/setup.sh --test`")
+    with swift_s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_store(s3_server, monkeypatch):
+    """An S3Store on a fresh bucket, configured the way users configure it: through the environment."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server.region)
+    for leftover in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):  # a developer's own AWS settings
+        monkeypatch.delenv(leftover, raising=False)
+    bucket = s3_server.create_bucket(f"test-{uuid.uuid4().hex[:12]}")
+    return S3Store(f"s3://{bucket}/store")

@@ -1,0 +1,223 @@
+"""The bgit repository: init, add/commit refreshing .bread, status, bake records, revert, tree."""
+
+from __future__ import annotations
+
+import configparser
+import subprocess
+
+import pytest
+import yaml
+
+from bread_ray.cli import main
+from bread_ray.config import load_and_resolve
+from bread_ray.repo import BAKE_COMMIT_PREFIX, CLEARED_INPUT, BreadRepo, RepoError
+
+YODA = """\
+PROMPT:
+  teacher:
+    messages: [{role: system, content: "You are Yoda."}]
+TARGET:
+  name: main_target
+  generators: [{type: hardcoded, questions: ["What is the Force?"]}]
+BAKE:
+  name: {bake}
+  datasets: [{target: main_target}]
+"""
+
+
+def bread(repo: BreadRepo) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(repo.root / ".bread")
+    return parser
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    monkeypatch.setenv("BREAD_STORE", str(tmp_path / "store"))
+    repo = BreadRepo.init(tmp_path / "yoda", base_model="tiny-base", owner="alice")
+    monkeypatch.chdir(repo.root)
+    return repo
+
+
+def commit_input(repo: BreadRepo, text: str, message: str = "edit") -> None:
+    (repo.root / "input.yml").write_text(text)
+    assert main(["add", "input.yml"]) == 0
+    assert main(["commit", "-q", "-m", message]) == 0
+
+
+def fake_bake(repo: BreadRepo, bake: str, steps=(4,)) -> list[str]:
+    """Commit a bake of `bake` as the pipeline will once a bake has run (no training here)."""
+    commit_input(repo, YODA.replace("{bake}", bake), f"bake {bake}")
+    resolved = repo.resolve_staged()
+    models = [f"{repo.owner}/{repo.name}/{resolved.bake.id}/{step}" for step in steps]
+    repo.complete_bake(resolved, models)
+    return models
+
+
+# ---- init -----------------------------------------------------------------------------------
+
+
+def test_init_creates_a_committed_repository(repo):
+    files = set(repo.git("ls-files").split())
+    assert files == {".bread", ".gitattributes", ".gitignore", "input.yml", "recipe.yml"}
+    assert repo.git("status", "--porcelain") == ""
+    assert len(repo.git("log", "--oneline").splitlines()) == 1
+    state = bread(repo)
+    assert (state["REPO"]["name"], state["REPO"]["owner"]) == ("yoda", "alice")
+    assert (state["RECIPE"]["base_model"], state["RECIPE"]["recipe_file"]) == ("tiny-base", "recipe.yml")
+    assert state["PARENT_MODEL"]["model_name"] == ""
+    recipe = yaml.safe_load((repo.root / "recipe.yml").read_text())
+    assert recipe["base_model"] == "tiny-base" and recipe["steps"] == []
+    assert recipe["resources"] == {"prompts": [], "targets": [], "bakes": []}
+    assert ".bread merge=keepTheirs" in (repo.root / ".gitattributes").read_text()
+    assert repo.git("config", "merge.keepTheirs.driver").strip() == "cp -f %B %A"
+
+
+def test_example_input_validates_and_names_are_recorded(repo):
+    _, resolved = load_and_resolve((repo.root / "input.yml").read_text(), parent_model="tiny-base")
+    state = bread(repo)
+    assert state["TARGET"]["target_name"] == resolved.targets[0].id
+    assert state["BAKE"]["bake_name"] == resolved.bake.id
+    assert state["PROMPT.teacher"]["prompt_name"] == resolved.targets[0].teacher.name
+
+
+def test_init_in_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "mine").mkdir()
+    monkeypatch.chdir(tmp_path / "mine")
+    assert main(["init", ".", "--owner", "bob"]) == 0
+    assert BreadRepo.find().name == "mine"
+
+
+@pytest.mark.parametrize("name,owner", [("bad name", "alice"), ("ok", "../evil"), ("ok", "a/b")])
+def test_init_rejects_bad_names_and_leaves_nothing(tmp_path, name, owner):
+    with pytest.raises(RepoError, match="invalid"):
+        BreadRepo.init(tmp_path / name, owner=owner)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_init_refuses_an_existing_repository(repo):
+    with pytest.raises(RepoError, match="already a bgit repository"):
+        BreadRepo.init(repo.root)
+
+
+def test_commands_outside_a_repository_fail_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["status"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a bgit repository" in err and "bgit init" in err
+
+
+# ---- add / commit ----------------------------------------------------------------------------
+
+
+def test_commit_refreshes_bread_from_the_committed_input(repo):
+    commit_input(repo, YODA.replace("{bake}", "first"))
+    first = bread(repo)["BAKE"]["bake_name"]
+    assert first.startswith("first_")
+    assert repo.git("status", "--porcelain") == ""  # .bread went into the same commit
+
+    # plain `git commit -a` goes through the same hook
+    (repo.root / "input.yml").write_text(YODA.replace("{bake}", "second"))
+    repo.git("commit", "-q", "-a", "-m", "second")
+    assert bread(repo)["BAKE"]["bake_name"].startswith("second_")
+    assert "second_" in repo.git("show", "HEAD:.bread")
+
+
+def test_run_reads_the_staged_input(repo):
+    commit_input(repo, YODA.replace("{bake}", "staged"))
+    (repo.root / "input.yml").write_text(YODA.replace("{bake}", "unstaged"))
+    assert repo.resolve_staged().bake.name == "staged"
+    state = repo.input_state()
+    assert state.unstaged and not state.staged
+    assert "unstaged changes" in state.describe()
+
+
+def test_status_shows_state_and_plan(repo, capsys, tmp_path):
+    commit_input(repo, YODA.replace("{bake}", "yoda_bake"))
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    resolved = repo.resolve_staged()
+    assert "On branch main" in out and "Parent model: tiny-base" in out
+    assert "input.yml: committed, no changes" in out
+    assert f"· stim + rollout  {resolved.targets[0].id}" in out and "to run" in out
+    assert f"· bake            {resolved.bake.id}" in out
+
+    # once the target's manifest is in the store, status says it will be reused
+    from bread_ray.store import open_store, target_prefix
+
+    open_store().put_bytes(f"{target_prefix('alice', 'yoda', resolved.targets[0].id)}/manifest.json", b"{}")
+    (repo.root / "input.yml").write_text("BAKE: {}\n")
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert f"✓ stim + rollout  {resolved.targets[0].id}" in out and "in the store, reused" in out
+    assert "has unstaged changes" in out
+
+
+# ---- after a bake ----------------------------------------------------------------------------
+
+
+def test_complete_bake_records_and_sets_the_parent(repo):
+    models = fake_bake(repo, "yoda_bake", steps=(2, 4))
+    assert bread(repo)["PARENT_MODEL"]["model_name"] == models[-1]
+    assert repo.parent_model == models[-1]
+    assert (repo.root / "input.yml").read_text() == CLEARED_INPUT
+    assert repo.git("log", "-1", "--format=%s").strip().startswith(BAKE_COMMIT_PREFIX + "yoda_bake_")
+    assert repo.git("status", "--porcelain") == ""
+    recipe = repo.read_recipe()
+    actions = [step["action"] for step in recipe["steps"]]
+    assert actions == ["create_prompt", "create_prompt", "create_target", "run_stim", "run_rollout", "create_bake", "run_bake"]
+    assert [s["step"] for s in recipe["steps"]] == list(range(1, 8)) and recipe["total_steps"] == 7
+    assert recipe["resources"]["bakes"] == [{"bake_name": models[-1].split("/")[2], "model_names": models}]
+    assert len(recipe["resources"]["targets"]) == 1 and len(recipe["resources"]["prompts"]) == 2
+
+
+def test_next_bake_takes_the_new_parent(repo):
+    first = fake_bake(repo, "v1")
+    commit_input(repo, YODA.replace("{bake}", "v2"))
+    resolved = repo.resolve_staged()
+    assert resolved.bake.parent_model == first[-1]
+    assert resolved.targets[0].config["model_name"] == first[-1]  # the teacher defaults to the parent
+    recorded = repo.recorded_target_ids()
+    assert len(recorded) == 1 and recorded[0] != resolved.targets[0].id  # a new parent: a new target
+
+
+def test_revert_of_the_bake_commit_restores_parent_recipe_and_input(repo):
+    fake_bake(repo, "v1")
+    baked_input = repo.git("show", "HEAD~1:input.yml")
+    repo.git("revert", "--no-edit", "HEAD")
+    assert repo.parent_model == "tiny-base"
+    assert repo.read_recipe()["resources"]["bakes"] == []
+    assert (repo.root / "input.yml").read_text() == baked_input
+    assert repo.resolve_staged().bake.parent_model == "tiny-base"
+
+
+# ---- lineage across branches ------------------------------------------------------------------
+
+
+def test_tree_draws_a_lineage_recorded_on_two_branches(repo, capsys):
+    v1 = fake_bake(repo, "v1")
+    repo.git("checkout", "-q", "-b", "exp")
+    exp = fake_bake(repo, "calm")
+    repo.git("checkout", "-q", "main")
+    v2 = fake_bake(repo, "v2", steps=(2, 4))
+
+    assert main(["tree"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "tiny-base  (base)"
+    assert lines[1] == f"└── {v1[-1]}  [exp, main]"
+    children = sorted(lines[2:])
+    assert children == sorted([f"    ├── {exp[-1]}  [exp]", f"    └── {v2[-1]}  (checkpoints: 2)  [main]"]) or children == sorted(
+        [f"    └── {exp[-1]}  [exp]", f"    ├── {v2[-1]}  (checkpoints: 2)  [main]"]
+    )
+
+
+def test_merging_branches_takes_the_other_lineage_without_conflict(repo):
+    fake_bake(repo, "v1")
+    repo.git("checkout", "-q", "-b", "exp")
+    exp = fake_bake(repo, "calm")
+    repo.git("checkout", "-q", "main")
+    fake_bake(repo, "v2")
+    result = subprocess.run(["git", "merge", "--no-edit", "exp"], cwd=repo.root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert repo.parent_model == exp[-1]
+    assert [b["model_names"][-1] for b in repo.read_recipe()["resources"]["bakes"]][-1] == exp[-1]
