@@ -21,6 +21,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, Union
 
 import yaml
@@ -586,7 +587,7 @@ def resolve(
     config: InputConfig,
     *,
     parent_model: str,
-    recipe_targets: list[str] = (),
+    recipe_targets: Sequence[str] = (),
     filename: str = "input.yml",
     lines: dict[Path_, int] | None = None,
 ) -> ResolvedConfig:
@@ -655,7 +656,7 @@ def resolve_bake(bake: Bake, datasets: dict[str, float], parent_model: str) -> R
 
 
 def load_and_resolve(
-    text: str, *, parent_model: str, recipe_targets: list[str] = (), filename: str = "input.yml"
+    text: str, *, parent_model: str, recipe_targets: Sequence[str] = (), filename: str = "input.yml"
 ) -> tuple[InputConfig, ResolvedConfig]:
     config, lines = load_config(text, filename)
     return config, resolve(config, parent_model=parent_model, recipe_targets=recipe_targets, filename=filename, lines=lines)

@@ -183,6 +183,8 @@ class BreadRepo:
         owner = check_name("owner", owner) if owner else _default_owner()
         if not base_model.strip():
             raise RepoError("the base model must not be empty")
+        if Path(base_model).expanduser().exists():  # a local folder: the same model from any working folder
+            base_model = str(Path(base_model).expanduser().resolve())
         if (folder / BREAD_FILE).exists():
             raise RepoError(f"{folder} is already a bgit repository")
         clashes = [f for f in (INPUT_FILE, RECIPE_FILE, ".gitattributes") if (folder / f).exists()]

@@ -221,3 +221,10 @@ def test_merging_branches_takes_the_other_lineage_without_conflict(repo):
     assert result.returncode == 0, result.stdout + result.stderr
     assert repo.parent_model == exp[-1]
     assert [b["model_names"][-1] for b in repo.read_recipe()["resources"]["bakes"]][-1] == exp[-1]
+
+
+def test_local_base_model_is_recorded_as_an_absolute_path(tmp_path, monkeypatch):
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", "repo", "--base-model", "models/tiny", "--owner", "alice"]) == 0
+    assert BreadRepo(tmp_path / "repo").base_model == str(tmp_path / "models" / "tiny")
