@@ -305,6 +305,7 @@ class Target(Section):
         10, description="Most LLM requests in flight at once. Execution only: not part of the target's identity."
     )
     extra_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the sampler (top_p, ...).")
+    seed: int = Field(42, description="Seeds the rollout's sampling: the same seed gives the same trajectories.")
 
 
 class Dataset(Section):

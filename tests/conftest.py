@@ -27,3 +27,17 @@ def s3_store(s3_server, monkeypatch):
         monkeypatch.delenv(leftover, raising=False)
     bucket = s3_server.create_bucket(f"test-{uuid.uuid4().hex[:12]}")
     return S3Store(f"s3://{bucket}/store")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster for the whole test session (starting one costs seconds).
+
+    Four logical CPUs on this 2-core machine, so that an actor pool of two and the tasks feeding
+    it fit at once.
+    """
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
