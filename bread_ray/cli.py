@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from bread_ray.config import ConfigError, load_and_resolve
+from bread_ray.config import ConfigError, ResolvedConfig, decode_config, load_and_resolve
 from bread_ray.repo import DEFAULT_BASE_MODEL, INPUT_FILE, BreadRepo, RepoError, render_lineage_tree
 
 PASSTHROUGH = {
@@ -113,9 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def passthrough(command: str, git_args: list[str]) -> int:
     repo = BreadRepo.find()
-    if command == "add":
-        return repo.add(git_args)
-    return subprocess.run(["git", "commit", *git_args]).returncode
+    return repo.add(git_args) if command == "add" else repo.commit(git_args)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -131,16 +128,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise RepoError(f"{path}: no such file")
     shown = os.path.relpath(path)  # as the user would type it
+    text = decode_config(path.read_bytes(), shown)
     if repo and not args.parent:
-        resolved = repo.resolve_input(path.read_text(), filename=shown)
+        resolved = repo.resolve_input(text, filename=shown)
     else:
-        _, resolved = load_and_resolve(path.read_text(), parent_model=args.parent or DEFAULT_BASE_MODEL, filename=shown)
+        _, resolved = load_and_resolve(text, parent_model=args.parent or DEFAULT_BASE_MODEL,
+                                       base_dir=path.resolve().parent, filename=shown)
     print(f"# {shown}: valid" + ("" if not resolved.is_empty else " (empty: `bgit run` has nothing to do)"))
     print(yaml.safe_dump(resolved_summary(resolved), sort_keys=False, allow_unicode=True, width=100), end="")
     return 0
 
 
-def resolved_summary(resolved) -> dict:
+def resolved_summary(resolved: ResolvedConfig) -> dict:
     return {
         "parent_model": resolved.parent_model,
         "prompts": [{"name": p.name, "hash": p.hash, **p.content} for p in resolved.prompts],
@@ -177,9 +176,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         store, where = None, f"unavailable ({error})"
     print(f"Store: {where}\n\n`bgit run stim rollout bake` would:")
     marks = {True: "✓", False: "·", None: "?"}
-    states = {True: "in the store, reused", False: "to run", None: "store not readable"}
+    states = {True: "done, reused", False: "to run", None: "store not readable"}
     for step in plan(resolved, owner=repo.owner, repo=repo.name, store=store):
-        print(f"  {marks[step.done]} {step.stages:<15} {step.resource}  ({step.detail}): {states[step.done]}")
+        state = f"{step.state}, " if step.state else ""
+        print(f"  {marks[step.done]} {step.stages:<15} {step.resource}  ({step.detail}): {state}{states[step.done]}")
     return 0
 
 
@@ -193,7 +193,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     from bread_ray.tiny import build_tiny_model
 
     folder = build_tiny_model(Path(args.dir), seed=args.seed)
-    print(f"Built a tiny model in {folder} (seed {args.seed})")
+    print(f"Built a tiny model in {folder.resolve()} (seed {args.seed})")
     return 0
 
 

@@ -20,7 +20,7 @@ import difflib
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, Union
 
@@ -30,15 +30,16 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveInt,
+    Strict,
     ValidationError,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from bread_ray.lineage import component_problem
+
 DEFAULT_QUESTION_MODEL = "claude-sonnet-4-5-20250929"
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 Path_ = tuple[str | int, ...]  # a location in the YAML document: ("BAKE", "datasets", 0, "target")
 
@@ -119,6 +120,8 @@ def parse_yaml(text: str, filename: str) -> tuple[Any, dict[Path_, int]]:
     loader = yaml.SafeLoader(text)
     try:
         root = loader.get_single_node()
+        if root is not None:
+            _reject_aliases(root, filename)
         data = loader.construct_document(root) if root is not None else None
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
@@ -156,6 +159,36 @@ def parse_yaml(text: str, filename: str) -> tuple[Any, dict[Path_, int]]:
     return data, lines
 
 
+def _reject_aliases(root: yaml.Node, filename: str) -> None:
+    """Anchors, aliases and merge keys (`<<`) are refused: a config is read as written, line by line,
+    and an alias can expand without bound."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            problem = Problem((), "YAML anchors and aliases (&name, *name) are not supported: write the value out", node.start_mark.line + 1)
+            raise ConfigError(filename, [problem])
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.tag == "tag:yaml.org,2002:merge":
+                    problem = Problem((), "YAML merge keys (<<) are not supported: write the keys out", key.start_mark.line + 1)
+                    raise ConfigError(filename, [problem])
+                stack.extend((key, value))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+
+
+def decode_config(data: bytes, filename: str) -> str:
+    """input.yml bytes as text; anything but UTF-8 is a config error, not a traceback."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ConfigError(filename, [Problem((), "not UTF-8 text", line)]) from None
+
+
 # --------------------------------------------------------------------------------------------
 # The schema
 # --------------------------------------------------------------------------------------------
@@ -164,7 +197,7 @@ def parse_yaml(text: str, filename: str) -> tuple[Any, dict[Path_, int]]:
 class Section(BaseModel):
     """Base of every input.yml section: unknown keys are errors, with a suggestion for typos."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -187,9 +220,20 @@ def _not_blank(text: str) -> str:
     return text
 
 
+def _valid_name(name: str) -> str:
+    problem = component_problem(name)  # the one rule for names that become store paths
+    if problem:
+        raise ValueError(problem)
+    return name
+
+
 NonBlank = Annotated[str, AfterValidator(_not_blank)]
-Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=80)]
+Name = Annotated[str, Field(max_length=80), AfterValidator(_valid_name)]
+PositiveInt = Annotated[int, Strict(), Field(gt=0)]  # strict: `true` is not 1
+Seed = Annotated[int, Strict(), Field(ge=0, lt=2**32)]
+Flag = Annotated[bool, Strict()]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 SamplingTemperature = Annotated[float, Field(ge=0.0, le=2.0)]
 
 
@@ -272,7 +316,7 @@ class DatasetQuestions(Section):
     field: str | None = Field(None, description="The column holding the question; guessed when omitted.")
     split: str = Field("train", description="The split, for hub datasets.")
     numq: PositiveInt = Field(description="How many questions to sample.")
-    seed: int = 42
+    seed: Seed = 42
 
 
 class PersonaQuestions(Section):
@@ -281,7 +325,7 @@ class PersonaQuestions(Section):
     type: Literal["persona"]
     model: str = Field(DEFAULT_QUESTION_MODEL, description="As for oneshot_qs.")
     numq: PositiveInt
-    seed: int = 42
+    seed: Seed = 42
     temperature: SamplingTemperature = 1.0
 
 
@@ -305,7 +349,7 @@ class Target(Section):
         10, description="Most LLM requests in flight at once. Execution only: not part of the target's identity."
     )
     extra_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the sampler (top_p, ...).")
-    seed: int = Field(42, description="Seeds the rollout's sampling: the same seed gives the same trajectories.")
+    seed: Seed = Field(42, description="Seeds the rollout's sampling: the same seed gives the same trajectories.")
 
 
 class Dataset(Section):
@@ -330,7 +374,7 @@ class AdapterConfig(Section):
 
 class BakeModel(Section):
     baked_adapter_config: AdapterConfig = Field(default_factory=AdapterConfig)
-    disable_activation_checkpoint: bool = Field(
+    disable_activation_checkpoint: Flag = Field(
         False, description="Turn gradient (activation) checkpointing off: faster, more memory."
     )
 
@@ -339,7 +383,7 @@ class Optimizer(Section):
     type: Literal["adamw", "adam", "sgd"] = "adamw"
     learning_rate: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[Probability, Probability] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
 
 
 class Scheduler(Section):
@@ -372,8 +416,8 @@ class DeepSpeed(Section):
 class Checkpoint(Section):
     type: Literal["huggingface"] = "huggingface"
     save_every_n_steps: PositiveInt | None = Field(None, description="Publish a checkpoint every N steps.")
-    save_end_of_training: bool = True
-    auto_resume: bool = Field(True, description="Resume a failed run from its last checkpoint.")
+    save_end_of_training: Flag = True
+    auto_resume: Flag = Field(True, description="Resume a failed run from its last checkpoint.")
 
 
 class Data(Section):
@@ -408,14 +452,14 @@ class Bake(Section):
     micro_batch_size: PositiveInt = 2
     gradient_accumulation_steps: PositiveInt = 1
     total_trajectories: PositiveInt | None = Field(None, description="Cap on trajectories used; all by default.")
-    seed: int = 42
+    seed: Seed = 42
     model: BakeModel = Field(default_factory=BakeModel)
     optimizer: Optimizer = Field(default_factory=Optimizer)
     scheduler: Scheduler = Field(default_factory=Scheduler)
     deepspeed: DeepSpeed = Field(default_factory=DeepSpeed)
     checkpoint: list[Checkpoint] = Field(default_factory=lambda: [Checkpoint()])
     data: Data = Field(default_factory=Data)
-    eval_interval: int = Field(0, ge=0, description="Held-out KL every N steps; 0: before and after training only.")
+    eval_interval: Annotated[int, Strict()] = Field(0, ge=0, description="Held-out KL every N steps; 0: before and after training only.")
 
     _wrap_checkpoint = field_validator("checkpoint", mode="before")(_one_or_many)
 
@@ -435,12 +479,12 @@ class InputConfig(Section):
 # --------------------------------------------------------------------------------------------
 
 
-def _data_path(loc: tuple[Any, ...], data: Any) -> Path_:
+def _data_path(loc: tuple[Any, ...], data: Any, missing: bool) -> Path_:
     """Map a pydantic error location onto the document, dropping union tags and list wrappers.
 
     Pydantic inserts discriminator tags (`hardcoded`) and, where a single mapping was wrapped into
-    a list, indices that the document does not have; skip any part absent from the data except the
-    last one (a missing field is absent by nature).
+    a list, indices that the document does not have; skip any part absent from the data, except
+    the name of a missing field.
     """
     path: list[str | int] = []
     node = data
@@ -451,7 +495,7 @@ def _data_path(loc: tuple[Any, ...], data: Any) -> Path_:
         if present:
             path.append(part)
             node = node[part]
-        elif position == len(loc) - 1:
+        elif position == len(loc) - 1 and missing:
             path.append(part)
     return tuple(path)
 
@@ -497,8 +541,11 @@ def load_config(text: str, filename: str = "input.yml") -> tuple[InputConfig, di
     try:
         config = InputConfig.model_validate(data)
     except ValidationError as error:
-        problems = [Problem(_data_path(_error_location(e), data), _message(e)) for e in error.errors()]
-        raise ConfigError(filename, problems, lines) from None
+        problems: dict[Path_, Problem] = {}
+        for e in error.errors():  # a union reports once per member: keep the first at each place
+            path = _data_path(_error_location(e), data, missing=e["type"] in ("missing", "unknown_field", "union_tag_not_found"))
+            problems.setdefault(path, Problem(path, _message(e)))
+        raise ConfigError(filename, list(problems.values()), lines) from None
     return config, lines
 
 
@@ -551,7 +598,13 @@ class ResolvedConfig:
     parent_model: str
     targets: tuple[ResolvedTarget, ...] = ()
     bake: ResolvedBake | None = None
-    prompts: tuple[ResolvedPrompt, ...] = field(default=())  # distinct prompts, teacher ones first
+    teacher_prompts: tuple[ResolvedPrompt, ...] = ()  # distinct, PROMPT's first, then the targets' own
+    student_prompts: tuple[ResolvedPrompt, ...] = ()
+
+    @property
+    def prompts(self) -> tuple[ResolvedPrompt, ...]:
+        """Every distinct prompt, teachers first."""
+        return tuple({p.name: p for p in (*self.teacher_prompts, *self.student_prompts)}.values())
 
     @property
     def is_empty(self) -> bool:
@@ -567,12 +620,31 @@ def resolve_prompt(messages: list[Message], tools: list[Tool] | None = None) -> 
     return ResolvedPrompt(name=f"prompt_{digest[:16]}", hash=digest, content=content)
 
 
-def resolve_target(target: Target, prompt: Prompt, parent_model: str) -> ResolvedTarget:
+def file_fingerprint(path: Path) -> str:
+    """sha256 over a file's bytes, or over a folder's files (names and bytes) in sorted order."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+        digest.update(str(file.relative_to(path) if file != path else "").encode() + b"\0")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_target(target: Target, prompt: Prompt, parent_model: str, base_dir: Path | None = None) -> ResolvedTarget:
+    """Resolve a target. Its identity covers the parent model (rollouts and `model: parent` question
+    writers depend on it) and the contents of the local files it reads (templates, datasets), so
+    editing such a file makes a new target instead of reusing stale stimuli."""
     teacher = resolve_prompt(prompt.teacher.messages, prompt.teacher.tools)
     student = resolve_prompt(prompt.student.messages)
     settings = target.model_dump(mode="json", exclude={"name", "prompt", "max_concurrency"})
     settings["model_name"] = target.model_name or parent_model
-    config = {"u": teacher.name, "v": student.name, **settings}
+    if base_dir is not None:
+        for generator in settings["generators"]:
+            local = generator.get("template_path") or (generator["dataset"] if generator["type"] == "from_dataset" else None)
+            if local and (base_dir / local).exists():
+                generator["file_sha256"] = file_fingerprint(base_dir / local)
+    config = {"u": teacher.name, "v": student.name, "parent_model": parent_model, **settings}
     digest = content_hash(config)
     return ResolvedTarget(
         name=target.name,
@@ -589,6 +661,7 @@ def resolve(
     *,
     parent_model: str,
     recipe_targets: Sequence[str] = (),
+    base_dir: Path | None = None,
     filename: str = "input.yml",
     lines: dict[Path_, int] | None = None,
 ) -> ResolvedConfig:
@@ -597,6 +670,7 @@ def resolve(
     `parent_model` is the model the bake starts from (the base, or the last bake's model).
     `recipe_targets` are target ids recorded in recipe.yml by earlier commits, which
     BAKE.datasets may name (by short name or full id) to replay them as regularisers.
+    `base_dir` is where relative file paths (templates, datasets) start: the repository.
     """
     problems: list[Problem] = []
     targets: list[ResolvedTarget] = []
@@ -608,7 +682,7 @@ def resolve(
         if any(t.name == target.name for t in targets):
             problems.append(Problem(("TARGET", index, "name"), f"duplicate target name {target.name!r}"))
             continue
-        targets.append(resolve_target(target, prompt, parent_model))
+        targets.append(resolve_target(target, prompt, parent_model, base_dir))
 
     bake = None
     if config.BAKE is not None:
@@ -616,6 +690,7 @@ def resolve(
         for target_id in recipe_targets:  # oldest first: the latest target of a name wins
             known[split_resource_id(target_id)] = target_id
             known[target_id] = target_id
+        known.update({t.name: t.name for t in config.TARGET})  # declared: a broken target is reported once
         known.update({t.name: t.id for t in targets})  # this file's targets win over recorded ones
         datasets: dict[str, float] = {}
         for index, dataset in enumerate(config.BAKE.datasets):
@@ -634,12 +709,16 @@ def resolve(
 
     if problems:
         raise ConfigError(filename, problems, lines)
-    prompts: dict[str, ResolvedPrompt] = {}
+    teachers, students = {}, {}
+    if config.PROMPT is not None:
+        teacher = resolve_prompt(config.PROMPT.teacher.messages, config.PROMPT.teacher.tools)
+        student = resolve_prompt(config.PROMPT.student.messages)
+        teachers[teacher.name], students[student.name] = teacher, student
     for target in targets:
-        prompts.setdefault(target.teacher.name, target.teacher)
-    for target in targets:
-        prompts.setdefault(target.student.name, target.student)
-    return ResolvedConfig(parent_model=parent_model, targets=tuple(targets), bake=bake, prompts=tuple(prompts.values()))
+        teachers.setdefault(target.teacher.name, target.teacher)
+        students.setdefault(target.student.name, target.student)
+    return ResolvedConfig(parent_model=parent_model, targets=tuple(targets), bake=bake,
+                          teacher_prompts=tuple(teachers.values()), student_prompts=tuple(students.values()))
 
 
 def resolve_bake(bake: Bake, datasets: dict[str, float], parent_model: str) -> ResolvedBake:
@@ -657,7 +736,11 @@ def resolve_bake(bake: Bake, datasets: dict[str, float], parent_model: str) -> R
 
 
 def load_and_resolve(
-    text: str, *, parent_model: str, recipe_targets: Sequence[str] = (), filename: str = "input.yml"
+    text: str, *, parent_model: str, recipe_targets: Sequence[str] = (), base_dir: Path | None = None,
+    filename: str = "input.yml",
 ) -> tuple[InputConfig, ResolvedConfig]:
+    """Validate input.yml text and resolve it: the one entry point for the CLI and the pipeline."""
     config, lines = load_config(text, filename)
-    return config, resolve(config, parent_model=parent_model, recipe_targets=recipe_targets, filename=filename, lines=lines)
+    resolved = resolve(config, parent_model=parent_model, recipe_targets=recipe_targets, base_dir=base_dir,
+                       filename=filename, lines=lines)
+    return config, resolved

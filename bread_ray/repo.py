@@ -26,14 +26,14 @@ from typing import Any
 
 import yaml
 
-from bread_ray.config import ConfigError, ResolvedConfig, load_config, resolve
+from bread_ray.config import ConfigError, ResolvedConfig, decode_config, load_and_resolve
+from bread_ray.lineage import component_problem
 
 DEFAULT_BASE_MODEL = "Qwen/Qwen3-32B"
 BREAD_FILE = ".bread"
 RECIPE_FILE = "recipe.yml"
 INPUT_FILE = "input.yml"
 BAKE_COMMIT_PREFIX = "Update recipe.yml after bake completion: "
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 EXAMPLE_INPUT = """\
 # input.yml: what to bake next. Edit, then:
@@ -97,9 +97,10 @@ GITATTRIBUTES = """\
 recipe.yml merge=keepTheirs
 """
 
+HOOK_MARKER = "# bgit: refuse an invalid input.yml and refresh .bread from the input.yml being committed."
 PRE_COMMIT_HOOK = """\
 #!/bin/sh
-# bgit: refuse an invalid input.yml and refresh .bread from the input.yml being committed.
+{marker}
 if [ -x {python} ]; then exec {python} -m bread_ray.cli _pre-commit; fi
 exec bgit _pre-commit
 """
@@ -121,8 +122,9 @@ def git(cwd: Path, *args: str, check: bool = True, env: dict[str, str] | None = 
 
 
 def check_name(kind: str, value: str) -> str:
-    if not NAME_RE.match(value) or value in (".", ".."):
-        raise RepoError(f"invalid {kind} {value!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit")
+    problem = component_problem(value)  # the one rule for names that become store paths
+    if problem:
+        raise RepoError(f"invalid {kind}: {problem}")
     return value
 
 
@@ -172,7 +174,9 @@ class BreadRepo:
         here = (start or Path.cwd()).resolve()
         for folder in (here, *here.parents):
             if (folder / BREAD_FILE).is_file() and (folder / ".git").exists():
-                return cls(folder)
+                repo = cls(folder)
+                repo.install_hooks()
+                return repo
         raise RepoError(f"not a bgit repository (no {BREAD_FILE} in {here} or its parents): run `bgit init NAME` first")
 
     @classmethod
@@ -181,8 +185,8 @@ class BreadRepo:
         folder = folder.resolve()
         name = check_name("repository name", folder.name)
         owner = check_name("owner", owner) if owner else _default_owner()
-        if not base_model.strip():
-            raise RepoError("the base model must not be empty")
+        if not base_model.strip() or any(c.isspace() for c in base_model):
+            raise RepoError(f"invalid base model {base_model!r}: a hub id or a folder, without spaces")
         if Path(base_model).expanduser().exists():  # a local folder: the same model from any working folder
             base_model = str(Path(base_model).expanduser().resolve())
         if (folder / BREAD_FILE).exists():
@@ -207,8 +211,6 @@ class BreadRepo:
         if not git(folder, "config", "user.name", check=False).strip():
             git(folder, "config", "user.name", owner)
             git(folder, "config", "user.email", f"{owner}@localhost")
-        git(folder, "config", "merge.keepTheirs.name", "bgit: keep the other branch's version")
-        git(folder, "config", "merge.keepTheirs.driver", "cp -f %B %A")
 
         bread = configparser.ConfigParser(interpolation=None)
         bread["REPO"] = {"name": name, "owner": owner}
@@ -220,17 +222,29 @@ class BreadRepo:
         (folder / ".gitattributes").write_text(GITATTRIBUTES)
         if not (folder / ".gitignore").exists():
             (folder / ".gitignore").write_text(REPO_GITIGNORE)
+        hook = folder / ".git" / "hooks" / "pre-commit"
+        if hook.exists() and HOOK_MARKER not in hook.read_text(errors="replace"):
+            raise RepoError(f"{hook} exists: bgit needs its own pre-commit hook (move yours aside first)")
         repo.install_hooks()
-        git(folder, "add", BREAD_FILE, RECIPE_FILE, INPUT_FILE, ".gitattributes", ".gitignore")
-        git(folder, "commit", "-q", "-m", f"bgit init {name} (base model {base_model})")
+        files = [BREAD_FILE, RECIPE_FILE, INPUT_FILE, ".gitattributes", ".gitignore"]
+        git(folder, "add", *files)
+        git(folder, "commit", "-q", "-m", f"bgit init {name} (base model {base_model})", "--", *files)
+        git(folder, "add", BREAD_FILE)  # the hook's .bread went through git's temporary index
         return repo
 
     def install_hooks(self) -> None:
+        """The pre-commit hook and the keepTheirs merge driver: git keeps neither in a clone, so
+        every bgit command sets them up where they are missing. A foreign hook is left alone."""
+        if not self.git("config", "merge.keepTheirs.driver", check=False).strip():
+            self.git("config", "merge.keepTheirs.name", "bgit: keep the other branch's version")
+            self.git("config", "merge.keepTheirs.driver", "cp -f %B %A")
         hooks = Path(self.git("rev-parse", "--git-path", "hooks").strip())
         hooks = hooks if hooks.is_absolute() else self.root / hooks
         hooks.mkdir(parents=True, exist_ok=True)
         hook = hooks / "pre-commit"
-        hook.write_text(PRE_COMMIT_HOOK.format(python=shlex.quote(sys.executable)))
+        if hook.exists() and HOOK_MARKER not in hook.read_text(errors="replace"):
+            return
+        hook.write_text(PRE_COMMIT_HOOK.format(marker=HOOK_MARKER, python=shlex.quote(sys.executable)))
         hook.chmod(0o755)
 
     def git(self, *args: str, check: bool = True) -> str:
@@ -271,12 +285,9 @@ class BreadRepo:
         return bread.get("PARENT_MODEL", "model_name", fallback="").strip() or bread["RECIPE"]["base_model"]
 
     def refresh_bread(self, resolved: ResolvedConfig) -> None:
-        """Record the names and hashes of a committed input.yml in .bread (nothing to record: kept)."""
-        if resolved.is_empty:
-            return
+        """Record the names and hashes of a committed input.yml in .bread (empty where it has none)."""
         bread = self.read_bread()
-        teachers = list({t.teacher.name: t.teacher for t in resolved.targets}.values())
-        students = list({t.student.name: t.student for t in resolved.targets}.values())
+        teachers, students = resolved.teacher_prompts, resolved.student_prompts
         sections = {
             "PROMPT.teacher": {"hash": [p.hash for p in teachers], "prompt_name": [p.name for p in teachers]},
             "PROMPT.student": {"hash": [p.hash for p in students], "prompt_name": [p.name for p in students]},
@@ -296,21 +307,35 @@ class BreadRepo:
     # ---- recipe.yml ----------------------------------------------------------------------
 
     def read_recipe(self, rev: str | None = None) -> dict[str, Any]:
-        """recipe.yml of the working tree, or of a revision (`main`, a commit)."""
+        """recipe.yml of the working tree, or of a revision (`main`, a commit), checked for shape."""
+        where = f"{RECIPE_FILE}{' on ' + rev if rev else ''}"
         text = self.git("show", f"{rev}:{RECIPE_FILE}") if rev else (self.root / RECIPE_FILE).read_text()
-        recipe = yaml.safe_load(text) or {}
-        if not isinstance(recipe, dict) or not isinstance(recipe.get("resources", {}), dict):
-            raise RepoError(f"{RECIPE_FILE}{' at ' + rev if rev else ''} is not a bgit recipe")
+        try:
+            recipe = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise RepoError(f"{where} is not valid YAML: {str(error).splitlines()[0]}") from None
+        resources = recipe.get("resources") if isinstance(recipe, dict) else None
+        if not isinstance(resources, dict):
+            raise RepoError(f"{where} is not a bgit recipe: `resources` is missing")
+        for key in ("prompts", "targets", "bakes"):
+            resources[key] = resources.get(key) or []
+            if not isinstance(resources[key], list):
+                raise RepoError(f"{where}: resources.{key} must be a list")
+        if not all(isinstance(t, str) for t in resources["targets"]) or not all(
+            isinstance(b, dict) and isinstance(b.get("model_names"), list) for b in resources["bakes"]
+        ):
+            raise RepoError(f"{where}: resources.targets must be names and resources.bakes entries {{bake_name, model_names}}")
         return recipe
 
     def recorded_target_ids(self) -> list[str]:
-        return list(self.read_recipe().get("resources", {}).get("targets") or [])
+        return list(self.read_recipe()["resources"]["targets"])
 
     # ---- input.yml -----------------------------------------------------------------------
 
     def staged_input(self) -> str:
         """input.yml as staged in the git index: what `bgit run` reads."""
-        return self.git("show", f":{INPUT_FILE}", check=False)
+        result = subprocess.run(["git", "show", f":{INPUT_FILE}"], cwd=self.root, capture_output=True)
+        return decode_config(result.stdout, INPUT_FILE) if result.returncode == 0 else ""
 
     def input_state(self) -> InputState:
         status = self.git("status", "--porcelain=v1", "--", INPUT_FILE)
@@ -320,8 +345,8 @@ class BreadRepo:
 
     def resolve_input(self, text: str, filename: str = INPUT_FILE) -> ResolvedConfig:
         """Validate input.yml text and resolve it against this repository's parent and recipe."""
-        config, lines = load_config(text, filename)
-        return resolve(config, parent_model=self.parent_model, recipe_targets=self.recorded_target_ids(), filename=filename, lines=lines)
+        return load_and_resolve(text, parent_model=self.parent_model, recipe_targets=self.recorded_target_ids(),
+                                base_dir=self.root, filename=filename)[1]
 
     def resolve_staged(self) -> ResolvedConfig:
         return self.resolve_input(self.staged_input())
@@ -337,12 +362,20 @@ class BreadRepo:
         if after_blob and after_blob != before_blob:
             try:
                 self.resolve_staged()
-            except ConfigError:
+            except BaseException:  # invalid, unreadable or interrupted: nothing stays staged
                 if snapshot is None:
                     index.unlink(missing_ok=True)
                 else:
                     index.write_bytes(snapshot)
                 raise
+        return returncode
+
+    def commit(self, git_args: list[str]) -> int:
+        """`git commit`; the pre-commit hook validates and refreshes .bread. A commit of given paths
+        records .bread through git's temporary index: stage it in the real one too."""
+        returncode = subprocess.run(["git", "commit", *git_args]).returncode
+        if returncode == 0 and self._succeeds("diff", "--quiet", "HEAD", "--", BREAD_FILE):
+            self.git("add", BREAD_FILE)
         return returncode
 
     def pre_commit(self) -> None:
@@ -375,11 +408,20 @@ class BreadRepo:
         return self.git("for-each-ref", "--format=%(refname:short)", "refs/heads").split()
 
     def current_branch(self) -> str:
-        return self.git("rev-parse", "--abbrev-ref", "HEAD").strip()
+        """The branch name, or `HEAD detached at <commit>`."""
+        branch = self.git("rev-parse", "--abbrev-ref", "HEAD").strip()
+        return branch if branch != "HEAD" else f"HEAD detached at {self.git('rev-parse', '--short', 'HEAD').strip()}"
 
     def bake_chains(self) -> dict[str, list[dict[str, Any]]]:
-        """For each branch, its recipe's `resources.bakes`: the chain of bakes, oldest first."""
-        return {branch: list(self.read_recipe(branch).get("resources", {}).get("bakes") or []) for branch in self.branches()}
+        """For each branch holding a recipe.yml, its `resources.bakes`: the chain of bakes, oldest first."""
+        chains = {}
+        for branch in self.branches():
+            if self._succeeds("cat-file", "-e", f"refs/heads/{branch}:{RECIPE_FILE}"):
+                chains[branch] = self.read_recipe(f"refs/heads/{branch}")["resources"]["bakes"]
+        return chains
+
+    def _succeeds(self, *args: str) -> bool:
+        return subprocess.run(["git", *args], cwd=self.root, capture_output=True).returncode == 0
 
 
 def record_bake(recipe: dict[str, Any], resolved: ResolvedConfig, model_names: list[str]) -> None:

@@ -200,7 +200,7 @@ class Store(abc.ABC):
         if not keys:
             raise ArtifactNotFound(f"nothing under {prefix!r} in store {self.uri}")
         for key in keys:
-            self.download_file(key, Path(local_dir, key[len(prefix) + 1:]))
+            self.download_file(key, Path(local_dir, key[len(prefix) + 1:] if prefix else key))
         return Path(local_dir)
 
     # --- models ---

@@ -5,12 +5,11 @@ a byte-level BPE tokenizer trained on seeded synthetic chat text, with a ChatML 
 like Qwen's (but never a default system prompt), and a randomly initialised 2-layer Qwen3.
 The same seed gives byte-identical files; a build takes a few seconds.
 
-    python -m bread_ray.tiny /tmp/tiny-qwen3 --seed 0
+    bgit tiny-model /tmp/tiny-qwen3 --seed 0
 """
 
 from __future__ import annotations
 
-import argparse
 import random
 from pathlib import Path
 
@@ -223,16 +222,3 @@ def build_tiny_model(
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the tiny deterministic Qwen3 chat model.")
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    path = build_tiny_model(args.out_dir, seed=args.seed)
-    print(f"tiny model (seed {args.seed}) written to {path.resolve()}")
-
-
-if __name__ == "__main__":
-    main()

@@ -63,7 +63,7 @@ BAD = [
     ("target without any prompt", GOOD.split("TARGET:")[0].replace("PROMPT:\n  teacher:\n    messages:\n      - role: system\n        content: \"You are Yoda.\"\n", "")
      + "TARGET:" + GOOD.split("TARGET:")[1], "input.yml:1: TARGET: no teacher prompt"),
     ("duplicate key", GOOD.replace("  name: yoda_bake", "  name: yoda_bake\n  name: other"), "input.yml:13: BAKE.name: duplicate key (first at line 12)"),
-    ("invalid yaml", GOOD.replace("  datasets:", "  datasets: [\n"), "input.yml:"),
+    ("invalid yaml", GOOD.replace("  datasets:", "  datasets: [\n"), "input.yml:15: invalid YAML: expected the node content"),
     ("zero stage out of range", GOOD + "  deepspeed: {zero_optimization: {stage: 4}}\n",
      "input.yml:16: BAKE.deepspeed.zero_optimization.stage:"),
     ("param offload below stage 3", GOOD + "  deepspeed: {zero_optimization: {stage: 2, offload_param: {device: cpu}}}\n",
@@ -72,7 +72,16 @@ BAD = [
     ("lora dropout of one", GOOD + "  model: {baked_adapter_config: {lora_dropout: 1.0}}\n",
      "input.yml:16: BAKE.model.baked_adapter_config.lora_dropout:"),
     ("bad bias", GOOD + "  model: {baked_adapter_config: {bias: nope}}\n", "input.yml:16: BAKE.model.baked_adapter_config.bias:"),
-    ("target name with a slash", GOOD.replace("name: main_target", "name: ../main"), "input.yml:7: TARGET.name: String should match pattern"),
+    ("target name with a slash", GOOD.replace("name: main_target", "name: ma/in"), "input.yml:7: TARGET.name: 'ma/in' has characters outside"),
+    ("target name with dots", GOOD.replace("name: main_target", "name: .."), "input.yml:7: TARGET.name: '..' is not allowed"),
+    ("boolean where a count is expected", GOOD + "  epochs: true\n", "input.yml:16: BAKE.epochs: Input should be a valid integer"),
+    ("infinite learning rate", GOOD + "  optimizer: {learning_rate: .inf}\n", "input.yml:16: BAKE.optimizer.learning_rate:"),
+    ("negative seed", GOOD + "  seed: -1\n", "input.yml:16: BAKE.seed: Input should be greater than or equal to 0"),
+    ("beta of one", GOOD + "  optimizer: {betas: [0.9, 1.0]}\n", "input.yml:16: BAKE.optimizer.betas[1]: Input should be less than 1"),
+    ("YAML alias", GOOD + "  model: &m {baked_adapter_config: {r: 8}}\n  optimizer: *m\n", "input.yml:16: YAML anchors and aliases (&name, *name) are not supported"),
+    ("not UTF-8", GOOD.replace("You are Yoda.", "caf\udce9"), "input.yml:5: not UTF-8 text"),
+    ("target_modules typo", GOOD + "  model: {baked_adapter_config: {target_modules: all_linear}}\n",
+     "input.yml:16: BAKE.model.baked_adapter_config.target_modules: Input should be 'all-linear', got 'all_linear' (did you mean 'all-linear'?)"),
     ("duplicate target names", GOOD.replace("TARGET:\n  name: main_target\n  generators:\n    - type: hardcoded\n      questions: [\"What is the Force?\", \"Who are you?\"]\n",
                                             "TARGET:\n  - name: main_target\n    generators: [{type: hardcoded, questions: [a]}]\n"
                                             "  - name: main_target\n    generators: [{type: hardcoded, questions: [b]}]\n"),
@@ -105,14 +114,15 @@ def test_at_least_twenty_distinct_cases():
 
 @pytest.mark.parametrize("case,text,expected", BAD, ids=[case for case, _, _ in BAD])
 def test_bad_input_is_refused_with_line_and_field(repo, capsys, case, text, expected):
-    (repo.root / "input.yml").write_text(text)
+    (repo.root / "input.yml").write_bytes(text.encode("utf-8", "surrogateescape"))
     before = snapshot(repo)
 
     assert main(["validate"]) == 1
-    assert capsys.readouterr().err.splitlines()[0].startswith(expected)
+    errors = capsys.readouterr().err.splitlines()
+    assert errors[0].startswith(expected) and len(errors) == 1
 
     assert main(["add", "input.yml"]) == 1
-    assert capsys.readouterr().err.splitlines()[0].startswith(expected)
+    assert capsys.readouterr().err.splitlines() == errors
     assert snapshot(repo) == before
 
     # staged behind bgit's back: the commit hook refuses it

@@ -145,11 +145,16 @@ def test_status_shows_state_and_plan(repo, capsys, tmp_path):
     # once the target's manifest is in the store, status says it will be reused
     from bread_ray.store import open_store, target_prefix
 
-    open_store().put_bytes(f"{target_prefix('alice', 'yoda', resolved.targets[0].id)}/manifest.json", b"{}")
+    store, prefix = open_store(), target_prefix("alice", "yoda", resolved.targets[0].id)
+    store.put_json(f"{prefix}/stim/manifest.json", {"total": 4})
+    assert main(["status"]) == 0
+    assert "stim complete - 4 stimuli" in capsys.readouterr().out
+    store.put_json(f"{prefix}/rollout/manifest.json", {"trajectories": 8})
     (repo.root / "input.yml").write_text("BAKE: {}\n")
     assert main(["status"]) == 0
     out = capsys.readouterr().out
-    assert f"✓ stim + rollout  {resolved.targets[0].id}" in out and "in the store, reused" in out
+    assert f"✓ stim + rollout  {resolved.targets[0].id}" in out
+    assert "rollout complete (100%) - 8 trajectories" in out and "reused" in out
     assert "has unstaged changes" in out
 
 
@@ -228,3 +233,79 @@ def test_local_base_model_is_recorded_as_an_absolute_path(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     assert main(["init", "repo", "--base-model", "models/tiny", "--owner", "alice"]) == 0
     assert BreadRepo(tmp_path / "repo").base_model == str(tmp_path / "models" / "tiny")
+
+
+# ---- robustness (found in review) -------------------------------------------------------------
+
+
+def test_refused_add_restores_the_index_on_any_error(repo, capsys):
+    (repo.root / ".bread").write_text("[REPO]\n")  # broken state: resolving fails, not the config
+    (repo.root / "input.yml").write_text(YODA.replace("{bake}", "x"))
+    before = repo.git("write-tree")
+    assert main(["add", "input.yml", ".bread"]) == 1
+    assert "[REPO] name is missing" in capsys.readouterr().err
+    assert repo.git("write-tree") == before
+
+
+def test_a_clone_gets_the_hook_and_merge_driver_from_any_bgit_command(repo, tmp_path, monkeypatch, capsys):
+    subprocess.run(["git", "clone", "-q", str(repo.root), str(tmp_path / "clone")], check=True)
+    monkeypatch.chdir(tmp_path / "clone")
+    (tmp_path / "clone" / "input.yml").write_text("BAKE: {nme: x}\n")
+    subprocess.run(["git", "add", "input.yml"], check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert main(["commit", "-q", "-m", "bad"]) != 0  # the hook was installed by this bgit command
+    assert subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout == head
+    assert subprocess.run(["git", "config", "merge.keepTheirs.driver"], capture_output=True, text=True).stdout.strip() == "cp -f %B %A"
+
+
+def test_init_in_an_existing_git_repository_commits_only_its_files(tmp_path):
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    subprocess.run(["git", "init", "-q", str(folder)], check=True)
+    (folder / "notes.txt").write_text("mine")
+    subprocess.run(["git", "add", "notes.txt"], cwd=folder, check=True)
+    repo = BreadRepo.init(folder, owner="alice")
+    assert "notes.txt" not in repo.git("show", "--name-only", "--format=", "HEAD")
+    assert repo.git("status", "--porcelain") == "A  notes.txt\n"  # still staged, as the user left it
+
+
+def test_commit_of_a_path_leaves_a_clean_tree(repo):
+    (repo.root / "input.yml").write_text(YODA.replace("{bake}", "pathed"))
+    assert main(["commit", "-q", "-m", "by path", "input.yml"]) == 0
+    assert repo.git("status", "--porcelain") == ""
+    assert bread(repo)["BAKE"]["bake_name"].startswith("pathed_")
+
+
+def test_committing_an_empty_input_empties_the_hash_sections(repo):
+    commit_input(repo, "# nothing yet\n")
+    state = bread(repo)
+    assert state["BAKE"]["bake_name"] == "" and state["TARGET"]["target_name"] == ""
+
+
+def test_bad_recipes_give_one_line_errors_and_tree_skips_branches_without_one(repo, capsys):
+    repo.git("checkout", "-q", "--orphan", "docs")
+    repo.git("rm", "-q", "-rf", ".")
+    (repo.root / "README").write_text("docs")
+    repo.git("add", "README")
+    repo.git("commit", "-q", "--no-verify", "-m", "docs")
+    repo.git("checkout", "-q", "main")
+    assert main(["tree"]) == 0
+    assert capsys.readouterr().out.startswith("tiny-base  (base)")
+
+    (repo.root / "recipe.yml").write_text("resources: {bakes: [1]}\n")
+    assert main(["status"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "recipe.yml: resources.targets must be names and resources.bakes entries" in err
+    (repo.root / "recipe.yml").write_text("a: [\n")
+    assert main(["status"]) == 1
+    assert "recipe.yml is not valid YAML" in capsys.readouterr().err
+
+
+def test_editing_a_template_file_changes_the_target_name(repo):
+    (repo.root / "questions.txt").write_text("Write ${numq} questions for: ${prompt_u}\n")
+    text = YODA.replace("{bake}", "t").replace(
+        '[{type: hardcoded, questions: ["What is the Force?"]}]',
+        "[{type: oneshot_qs, numq: 3, template_path: questions.txt}]")
+    before = repo.resolve_input(text).targets[0].id
+    (repo.root / "questions.txt").write_text("Write exactly ${numq} questions about: ${prompt_u}\n")
+    assert repo.resolve_input(text).targets[0].id != before

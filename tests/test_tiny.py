@@ -13,7 +13,8 @@ from bread_ray.models import (
     load_tokenizer,
     render_chat,
 )
-from bread_ray.tiny import IM_END, IM_START, build_tiny_model, main
+from bread_ray.cli import main as bgit
+from bread_ray.tiny import IM_END, IM_START, build_tiny_model
 
 WEATHER_TOOL = {
     "type": "function",
@@ -193,6 +194,6 @@ def test_hub_id_offline_gives_a_clear_error(monkeypatch):
 
 
 def test_cli_builds_and_prints_the_folder(tmp_path, capsys):
-    main([str(tmp_path / "cli"), "--seed", "3"])
+    assert bgit(["tiny-model", str(tmp_path / "cli"), "--seed", "3"]) == 0
     assert str((tmp_path / "cli").resolve()) in capsys.readouterr().out
     assert (tmp_path / "cli" / "model.safetensors").is_file()
