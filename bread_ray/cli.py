@@ -4,6 +4,9 @@
     bgit add input.yml             stage it (refused if invalid)
     bgit commit -m "..."           commit it (.bread refreshed with its names and hashes)
     bgit validate [FILE]           check a file and print it resolved
+    bgit run stim rollout          generate the stimuli and the teacher's trajectories (Ray Data)
+    bgit stim [--limit N|--count]  show the stimuli
+    bgit rollout [--limit N|...]   show the trajectories
     bgit status                    branch, parent model, input.yml, and what `bgit run` would do
     bgit tree                      the lineage of models across all branches
 
@@ -20,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from bread_ray.config import ConfigError, ResolvedConfig, decode_config, load_and_resolve
+from bread_ray.pipeline import STAGES
 from bread_ray.repo import DEFAULT_BASE_MODEL, INPUT_FILE, BreadRepo, RepoError, render_lineage_tree
 
 PASSTHROUGH = {
@@ -87,6 +91,33 @@ def build_parser() -> argparse.ArgumentParser:
         "them are already in the store (BREAD_STORE).",
     )
     status.set_defaults(handler=cmd_status)
+
+    run = commands.add_parser(
+        "run", help="run stages of the pipeline on the staged input.yml",
+        description="Run STAGE... in pipeline order on the staged input.yml: `stim` writes each target's "
+        "questions, `rollout` the prompted teacher's answers to them. Work already in the store (BREAD_STORE) "
+        "is reused, so a re-run after a failure does only the rest. Refused while input.yml has unstaged changes. "
+        "Ray: joins RAY_ADDRESS, or starts a local cluster.",
+    )
+    run.add_argument("stages", nargs="+", metavar="STAGE", choices=STAGES, help=f"one or more of: {', '.join(STAGES)}")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(handler=cmd_run)
+
+    show_stim = commands.add_parser(
+        "stim", help="show the stimuli of the staged targets",
+        description="Show the questions generated for each target of the staged input.yml, from the store.",
+    )
+    show_stim.add_argument("--limit", type=int, default=20, metavar="N", help="show at most N per target (default 20)")
+    show_stim.add_argument("--count", action="store_true", help="only count them")
+    show_stim.set_defaults(handler=cmd_stim)
+
+    show_rollout = commands.add_parser(
+        "rollout", help="show the teacher's trajectories of the staged targets",
+        description="Show the teacher's responses for each target of the staged input.yml, from the store.",
+    )
+    show_rollout.add_argument("--limit", type=int, default=10, metavar="N", help="show at most N per target (default 10)")
+    show_rollout.add_argument("--count", action="store_true", help="only count them")
+    show_rollout.set_defaults(handler=cmd_rollout)
 
     tree = commands.add_parser(
         "tree", help="draw the lineage of models across all branches",
@@ -180,6 +211,54 @@ def cmd_status(args: argparse.Namespace) -> int:
     for step in plan(resolved, owner=repo.owner, repo=repo.name, store=store):
         state = f"{step.state}, " if step.state else ""
         print(f"  {marks[step.done]} {step.stages:<15} {step.resource}  ({step.detail}): {state}{states[step.done]}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bread_ray.pipeline import run
+    from bread_ray.store import open_store
+
+    repo, store = BreadRepo.find(), open_store()
+    resolved = run(repo, args.stages, store=store, progress=not args.no_progress)
+    print(f"Done: {' + '.join(s for s in STAGES if s in args.stages)} for {', '.join(t.id for t in resolved.targets)} "
+          f"(store {store.uri}). `bgit status` shows where each target stands.")
+    return 0
+
+
+def cmd_stim(args: argparse.Namespace) -> int:
+    from bread_ray.stim import read_stimuli
+    from bread_ray.store import open_store, target_prefix
+
+    repo, store = BreadRepo.find(), open_store()
+    for target in repo.resolve_staged().targets:
+        prefix = target_prefix(repo.owner, repo.name, target.id)
+        if not store.exists(f"{prefix}/stim/manifest.json"):
+            print(f"{target.id}: no stimuli yet (run `bgit run stim`)")
+            continue
+        records = read_stimuli(store, prefix)
+        print(f"{target.id}: {len(records)} stimuli")
+        if not args.count:
+            for record in records[: args.limit]:
+                print(f"  {record['index']:>4}  {record['question']}")
+    return 0
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from bread_ray.rollout import read_rollout
+    from bread_ray.store import open_store, target_prefix
+
+    repo, store = BreadRepo.find(), open_store()
+    for target in repo.resolve_staged().targets:
+        prefix = target_prefix(repo.owner, repo.name, target.id)
+        if not store.exists(f"{prefix}/rollout/manifest.json"):
+            print(f"{target.id}: no complete rollout yet (run `bgit run stim rollout`)")
+            continue
+        records = read_rollout(store, prefix)
+        print(f"{target.id}: {len(records)} trajectories by {records[0]['model_name'] if records else '-'}")
+        if not args.count:
+            for record in records[: args.limit]:
+                print(f"  [{record['stimulus_index']}.{record['trajectory_index']}] {record['stimulus']}")
+                print(f"      {record['response']!r}")
     return 0
 
 

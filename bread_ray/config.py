@@ -600,6 +600,7 @@ class ResolvedConfig:
     bake: ResolvedBake | None = None
     teacher_prompts: tuple[ResolvedPrompt, ...] = ()  # distinct, PROMPT's first, then the targets' own
     student_prompts: tuple[ResolvedPrompt, ...] = ()
+    lines: dict[Path_, int] | None = None  # where each field sits in the file, for later errors
 
     @property
     def prompts(self) -> tuple[ResolvedPrompt, ...]:
@@ -718,7 +719,8 @@ def resolve(
         teachers.setdefault(target.teacher.name, target.teacher)
         students.setdefault(target.student.name, target.student)
     return ResolvedConfig(parent_model=parent_model, targets=tuple(targets), bake=bake,
-                          teacher_prompts=tuple(teachers.values()), student_prompts=tuple(students.values()))
+                          teacher_prompts=tuple(teachers.values()), student_prompts=tuple(students.values()),
+                          lines=lines)
 
 
 def resolve_bake(bake: Bake, datasets: dict[str, float], parent_model: str) -> ResolvedBake:

@@ -7,11 +7,18 @@ weights, dtype and chat template everywhere.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from bread_ray.lineage import InvalidModelName, ModelName
+
+if TYPE_CHECKING:
+    from bread_ray.store import Store
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -78,6 +85,38 @@ def load_causal_lm(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = _load(AutoModelForCausalLM, name_or_path, dtype=dtype or default_dtype(device))
     return model.to(device).eval()
+
+
+def lineage_chain(model_name: str, store: Store) -> list[dict]:
+    """The lineages of a published `owner/repo/bake_id/step` model, child first; [] for a hub id
+    or a local folder (anything that is not a valid model name published in `store`)."""
+    try:
+        ModelName.parse(model_name)
+    except InvalidModelName:
+        return []
+    return store.model_chain(model_name) if store.model_exists(model_name) else []
+
+
+def load_teacher(
+    model_name: str,
+    store: Store,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A model as the rollout samples from it: a hub id or local folder as is, or a lineage model
+    name as its base with every adapter of its chain merged in, base-most first.
+
+    Merging (rather than stacking PEFT adapters) gives a plain model whose generate is as fast as
+    the base's; LoRA deltas add, so the merged weights are W0 + sum_i scale_i * B_i @ A_i.
+    """
+    chain = lineage_chain(model_name, store)
+    base = chain[-1]["base_model"] if chain else model_name
+    model = load_causal_lm(base, dtype=dtype, device=device)
+    with tempfile.TemporaryDirectory(prefix="bread-adapters-") as folder:
+        for depth, lineage in enumerate(reversed(chain)):
+            adapter_dir = store.download_model(lineage["model_name"], Path(folder, str(depth)))
+            model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    return model.eval(), load_tokenizer(base)
 
 
 def render_chat(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from bread_ray.config import ResolvedConfig, ResolvedTarget
+from bread_ray.config import ResolvedConfig
 from bread_ray.repo import BreadRepo, RepoError
 from bread_ray.store import Store, target_prefix
 
@@ -103,27 +103,21 @@ def run(repo: BreadRepo, stages: list[str], *, store: Store, progress: bool = Tr
     resolved = repo.resolve_staged()
     if not resolved.targets:
         raise RepoError("the staged input.yml has no TARGET: nothing for stim or rollout to do")
-    for index, target in enumerate(resolved.targets):
-        stim.check_generators(target, base_dir=repo.root, target_index=index)
+    prefixes = [target_prefix(repo.owner, repo.name, target.id) for target in resolved.targets]
+    for index, (target, prefix) in enumerate(zip(resolved.targets, prefixes)):
+        if "stim" in stages and not store.exists(f"{prefix}/{STIM_MANIFEST}"):  # stored stimuli need no check
+            stim.check_generators(target, base_dir=repo.root, target_index=index, lines=resolved.lines)
+        if "stim" not in stages and not store.exists(f"{prefix}/{STIM_MANIFEST}"):
+            raise RepoError(f"{target.id} has no stimuli in the store yet: run `bgit run stim rollout`")
     _start_ray()
-    for target in resolved.targets:
-        prefix = target_prefix(repo.owner, repo.name, target.id)
-        questions = _stimuli(target, prefix, "stim" in stages, repo=repo, store=store, progress=progress)
+    for index, (target, prefix) in enumerate(zip(resolved.targets, prefixes)):
+        if "stim" in stages:
+            stim.generate_stimuli(target, store=store, prefix=prefix, parent_model=repo.parent_model,
+                                  base_dir=Path(repo.root), progress=progress, target_index=index)
         if "rollout" in stages:
+            questions = [record["question"] for record in stim.read_stimuli(store, prefix)]
             rollout.run_rollout(target, questions, store=store, prefix=prefix, progress=progress)
     return resolved
-
-
-def _stimuli(target: ResolvedTarget, prefix: str, generate: bool, *, repo: BreadRepo, store: Store,
-             progress: bool) -> list[str]:
-    from bread_ray import stim
-
-    if generate:
-        return stim.generate_stimuli(target, store=store, prefix=prefix, parent_model=repo.parent_model,
-                                     base_dir=Path(repo.root), progress=progress)
-    if not store.exists(f"{prefix}/{STIM_MANIFEST}"):
-        raise RepoError(f"{target.id} has no stimuli in the store yet: run `bgit run stim rollout`")
-    return stim.read_stimuli(store, prefix)
 
 
 def _start_ray() -> None:

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import urllib.parse
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -465,4 +466,6 @@ def open_store(uri: str | None = None) -> Store:
     uri = uri or os.environ.get("BREAD_STORE") or "~/.bread/store"
     if uri.startswith("s3://"):
         return S3Store(uri)
-    return LocalStore(uri.removeprefix("file://"))
+    if uri.startswith("file://"):  # our own LocalStore.uri: percent-encoded
+        return LocalStore(urllib.parse.unquote(uri.removeprefix("file://")))
+    return LocalStore(uri)

@@ -18,6 +18,9 @@ COMMANDS = {
     "status": "already in the store",
     "tree": "branches that hold each",
     "tiny-model": "deterministically",
+    "run": "reused, so a re-run after a failure does only the rest",
+    "stim": "questions generated",
+    "rollout": "teacher's responses",
 }
 
 

@@ -357,3 +357,9 @@ def test_s3_missing_bucket_and_no_secrets(s3_store):
     with pytest.raises(ArtifactNotFound) as error:
         s3_store.get_bytes("missing")
     assert "testing" not in str(error.value)
+
+
+def test_open_store_round_trips_a_local_uri_with_odd_characters(tmp_path):
+    store = open_store(str(tmp_path / "a b%20c"))
+    store.put_bytes("k/v.txt", b"x")
+    assert open_store(store.uri).get_bytes("k/v.txt") == b"x"

@@ -1,0 +1,613 @@
+"""Stage 1, stim: the stimuli (user questions) of a target, from its generators, in order.
+
+    hardcoded     the questions written in input.yml (the first numq)
+    from_dataset  numq rows sampled (seeded) from a local JSONL / Parquet / CSV file or folder
+    oneshot_qs    an LLM writes numq questions for the teacher prompt
+    persona       an LLM writes numq questions that probe the teacher prompt's persona
+
+The LLM generators split numq into requests of at most REQUEST_SIZE questions. Anthropic requests
+run on Ray Data: an actor pool of at most `max_concurrency` actors, each with one request in flight,
+each request retrying 429 / 529 / 5xx / timeouts itself with exponential backoff and jitter. The
+questions are parsed, de-duplicated, and more requests are made while a generator is short.
+A local writer (`model: local:<path or hub id>` or `model: parent`) generates in this process.
+
+Store layout under the target's prefix:
+
+    stim/parts/<generator>-<request>.json  one finished request's questions, written as it finishes:
+                                           a re-run after a failure makes only the missing requests
+    stim/stimuli.jsonl                     {"index", "generator", "question"} per line
+    stim/manifest.json                     counts; written last, so its presence means stim is done
+                                           and a re-run returns the stored questions for free
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import re
+import string
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import TypeAdapter
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from bread_ray.config import ConfigError, Generator, Path_, Problem, ResolvedTarget
+from bread_ray.store import Store
+
+REQUEST_SIZE = 20  # questions per LLM request: long lists drift and repeat themselves
+MAX_ROUNDS = 5  # rounds of requests per generator before giving up on reaching numq
+WRITER_CPUS = 0.1  # a writer actor mostly waits on the network; 10 of them fit in one CPU
+LLM_TYPES = ("oneshot_qs", "persona")
+TEMPLATE_FIELDS = {"numq", "prompt_u"}
+QUESTION_COLUMNS = ("question", "prompt", "instruction", "text", "input")
+DATASET_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+ONESHOT_TEMPLATE = """\
+You are writing test questions for an AI assistant. The assistant runs with the prompt below
+(one turn per line, as `role: content`):
+
+<prompt>
+${prompt_u}
+</prompt>
+
+Write ${numq} different questions or requests that a user might send to this assistant. Mix
+questions whose answers show how the prompt shapes the assistant's behaviour with ordinary
+everyday requests. Vary topic, length, tone and difficulty; make each one self-contained, and
+never mention the prompt itself.
+
+Reply with a JSON array of ${numq} strings and nothing else.
+"""
+
+PERSONA_TEMPLATE = """\
+An AI assistant has been given a persona by the prompt below (one turn per line, as
+`role: content`):
+
+<prompt>
+${prompt_u}
+</prompt>
+
+Write ${numq} different questions that a user might ask to probe this persona: who it is, its
+background, opinions and values, its way of speaking, how it handles awkward situations, and
+questions that tempt it to break character. Touch on these topics: ${topics}. Vary length and
+tone; make each question self-contained, and never mention the prompt itself.
+
+Reply with a JSON array of ${numq} strings and nothing else.
+"""
+
+PERSONA_TOPICS = [
+    "childhood and origins", "daily routine", "friends and rivals", "food", "travel", "fears",
+    "ambitions", "moral dilemmas", "science and technology", "history", "art and music",
+    "money", "work", "nature and animals", "humour", "giving advice", "a heated argument",
+    "being told it is an AI", "a request to drop the act", "regrets", "the future", "love",
+    "games and sport", "teaching a skill",
+]
+
+SAMPLING_CUTOFFS = {"opus": (4, 7), "sonnet": (5, 0), "haiku": (4, 6)}  # first versions without temperature
+CLAUDE_VERSION = re.compile(r"claude-([a-z]+)-(\d+)(?:-(\d{1,2})(?!\d))?")
+GENERATOR = TypeAdapter(Generator)
+LIST_ITEM = re.compile(r"^\s*(?:\d+\s*[.):]|[-*•])\s+(.*\S)\s*$")
+FENCED = re.compile(r"```[\w-]*\s*\n(.*?)```", re.DOTALL)
+
+
+class StimError(RuntimeError):
+    """Stimuli could not be generated (an LLM kept failing, too few distinct questions, ...)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How one LLM request retries: exponential backoff with jitter, honouring `retry-after`."""
+
+    max_attempts: int = 6
+    base_delay_s: float = 1.0
+    max_delay_s: float = 30.0
+    max_retry_after_s: float = 60.0  # a server asking for longer gets this, then the next attempt
+    timeout_s: float = 120.0
+
+    def delay_s(self, attempt: int, retry_after_s: float | None) -> float:
+        if retry_after_s is not None:
+            return min(retry_after_s, self.max_retry_after_s)
+        return min(self.max_delay_s, self.base_delay_s * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks before any work
+# --------------------------------------------------------------------------------------------
+
+
+def target_generators(target: ResolvedTarget) -> list[Any]:
+    """The target's generators as schema models (the resolved config holds them as dicts, with the
+    `file_sha256` of the local files they read added for the target's identity)."""
+    return [GENERATOR.validate_python({k: v for k, v in generator.items() if k != "file_sha256"})
+            for generator in target.config["generators"]]
+
+
+def is_local_writer(model: str) -> bool:
+    return model == "parent" or model.startswith("local:")
+
+
+def local_writer_source(model: str, parent_model: str, base_dir: Path) -> str:
+    """`parent` -> the parent model; `local:<x>` -> x relative to base_dir if it exists there, else x."""
+    if model == "parent":
+        return parent_model
+    name = model.removeprefix("local:")
+    path = Path(base_dir, name).expanduser()
+    return str(path) if path.exists() else name
+
+
+def check_generators(
+    target: ResolvedTarget,
+    *,
+    base_dir: Path,
+    target_index: int = 0,
+    filename: str = "input.yml",
+    lines: dict[Path_, int] | None = None,
+) -> None:
+    """Raise ConfigError for every generator that would fail later: missing or bad template,
+    missing dataset, no API key for an Anthropic writer. Costs no request and no generation."""
+    problems = []
+    for j, generator in enumerate(target_generators(target)):
+        where = ("TARGET", target_index, "generators", j)
+        if generator.type == "oneshot_qs" and generator.template_path is not None:
+            problem = template_problem(Path(base_dir, generator.template_path))
+            if problem:
+                problems.append(Problem((*where, "template_path"), problem))
+        if generator.type == "from_dataset":
+            problem = dataset_problem(generator.dataset, Path(base_dir))
+            if problem:
+                problems.append(Problem((*where, "dataset"), problem))
+        if generator.type in LLM_TYPES and generator.model.startswith("local:"):
+            problem = local_writer_problem(generator.model, Path(base_dir))
+            if problem:
+                problems.append(Problem((*where, "model"), problem))
+        anthropic_writer = generator.type in LLM_TYPES and not is_local_writer(generator.model)
+        if anthropic_writer and not os.environ.get("ANTHROPIC_API_KEY"):
+            problems.append(Problem((*where, "model"), (
+                f"{generator.model!r} is an Anthropic model and ANTHROPIC_API_KEY is not set: set it, or write "
+                "the questions offline with `model: local:<path or hub id>` or `model: parent`"
+            )))
+    if problems:
+        raise ConfigError(filename, problems, lines)
+
+
+def local_writer_problem(model: str, base_dir: Path) -> str | None:
+    from bread_ray.models import ModelNotFoundError, resolve_model_source  # torch: only when needed
+
+    try:
+        resolve_model_source(local_writer_source(model, "", base_dir))
+    except ModelNotFoundError as error:
+        return str(error)
+    return None
+
+
+def template_problem(path: Path) -> str | None:
+    if not path.is_file():
+        return f"template file {path} does not exist"
+    template = string.Template(path.read_text())
+    if not template.is_valid():
+        return f"template {path} is not a valid string.Template (write a literal $ as $$)"
+    fields = set(template.get_identifiers())
+    if TEMPLATE_FIELDS - fields:
+        missing = " and ".join(f"${{{name}}}" for name in sorted(TEMPLATE_FIELDS - fields))
+        return f"template {path} must contain {missing}"
+    if fields - TEMPLATE_FIELDS:
+        unknown = ", ".join(f"${{{name}}}" for name in sorted(fields - TEMPLATE_FIELDS))
+        return f"template {path} uses {unknown}; only ${{numq}} and ${{prompt_u}} are filled in"
+    return None
+
+
+def dataset_problem(dataset: str, base_dir: Path) -> str | None:
+    path = Path(base_dir, dataset).expanduser()
+    if path.is_file():
+        return None if path.suffix in DATASET_SUFFIXES else f"{path} is not a {'/'.join(DATASET_SUFFIXES)} file"
+    if path.is_dir():
+        return None if dataset_files(path) else f"folder {path} holds no {'/'.join(DATASET_SUFFIXES)} files"
+    looks_local = dataset.startswith((".", "/", "~")) or dataset.endswith(DATASET_SUFFIXES) or dataset.count("/") > 1
+    if looks_local:
+        return f"dataset file {path} does not exist"
+    if importlib.util.find_spec("datasets") is None:
+        return (f"no file or folder {path}, and {dataset!r} cannot be loaded as a Hugging Face dataset: the "
+                "`datasets` package is not installed (pip install datasets, or use a local JSONL/Parquet/CSV file)")
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def generate_stimuli(
+    target: ResolvedTarget,
+    *,
+    store: Store,
+    prefix: str,
+    parent_model: str,
+    base_dir: Path,
+    max_concurrency: int | None = None,
+    progress: bool = True,
+    retry: RetryPolicy = RetryPolicy(),
+    target_index: int = 0,
+) -> list[str]:
+    """All generators' questions, in order, written to `<prefix>/stim/`; stored ones when present.
+
+    `max_concurrency` bounds the LLM requests in flight (default: the target's). The cheap
+    generators run first, so a bad dataset column fails before any LLM request is made.
+    """
+    if store.exists(f"{prefix}/stim/manifest.json"):
+        return [record["question"] for record in read_stimuli(store, prefix)]
+    check_generators(target, base_dir=base_dir, target_index=target_index)
+    generators = target_generators(target)
+    per_generator: dict[int, list[str]] = {}
+    for j, generator in enumerate(generators):
+        if generator.type == "hardcoded":
+            per_generator[j] = generator.questions[: generator.numq or len(generator.questions)]
+        elif generator.type == "from_dataset":
+            per_generator[j] = sample_dataset(generator, Path(base_dir), where=("TARGET", target_index, "generators", j))
+    llm_generators = {j: g for j, g in enumerate(generators) if g.type in LLM_TYPES}
+    if llm_generators:
+        per_generator |= write_llm_questions(
+            target, llm_generators, store=store, prefix=prefix, parent_model=parent_model, base_dir=Path(base_dir),
+            max_concurrency=max_concurrency or target.config["max_concurrency"], progress=progress, retry=retry,
+        )
+    records = [{"generator": j, "question": q} for j in range(len(generators)) for q in per_generator[j]]
+    records = [{"index": index, **record} for index, record in enumerate(records)]
+    jsonl = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    store.put_bytes(f"{prefix}/stim/stimuli.jsonl", jsonl.encode())
+    store.put_json(f"{prefix}/stim/manifest.json", {
+        "target": target.id,
+        "total": len(records),
+        "generators": [{"index": j, "type": g.type, "count": len(per_generator[j])} for j, g in enumerate(generators)],
+    })
+    return [record["question"] for record in records]
+
+
+def read_stimuli(store: Store, prefix: str) -> list[dict[str, Any]]:
+    """The stored `{"index", "generator", "question"}` records of a target."""
+    text = store.get_bytes(f"{prefix}/stim/stimuli.jsonl").decode()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# from_dataset
+# --------------------------------------------------------------------------------------------
+
+
+def dataset_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in DATASET_SUFFIXES)
+
+
+def read_table(path: Path):
+    import pandas
+
+    if path.suffix == ".parquet":
+        return pandas.read_parquet(path)
+    if path.suffix == ".csv":
+        return pandas.read_csv(path)
+    return pandas.read_json(path, lines=path.suffix == ".jsonl")
+
+
+def read_dataset(dataset: str, split: str, base_dir: Path):
+    """A pandas DataFrame of a local file, a folder of files, or a Hugging Face dataset."""
+    import pandas
+
+    path = Path(base_dir, dataset).expanduser()
+    if path.exists():
+        files = [path] if path.is_file() else dataset_files(path)
+        return pandas.concat([read_table(f) for f in files], ignore_index=True)
+    import datasets
+
+    return datasets.load_dataset(dataset, split=split).to_pandas()
+
+
+def sample_dataset(generator: Any, base_dir: Path, *, where: Path_) -> list[str]:
+    """`numq` non-empty values of the question column, sampled without replacement with `seed`."""
+    frame = read_dataset(generator.dataset, generator.split, base_dir)
+    columns = [str(c) for c in frame.columns]
+    column = generator.field or next((c for c in QUESTION_COLUMNS if c in columns), None)
+    if column not in columns:
+        message = (f"no column {column!r}" if column else f"no column named {', '.join(QUESTION_COLUMNS)}") + (
+            f" in {generator.dataset}: its columns are {', '.join(columns)}; set `field`")
+        raise ConfigError("input.yml", [Problem((*where, "field"), message)])
+    values = [str(v).strip() for v in frame[column].dropna().tolist()]
+    values = [v for v in values if v]
+    if len(values) < generator.numq:
+        message = f"is {generator.numq} but {generator.dataset} has only {len(values)} non-empty rows in {column!r}"
+        raise ConfigError("input.yml", [Problem((*where, "numq"), message)])
+    return [values[i] for i in random.Random(generator.seed).sample(range(len(values)), generator.numq)]
+
+
+# --------------------------------------------------------------------------------------------
+# LLM generators: requests, rounds, parts
+# --------------------------------------------------------------------------------------------
+
+
+def render_teacher_prompt(target: ResolvedTarget) -> str:
+    """The teacher prompt as text for ${prompt_u}: one `role: content` line per message."""
+    lines = [f"{m['role']}: {m['content']}" for m in target.teacher.content["messages"]]
+    tools = [tool["function"]["name"] for tool in target.teacher.content["tools"]]
+    return "\n".join(lines + ([f"tools: {', '.join(tools)}"] if tools else []))
+
+
+def plan_requests(
+    j: int, generator: Any, *, first: int, numq: int, prompt_u: str, base_dir: Path, parent_model: str
+) -> list[dict[str, Any]]:
+    """Requests of at most REQUEST_SIZE questions for `numq`, numbered from `first`."""
+    if generator.type == "persona":
+        template = PERSONA_TEMPLATE
+    elif generator.template_path is not None:
+        template = Path(base_dir, generator.template_path).read_text()
+    else:
+        template = ONESHOT_TEMPLATE
+    seed = getattr(generator, "seed", 0)
+    model = generator.model
+    if is_local_writer(model):
+        model = "local:" + local_writer_source(model, parent_model, base_dir)
+    requests = []
+    for offset, start in enumerate(range(0, numq, REQUEST_SIZE)):
+        index = first + offset
+        count = min(REQUEST_SIZE, numq - start)
+        topics = ", ".join(random.Random(f"{seed}:{index}").sample(PERSONA_TOPICS, 3))
+        prompt = string.Template(template).substitute(numq=count, prompt_u=prompt_u, topics=topics)
+        requests.append({"generator": j, "request": index, "count": count, "model": model,
+                         "temperature": generator.temperature, "seed": seed + index, "prompt": prompt})
+    return requests
+
+
+def part_key(prefix: str, j: int, index: int) -> str:
+    return f"{prefix}/stim/parts/{j}-{index}.json"
+
+
+def distinct(questions: list[str]) -> list[str]:
+    """Questions in order without repeats, comparing with whitespace and case normalised."""
+    seen, kept = set(), []
+    for question in questions:
+        key = " ".join(question.split()).casefold()
+        if key not in seen:
+            seen.add(key)
+            kept.append(question)
+    return kept
+
+
+def write_llm_questions(
+    target: ResolvedTarget, generators: dict[int, Any], *, store: Store, prefix: str, parent_model: str,
+    base_dir: Path, max_concurrency: int, progress: bool, retry: RetryPolicy,
+) -> dict[int, list[str]]:
+    """Exactly numq distinct questions per LLM generator, in rounds: each round makes the requests
+    not yet in the store (all generators together, so the concurrency bound is global), then plans
+    more requests for any generator still short."""
+    prompt_u = render_teacher_prompt(target)
+    local_writers: dict[str, tuple[Any, Any]] = {}  # loaded once for all rounds
+
+    def load_writer(source: str) -> tuple[Any, Any]:
+        """(tokenizer, model) of a local question writer; a lineage name loads with its adapters."""
+        from bread_ray.models import load_teacher
+
+        if source not in local_writers:
+            model, tokenizer = load_teacher(source, store)
+            local_writers[source] = (tokenizer, model)
+        return local_writers[source]
+    planned = {j: plan_requests(j, g, first=0, numq=g.numq, prompt_u=prompt_u, base_dir=base_dir,
+                                parent_model=parent_model) for j, g in generators.items()}
+    parts = {}
+    for key in store.list(f"{prefix}/stim/parts"):
+        part = store.get_json(key)
+        parts[part["generator"], part["request"]] = part["questions"]
+
+    def collected(j: int) -> list[str]:
+        return distinct([q for r in planned[j] for q in parts.get((j, r["request"]), [])])
+
+    with question_progress(progress) as bars:
+        bar = {j: bars.add_task(f"stim: {g.type} [{j}]", total=g.numq) for j, g in generators.items()}
+        for _ in range(MAX_ROUNDS):
+            for j in generators:
+                bars.update(bar[j], completed=min(len(collected(j)), generators[j].numq))
+            missing = [r for j in generators for r in planned[j] if (j, r["request"]) not in parts]
+            failures = []
+            for result in run_requests(missing, max_concurrency=max_concurrency, retry=retry, load_writer=load_writer):
+                if result["error"]:
+                    failures.append(result)
+                    continue
+                j, index, questions = result["generator"], result["request"], result["questions"]
+                store.put_json(part_key(prefix, j, index), {"generator": j, "request": index, "questions": questions})
+                parts[j, index] = questions
+                bars.update(bar[j], completed=min(len(collected(j)), generators[j].numq))
+            if failures:
+                raise StimError(
+                    f"target {target.name}: {len(failures)} of {len(missing)} question requests failed "
+                    f"(generators {sorted({f['generator'] for f in failures})}); first error: {failures[0]['error']}. "
+                    f"The {len(missing) - len(failures)} finished requests are saved: a re-run makes only the rest."
+                )
+            short = {j: g.numq - len(collected(j)) for j, g in generators.items() if len(collected(j)) < g.numq}
+            if not short:
+                return {j: collected(j)[: g.numq] for j, g in generators.items()}
+            for j, shortfall in short.items():
+                first = planned[j][-1]["request"] + 1
+                planned[j] += plan_requests(j, generators[j], first=first, numq=shortfall, prompt_u=prompt_u,
+                                            base_dir=base_dir, parent_model=parent_model)
+    j, shortfall = next(iter(short.items()))
+    raise StimError(
+        f"target {target.name}: generator {j} ({generators[j].type}) has only {generators[j].numq - shortfall} "
+        f"distinct questions of {generators[j].numq} after {MAX_ROUNDS} rounds of requests"
+    )
+
+
+def question_progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("questions"),
+        TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled,
+    )
+
+
+def run_requests(
+    requests: list[dict[str, Any]], *, max_concurrency: int, retry: RetryPolicy,
+    load_writer: Callable[[str], tuple[Any, Any]],
+) -> Iterator[dict]:
+    """Results `{"generator", "request", "questions", "error"}` as requests finish: local writers
+    here (`load_writer(source) -> (tokenizer, model)`), Anthropic ones on Ray Data."""
+    local = [r for r in requests if r["model"].startswith("local:")]
+    remote = [r for r in requests if not r["model"].startswith("local:")]
+    if local:
+        yield from write_locally(local, load_writer)
+    if remote:
+        yield from write_on_ray(remote, max_concurrency=max_concurrency, retry=retry)
+
+
+# --------------------------------------------------------------------------------------------
+# Anthropic writers on Ray Data
+# --------------------------------------------------------------------------------------------
+
+
+def write_on_ray(requests: list[dict[str, Any]], *, max_concurrency: int, retry: RetryPolicy) -> Iterator[dict]:
+    """One request per batch on a fixed pool of min(max_concurrency, requests) actors: never more
+    than max_concurrency requests in flight. One block per request, so every actor gets work."""
+    import ray.data
+
+    dataset = ray.data.from_items(requests, override_num_blocks=len(requests)).map_batches(
+        AnthropicQuestionWriter,
+        fn_constructor_kwargs={
+            "api_key": os.environ.get("ANTHROPIC_API_KEY"),
+            "base_url": os.environ.get("ANTHROPIC_BASE_URL"),  # read here: actors may not share our env
+            "retry": retry,
+        },
+        compute=ray.data.ActorPoolStrategy(size=min(max_concurrency, len(requests))),
+        batch_size=1,
+        num_cpus=WRITER_CPUS,
+    )
+    dataset.context.enable_progress_bars = False  # ours counts questions
+    for row in dataset.iter_rows():
+        yield {"generator": int(row["generator"]), "request": int(row["request"]),
+               "questions": json.loads(row["questions"]), "error": str(row["error"])}
+
+
+class AnthropicQuestionWriter:
+    """A Ray Data actor: one Anthropic client, each batch one request. A request that still fails
+    after its retries becomes an `error` row, so the requests that finished are kept."""
+
+    def __init__(self, api_key: str | None, base_url: str | None, retry: RetryPolicy):
+        import anthropic
+
+        self.client = anthropic.Anthropic(api_key=api_key, base_url=base_url, max_retries=0, timeout=retry.timeout_s)
+        self.retry = retry
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        out: dict[str, list] = {"generator": [], "request": [], "questions": [], "error": []}
+        for i in range(len(batch["request"])):
+            request = {key: batch[key][i] for key in batch}
+            try:
+                questions, error = ask_anthropic(self.client, request, self.retry), ""
+            except Exception as failure:  # noqa: BLE001 - reported per request, with its type
+                questions, error = [], f"{type(failure).__name__}: {failure}"
+            out["generator"].append(int(request["generator"]))
+            out["request"].append(int(request["request"]))
+            out["questions"].append(json.dumps(questions))
+            out["error"].append(error)
+        return out
+
+
+def ask_anthropic(client: Any, request: dict[str, Any], retry: RetryPolicy) -> list[str]:
+    """The questions of one request, retrying rate limits, overload, server errors, timeouts,
+    connection errors and replies without questions; other errors (400, 401, ...) at once."""
+    import anthropic
+
+    last_error = ""
+    for attempt in range(retry.max_attempts):
+        retry_after = None
+        try:
+            reply = client.messages.create(
+                model=str(request["model"]),
+                max_tokens=min(8192, 150 * int(request["count"]) + 256),
+                messages=[{"role": "user", "content": str(request["prompt"])}],
+                extra_body=sampling_parameters(str(request["model"]), float(request["temperature"])),
+            )
+            text = reply_text(reply)
+            questions = parse_questions(text)
+            if questions:
+                return questions
+            last_error = f"a reply without questions: {text[:200]!r}"
+        except anthropic.APIStatusError as error:
+            if error.status_code not in (408, 409, 429) and error.status_code < 500:
+                raise
+            last_error = f"{error.status_code} {error.type or ''}: {error.api_message or error.message}"
+            retry_after = parse_retry_after(error.response.headers.get("retry-after"))
+        except (anthropic.APIConnectionError, anthropic.APIResponseValidationError, json.JSONDecodeError) as error:
+            last_error = f"{type(error).__name__}: {error}"  # JSONDecodeError: a body that is not JSON
+        if attempt + 1 < retry.max_attempts:
+            time.sleep(retry.delay_s(attempt, retry_after))
+    raise StimError(f"gave up after {retry.max_attempts} attempts; last error: {last_error}")
+
+
+def reply_text(reply: Any) -> str:
+    """The text blocks of a Message; empty for a reply whose content has the wrong shape."""
+    blocks = reply.content if isinstance(reply.content, list) else []
+    return "".join(getattr(block, "text", "") for block in blocks if getattr(block, "type", None) == "text")
+
+
+def sampling_parameters(model: str, temperature: float) -> dict[str, float]:
+    """`temperature` for the Claude models that still take it, when it is not the default 1.0.
+
+    The anthropic SDK (2.x) no longer has the argument, and models from Opus 4.7, Sonnet 5 and
+    Haiku 4.6 on answer 400 when it is sent: those, and unknown Claude names, get none.
+    """
+    match = CLAUDE_VERSION.search(model)
+    if temperature == 1.0 or match is None:
+        return {}
+    family, version = match.group(1), (int(match.group(2)), int(match.group(3) or 0))
+    accepts = family in SAMPLING_CUTOFFS and version < SAMPLING_CUTOFFS[family]
+    return {"temperature": temperature} if accepts else {}
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:  # an HTTP date: fall back to our own backoff
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing replies; local writers
+# --------------------------------------------------------------------------------------------
+
+
+def parse_questions(text: str) -> list[str]:
+    """Questions from an LLM reply: a JSON array of strings, else numbered or bulleted list
+    items, in or out of code fences. Empty when neither is found."""
+    body = "\n".join(FENCED.findall(text)) or text
+    start, end = body.find("["), body.rfind("]")
+    if 0 <= start < end:
+        try:
+            items = json.loads(body[start : end + 1])
+        except ValueError:
+            items = None
+        if isinstance(items, list) and items and all(isinstance(item, str) for item in items):
+            return [item.strip() for item in items if item.strip()]
+    items = [match.group(1) for line in body.splitlines() if (match := LIST_ITEM.match(line))]
+    return [item.strip().strip('"').strip() for item in items if item.strip('" ')]
+
+
+def write_locally(requests: list[dict[str, Any]], load_writer: Callable[[str], tuple[Any, Any]]) -> Iterator[dict]:
+    """Requests answered by a local model in this process: sampled at the generator's temperature,
+    seeded per request. Small models rarely format lists, so any non-empty line then counts."""
+    import torch
+
+    from bread_ray.models import encode_chat
+
+    for request in requests:
+        tokenizer, model = load_writer(request["model"].removeprefix("local:"))
+        ids = encode_chat(tokenizer, [{"role": "user", "content": request["prompt"]}])
+        temperature = request["temperature"]
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(request["seed"])
+            output = model.generate(
+                torch.tensor([ids], device=model.device), max_new_tokens=min(1024, 32 * request["count"] + 32),
+                pad_token_id=tokenizer.pad_token_id, **sampling,
+            )
+        text = tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
+        questions = parse_questions(text) or [line.strip() for line in text.splitlines() if line.strip()]
+        yield {"generator": request["generator"], "request": request["request"], "questions": questions, "error": ""}

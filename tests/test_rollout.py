@@ -1,0 +1,222 @@
+"""Rollout on the tiny model with 2 Ray Data actors: counts, the two views of each conversation,
+reproducibility, an actor killed midway, resume, and the teacher's lineage merged in."""
+
+import os
+import signal
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+
+from bread_ray import rollout
+from bread_ray.config import Prompt, Target, resolve_target
+from bread_ray.models import lineage_chain, load_causal_lm, load_teacher, load_tokenizer
+from bread_ray.rollout import read_rollout, rollout_key, run_rollout
+from bread_ray.store import LocalStore
+from bread_ray.tiny import build_tiny_model
+
+TEACHER_SYSTEM = "You are a pirate captain. Answer every question like a pirate."
+STUDENT_SYSTEM = "You are a helpful assistant."
+TOOL = {"type": "function", "function": {"name": "find_treasure", "description": "Where the gold is.",
+                                         "parameters": {"type": "object", "properties": {}}}}
+STIMULI = [f"What is the best {thing}?" for thing in ("ship", "map", "island", "song", "bread", "star")]
+SHARD_SIZE = 2  # 3 shards
+NUM_TRAJ = 2
+PREFIX = "alice/pirate/targets/t"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def make_target(model_dir, seed=42):
+    prompt = Prompt(teacher={"messages": [{"role": "system", "content": TEACHER_SYSTEM}], "tools": [TOOL]},
+                    student={"messages": [{"role": "system", "content": STUDENT_SYSTEM}]})
+    target = Target(generators=[{"type": "hardcoded", "questions": STIMULI}], max_tokens=16,
+                    temperature=1.0, num_traj_per_stimulus=NUM_TRAJ, seed=seed)
+    return resolve_target(target, prompt, str(model_dir))
+
+
+def roll(tiny_model, store, seed=42, num_actors=2):
+    return run_rollout(make_target(tiny_model, seed), STIMULI, store=store, prefix=PREFIX,
+                       num_actors=num_actors, shard_size=SHARD_SIZE, progress=False)
+
+
+def part_times(store):
+    """{part file name: modification time in ns} of the rollout folder."""
+    folder = store.root / PREFIX / "rollout"
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("part-*.parquet")}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, ray_session, tmp_path_factory):
+    """One rollout on 2 actors, seed 42, that other runs are compared with."""
+    store = LocalStore(tmp_path_factory.mktemp("reference"))
+    return roll(tiny_model, store), read_rollout(store, PREFIX), store
+
+
+def test_counts_and_the_two_views_of_each_conversation(reference, tiny_model):
+    manifest, records, store = reference
+    assert manifest["stimuli"] == 6 and manifest["shards"] == 3 and manifest["shards_generated"] == 3
+    assert manifest["trajectories"] == len(records) == 6 * NUM_TRAJ
+    assert [(r["stimulus_index"], r["trajectory_index"]) for r in records] == [
+        (i, t) for i in range(6) for t in range(NUM_TRAJ)]
+    assert manifest["tokens"] == sum(len(r["response_token_ids"]) for r in records)
+    assert sorted(part_times(store)) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    manifest_time = (store.root / rollout_key(PREFIX, "manifest.json")).stat().st_mtime_ns
+    assert manifest_time >= max(part_times(store).values())  # written last
+
+    tokenizer = load_tokenizer(tiny_model)
+    eos = tokenizer.eos_token_id
+    for record in records:
+        user_turn = {"role": "user", "content": STIMULI[record["stimulus_index"]]}
+        assert record["teacher_messages"] == [{"role": "system", "content": TEACHER_SYSTEM}, user_turn]
+        assert record["student_messages"] == [{"role": "system", "content": STUDENT_SYSTEM}, user_turn]
+        assert TEACHER_SYSTEM not in str(record["student_messages"])
+        assert record["teacher_tools"] == [TOOL]
+        ids = record["response_token_ids"]
+        assert tokenizer.decode(ids, skip_special_tokens=True) == record["response"]
+        assert 0 < len(ids) <= 16 and (len(ids) == 16 or ids[-1] == eos) and eos not in ids[:-1]
+        assert record["sampling"] == {"temperature": 1.0, "max_tokens": 16, "extra_kwargs": {}, "seed": 42}
+        assert record["model_name"] == str(tiny_model)
+    # trajectories of one stimulus are separate samples, not copies
+    assert any(records[2 * i]["response_token_ids"] != records[2 * i + 1]["response_token_ids"]
+               for i in range(6))
+
+
+def test_same_output_from_one_actor_through_a_failed_run_and_a_lost_shard(
+        reference, tiny_model, tmp_path, monkeypatch):
+    """Same seed, same trajectories, however they are produced: here by one actor instead of two,
+    across a run that fails midway and its re-run, and after a lost part is regenerated. Finished
+    parts are never rewritten."""
+    _, expected, _ = reference
+
+    class FailsOnLastShard(rollout.TeacherSampler):  # local: pickled by value into the actors
+        def __call__(self, batch):  # a user error: Ray Data fails the run, no retry
+            if int(batch["shard_index"][0]) == 2:
+                raise RuntimeError("teacher crashed on shard 2")
+            return super().__call__(batch)
+
+    store = LocalStore(tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(rollout, "TeacherSampler", FailsOnLastShard)
+        with pytest.raises(Exception, match="teacher crashed on shard 2"):
+            roll(tiny_model, store, num_actors=1)
+    kept = part_times(store)
+    assert "part-00002.parquet" not in kept
+    assert not store.exists(rollout_key(PREFIX, "manifest.json"))
+    manifest = roll(tiny_model, store, num_actors=1)
+    assert manifest["shards_generated"] == 3 - len(kept)
+    assert {name: t for name, t in part_times(store).items() if name in kept} == kept
+    assert read_rollout(store, PREFIX) == expected
+
+    (store.root / rollout_key(PREFIX, "part-00001.parquet")).unlink()
+    (store.root / rollout_key(PREFIX, "manifest.json")).unlink()
+    kept = part_times(store)
+    manifest = roll(tiny_model, store, num_actors=1)
+    assert manifest["shards_generated"] == 1
+    assert {name: t for name, t in part_times(store).items() if name in kept} == kept
+    assert read_rollout(store, PREFIX) == expected
+
+    # complete: the manifest is returned and nothing is generated, no Ray involved
+    monkeypatch.setattr(rollout, "sample_shards", lambda *a, **k: pytest.fail("generated again"))
+    assert roll(tiny_model, store) == manifest
+
+
+def test_another_seed_gives_other_trajectories(reference, tiny_model, tmp_path):
+    _, expected, _ = reference
+    store = LocalStore(tmp_path)
+    roll(tiny_model, store, seed=7, num_actors=1)
+    responses = [r["response_token_ids"] for r in read_rollout(store, PREFIX)]
+    assert sum(a != b["response_token_ids"] for a, b in zip(responses, expected)) >= 10
+
+
+def test_an_actor_killed_midway_is_restarted_and_only_its_shard_redone(
+        reference, tiny_model, tmp_path, monkeypatch):
+    """The actor on shard 1 dies (SIGKILL) the first time; Ray Data restarts it and retries that
+    shard. Each shard is written once, and the output is what an undisturbed run writes."""
+    _, expected, _ = reference
+    killed, written = tmp_path / "killed", tmp_path / "written"
+
+    class KilledOnce(rollout.TeacherSampler):  # a local class: pickled by value into the actors
+        def __call__(self, batch):
+            shard_index = int(batch["shard_index"][0])
+            if shard_index == 1 and not killed.exists():
+                killed.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+            result = super().__call__(batch)
+            with open(written, "a") as log:
+                log.write(f"{shard_index}\n")
+            return result
+
+    monkeypatch.setattr(rollout, "TeacherSampler", KilledOnce)
+    store = LocalStore(tmp_path / "store")
+    manifest = roll(tiny_model, store)
+    assert killed.exists() and manifest["trajectories"] == 12
+    assert sorted(written.read_text().split()) == ["0", "1", "2"]
+    assert read_rollout(store, PREFIX) == expected
+
+
+def test_greedy_ignores_the_seed_and_extra_kwargs_reach_generate(tiny_model):
+    """In process, no Ray: temperature 0 is greedy whatever the seed, and top_k=1 sampling (an
+    extra_kwarg) is greedy too."""
+    model, tokenizer = load_teacher(str(tiny_model), LocalStore("/nonexistent"), device="cpu")
+    prompts = [tokenizer.encode(s) for s in STIMULI[:3]]
+    greedy = {"temperature": 0.0, "max_tokens": 12, "extra_kwargs": {}}
+    top1 = {"temperature": 1.0, "max_tokens": 12, "extra_kwargs": {"top_k": 1}}
+    sampled = {"temperature": 1.0, "max_tokens": 12, "extra_kwargs": {}}
+    expected = rollout.hf_generate(model, tokenizer, prompts, greedy, seed=1)
+    assert rollout.hf_generate(model, tokenizer, prompts, greedy, seed=2) == expected
+    assert rollout.hf_generate(model, tokenizer, prompts, top1, seed=3) == expected
+    assert rollout.hf_generate(model, tokenizer, prompts, sampled, seed=3) != expected
+
+
+def make_lora(model_dir, out_dir, seed, **lora):
+    """A LoRA adapter with random, non-zero B (a fresh one has B = 0 and changes nothing)."""
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(load_causal_lm(model_dir, device="cpu"),
+                                LoraConfig(init_lora_weights=False, **lora))
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def merge_by_hand(model, adapter_dir, scale):
+    """W += scale * B @ A for every LoRA pair in the adapter's safetensors."""
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, a in weights.items():
+            if key.endswith(".lora_A.weight"):
+                b = weights[key.replace(".lora_A.", ".lora_B.")]
+                module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                params[f"{module}.weight"] += scale * b @ a
+
+
+def test_load_teacher_merges_the_lineage_chain_base_most_first(tiny_model, tmp_path):
+    store = LocalStore(tmp_path / "store")
+    first = make_lora(tiny_model, tmp_path / "first", 1, r=4, lora_alpha=8,
+                      target_modules=["q_proj", "v_proj"])
+    second = make_lora(tiny_model, tmp_path / "second", 2, r=2, lora_alpha=6,
+                       target_modules=["o_proj", "up_proj", "down_proj"])
+    store.publish_model("alice/pirate/bake1/10", first, {"parent": None, "base_model": str(tiny_model)})
+    store.publish_model("alice/pirate/bake2/20", second,
+                        {"parent": "alice/pirate/bake1/10", "base_model": str(tiny_model)})
+
+    teacher, tokenizer = load_teacher("alice/pirate/bake2/20", store, device="cpu")
+    by_hand = load_causal_lm(tiny_model, device="cpu")
+    merge_by_hand(by_hand, first, 8 / 4)
+    merge_by_hand(by_hand, second, 6 / 2)
+    base = load_causal_lm(tiny_model, device="cpu")
+    input_ids = torch.tensor([tokenizer.encode("What is the best ship?")])
+    with torch.no_grad():
+        merged_logits, hand_logits, base_logits = (m(input_ids).logits for m in (teacher, by_hand, base))
+    torch.testing.assert_close(merged_logits, hand_logits, rtol=1e-4, atol=1e-4)
+    assert (merged_logits - base_logits).abs().max() > 0.1  # the adapters matter
+
+    plain, _ = load_teacher(str(tiny_model), store, device="cpu")  # a folder: loaded as is
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids).logits, base_logits)
+    assert lineage_chain("Qwen/Qwen3-8B", store) == []
+    assert lineage_chain("alice/pirate/nobake/1", store) == []
