@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from bread_ray.config import ConfigError, ResolvedConfig, decode_config, load_and_resolve
-from bread_ray.pipeline import STAGES
+from bread_ray.pipeline import ROLLOUT_MANIFEST, STAGES, STIM_MANIFEST
 from bread_ray.repo import DEFAULT_BASE_MODEL, INPUT_FILE, BreadRepo, RepoError, render_lineage_tree
 
 PASSTHROUGH = {
@@ -225,16 +225,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_stim(args: argparse.Namespace) -> int:
-    from bread_ray.stim import read_stimuli
+def stored_targets(manifest: str, missing: str):
+    """(target, store, prefix) of each staged target whose `manifest` is in the store; prints
+    `missing` for the others."""
     from bread_ray.store import open_store, target_prefix
 
     repo, store = BreadRepo.find(), open_store()
     for target in repo.resolve_staged().targets:
         prefix = target_prefix(repo.owner, repo.name, target.id)
-        if not store.exists(f"{prefix}/stim/manifest.json"):
-            print(f"{target.id}: no stimuli yet (run `bgit run stim`)")
-            continue
+        if store.exists(f"{prefix}/{manifest}"):
+            yield target, store, prefix
+        else:
+            print(f"{target.id}: {missing}")
+
+
+def cmd_stim(args: argparse.Namespace) -> int:
+    from bread_ray.stim import read_stimuli
+
+    for target, store, prefix in stored_targets(STIM_MANIFEST, "no stimuli yet (run `bgit run stim`)"):
         records = read_stimuli(store, prefix)
         print(f"{target.id}: {len(records)} stimuli")
         if not args.count:
@@ -245,14 +253,8 @@ def cmd_stim(args: argparse.Namespace) -> int:
 
 def cmd_rollout(args: argparse.Namespace) -> int:
     from bread_ray.rollout import read_rollout
-    from bread_ray.store import open_store, target_prefix
 
-    repo, store = BreadRepo.find(), open_store()
-    for target in repo.resolve_staged().targets:
-        prefix = target_prefix(repo.owner, repo.name, target.id)
-        if not store.exists(f"{prefix}/rollout/manifest.json"):
-            print(f"{target.id}: no complete rollout yet (run `bgit run stim rollout`)")
-            continue
+    for target, store, prefix in stored_targets(ROLLOUT_MANIFEST, "no complete rollout yet (run `bgit run stim rollout`)"):
         records = read_rollout(store, prefix)
         print(f"{target.id}: {len(records)} trajectories by {records[0]['model_name'] if records else '-'}")
         if not args.count:
