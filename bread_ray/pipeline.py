@@ -105,10 +105,11 @@ def run(repo: BreadRepo, stages: list[str], *, store: Store, progress: bool = Tr
         raise RepoError("the staged input.yml has no TARGET: nothing for stim or rollout to do")
     prefixes = [target_prefix(repo.owner, repo.name, target.id) for target in resolved.targets]
     for index, (target, prefix) in enumerate(zip(resolved.targets, prefixes)):
-        if "stim" in stages and not store.exists(f"{prefix}/{STIM_MANIFEST}"):  # stored stimuli need no check
-            stim.check_generators(target, base_dir=repo.root, target_index=index, lines=resolved.lines)
-        if "stim" not in stages and not store.exists(f"{prefix}/{STIM_MANIFEST}"):
+        if store.exists(f"{prefix}/{STIM_MANIFEST}"):
+            continue  # stored stimuli are reused: nothing to check
+        if "stim" not in stages:
             raise RepoError(f"{target.id} has no stimuli in the store yet: run `bgit run stim rollout`")
+        stim.check_generators(target, base_dir=repo.root, target_index=index, lines=resolved.lines)
     _start_ray()
     for index, (target, prefix) in enumerate(zip(resolved.targets, prefixes)):
         if "stim" in stages:
