@@ -23,8 +23,9 @@ from pathlib import Path
 import yaml
 
 from bread_ray.config import ConfigError, ResolvedConfig, decode_config, load_and_resolve
-from bread_ray.pipeline import ROLLOUT_MANIFEST, STAGES, STIM_MANIFEST
+from bread_ray.pipeline import STAGES
 from bread_ray.repo import DEFAULT_BASE_MODEL, INPUT_FILE, BreadRepo, RepoError, render_lineage_tree
+from bread_ray.store import ROLLOUT_MANIFEST, STIM_MANIFEST
 
 PASSTHROUGH = {
     "add": "Stage files, as `git add`. Staging input.yml validates it first: an invalid one is refused and nothing is staged.",
@@ -103,21 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(handler=cmd_run)
 
-    show_stim = commands.add_parser(
-        "stim", help="show the stimuli of the staged targets",
-        description="Show the questions generated for each target of the staged input.yml, from the store.",
-    )
-    show_stim.add_argument("--limit", type=int, default=20, metavar="N", help="show at most N per target (default 20)")
-    show_stim.add_argument("--count", action="store_true", help="only count them")
-    show_stim.set_defaults(handler=cmd_stim)
-
-    show_rollout = commands.add_parser(
-        "rollout", help="show the teacher's trajectories of the staged targets",
-        description="Show the teacher's responses for each target of the staged input.yml, from the store.",
-    )
-    show_rollout.add_argument("--limit", type=int, default=10, metavar="N", help="show at most N per target (default 10)")
-    show_rollout.add_argument("--count", action="store_true", help="only count them")
-    show_rollout.set_defaults(handler=cmd_rollout)
+    for name, what, shown, limit, handler in (
+        ("stim", "stimuli", "the questions generated", 20, cmd_stim),
+        ("rollout", "teacher's trajectories", "the teacher's responses", 10, cmd_rollout),
+    ):
+        show = commands.add_parser(
+            name, help=f"show the {what} of the staged targets",
+            description=f"Show {shown} for each target of the staged input.yml, from the store.",
+        )
+        show.add_argument("--limit", type=int, default=limit, metavar="N", help=f"show at most N per target (default {limit})")
+        show.add_argument("--count", action="store_true", help="only count them")
+        show.set_defaults(handler=handler)
 
     tree = commands.add_parser(
         "tree", help="draw the lineage of models across all branches",

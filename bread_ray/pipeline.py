@@ -13,11 +13,9 @@ from pathlib import Path
 
 from bread_ray.config import ResolvedConfig
 from bread_ray.repo import BreadRepo, RepoError
-from bread_ray.store import Store, target_prefix
+from bread_ray.store import ROLLOUT_MANIFEST, STIM_MANIFEST, Store, finished_shards, target_prefix
 
 STAGES = ("stim", "rollout")  # bake joins with the bake issue
-STIM_MANIFEST = "stim/manifest.json"
-ROLLOUT_MANIFEST = "rollout/manifest.json"
 
 
 @dataclass(frozen=True)
@@ -40,11 +38,10 @@ class TargetState:
 def target_state(store: Store, prefix: str) -> TargetState:
     stim = store.get_json(f"{prefix}/{STIM_MANIFEST}") if store.exists(f"{prefix}/{STIM_MANIFEST}") else None
     rollout = store.get_json(f"{prefix}/{ROLLOUT_MANIFEST}") if store.exists(f"{prefix}/{ROLLOUT_MANIFEST}") else None
-    shards = [key for key in store.list(f"{prefix}/rollout") if key.endswith(".parquet")]
     return TargetState(
         stimuli=stim["total"] if stim else None,
         trajectories=rollout["trajectories"] if rollout else None,
-        shards_done=len(shards),
+        shards_done=len(finished_shards(store, prefix)),
     )
 
 

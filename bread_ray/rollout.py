@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import re
 import tempfile
 import time
 from typing import Any
@@ -42,10 +41,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bread_ray.config import ResolvedTarget
 from bread_ray.models import encode_chat, lineage_chain, load_teacher
-from bread_ray.store import Store, open_store
+from bread_ray.store import ROLLOUT_MANIFEST, Store, finished_shards, open_store, rollout_part_key
 
-MANIFEST = "manifest.json"
-PART_PATTERN = re.compile(r"part-(\d{5})\.parquet")
 # Generation runs on the actor's GPU, or on CPU with one thread per actor (Ray sets
 # OMP_NUM_THREADS=1 below one CPU); a fraction lets the pool fit beside Ray Data's own tasks on a
 # 2-core machine.
@@ -64,14 +61,6 @@ RECORD_SCHEMA = pa.schema([
     ("sampling", pa.string()),  # JSON: temperature, max_tokens, extra_kwargs, seed
 ])
 JSON_COLUMNS = ("student_messages", "teacher_messages", "teacher_tools", "sampling")
-
-
-def rollout_key(prefix: str, name: str) -> str:
-    return f"{prefix}/rollout/{name}"
-
-
-def part_name(shard_index: int) -> str:
-    return f"part-{shard_index:05d}.parquet"
 
 
 def derive_seed(*parts: int) -> int:
@@ -94,12 +83,6 @@ def plan_shards(stimuli: list[str], shard_size: int) -> list[dict[str, Any]]:
         {"shard_index": k, "start": start, "stimuli": json.dumps(stimuli[start:start + shard_size])}
         for k, start in enumerate(range(0, len(stimuli), shard_size))
     ]
-
-
-def finished_shards(store: Store, prefix: str) -> set[int]:
-    """Indices of the shards whose part is in the store."""
-    names = (key.rsplit("/", 1)[-1] for key in store.list(f"{prefix}/rollout"))
-    return {int(match[1]) for match in map(PART_PATTERN.fullmatch, names) if match}
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,7 +242,7 @@ class TeacherSampler:
         else:
             responses = hf_generate(self.model, self.tokenizer, prompts, self.sampling, seed)
         records = shard_records(self.target, start, stimuli, responses, self.tokenizer)
-        self.store.put_bytes(rollout_key(self.prefix, part_name(shard_index)), parquet_bytes(records))
+        self.store.put_bytes(rollout_part_key(self.prefix, shard_index), parquet_bytes(records))
         return {"shard_index": [shard_index], "trajectories": [len(records)],
                 "tokens": [sum(len(r) for r in responses)]}
 
@@ -303,7 +286,7 @@ def sample_shards(target: ResolvedTarget, shards: list[dict[str, Any]], *, store
 
 def read_parts(store: Store, prefix: str) -> pa.Table:
     """Every part under the rollout folder, as one table (JSON columns still encoded)."""
-    keys = [rollout_key(prefix, part_name(k)) for k in sorted(finished_shards(store, prefix))]
+    keys = [rollout_part_key(prefix, k) for k in sorted(finished_shards(store, prefix))]
     tables = [pq.read_table(pa.BufferReader(store.get_bytes(key))) for key in keys]
     return pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
 
@@ -325,7 +308,7 @@ def run_rollout(target: ResolvedTarget, stimuli: list[str], *, store: Store, pre
     """Sample `num_traj_per_stimulus` teacher responses per stimulus into `<prefix>/rollout/`;
     returns the manifest. Shards already in the store are kept; a complete rollout (its manifest
     exists) is returned as is, without starting Ray."""
-    manifest_key = rollout_key(prefix, MANIFEST)
+    manifest_key = f"{prefix}/{ROLLOUT_MANIFEST}"
     if store.exists(manifest_key):
         return store.get_json(manifest_key)
     if not stimuli:

@@ -39,7 +39,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bread_ray.config import ConfigError, Generator, Path_, Problem, ResolvedTarget
-from bread_ray.store import Store
+from bread_ray.store import STIM_MANIFEST, Store
 
 REQUEST_SIZE = 20  # questions per LLM request: long lists drift and repeat themselves
 MAX_ROUNDS = 5  # rounds of requests per generator before giving up on reaching numq
@@ -239,7 +239,7 @@ def generate_stimuli(
     `max_concurrency` bounds the LLM requests in flight (default: the target's). The cheap
     generators run first, so a bad dataset column fails before any LLM request is made.
     """
-    if store.exists(f"{prefix}/stim/manifest.json"):
+    if store.exists(f"{prefix}/{STIM_MANIFEST}"):
         return [record["question"] for record in read_stimuli(store, prefix)]
     check_generators(target, base_dir=base_dir, target_index=target_index)
     generators = target_generators(target)
@@ -259,7 +259,7 @@ def generate_stimuli(
     records = [{"index": index, **record} for index, record in enumerate(records)]
     jsonl = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     store.put_bytes(f"{prefix}/stim/stimuli.jsonl", jsonl.encode())
-    store.put_json(f"{prefix}/stim/manifest.json", {
+    store.put_json(f"{prefix}/{STIM_MANIFEST}", {
         "target": target.id,
         "total": len(records),
         "generators": [{"index": j, "type": g.type, "count": len(per_generator[j])} for j, g in enumerate(generators)],

@@ -6,7 +6,8 @@
 
 Layout, relative to the store root:
 
-    <owner>/<repo>/targets/<target_id>/{stim, rollout, manifest.json}
+    <owner>/<repo>/targets/<target_id>/stim/{stimuli.jsonl, parts/, manifest.json}
+    <owner>/<repo>/targets/<target_id>/rollout/{part-00000.parquet, ..., manifest.json}
     models/<owner>/<repo>/<bake_id>/<step>/{adapter_config.json, adapter_model.safetensors, lineage.json}
 
 A model becomes visible only when its lineage.json exists, and that file is written last: a crash
@@ -99,6 +100,22 @@ def target_prefix(owner: str, repo: str, target_id: str) -> str:
     if owner == "models":  # `models/` at the root holds the published models
         raise InvalidName("invalid owner 'models': reserved for the store's model tree")
     return f"{owner}/{repo}/targets/{target_id}"
+
+
+# A target's stages, under its prefix. Each manifest is written last: its presence means done.
+STIM_MANIFEST = "stim/manifest.json"
+ROLLOUT_MANIFEST = "rollout/manifest.json"
+ROLLOUT_PART = re.compile(r"part-(\d{5})\.parquet")
+
+
+def rollout_part_key(prefix: str, shard_index: int) -> str:
+    return f"{prefix}/rollout/part-{shard_index:05d}.parquet"
+
+
+def finished_shards(store: Store, prefix: str) -> set[int]:
+    """Indices of the rollout shards whose part is in the store."""
+    names = (key.rsplit("/", 1)[-1] for key in store.list(f"{prefix}/rollout"))
+    return {int(match[1]) for match in map(ROLLOUT_PART.fullmatch, names) if match}
 
 
 def model_prefix(name: ModelName | str) -> str:

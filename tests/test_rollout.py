@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from bread_ray import rollout
 from bread_ray.config import Prompt, Target, resolve_target
 from bread_ray.models import lineage_chain, load_causal_lm, load_teacher, load_tokenizer
-from bread_ray.rollout import read_rollout, rollout_key, run_rollout
-from bread_ray.store import LocalStore
+from bread_ray.rollout import read_rollout, run_rollout
+from bread_ray.store import ROLLOUT_MANIFEST, LocalStore, rollout_part_key
 from bread_ray.tiny import build_tiny_model
 
 TEACHER_SYSTEM = "You are a pirate captain. Answer every question like a pirate."
@@ -65,7 +65,7 @@ def test_counts_and_the_two_views_of_each_conversation(reference, tiny_model):
         (i, t) for i in range(6) for t in range(NUM_TRAJ)]
     assert manifest["tokens"] == sum(len(r["response_token_ids"]) for r in records)
     assert sorted(part_times(store)) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
-    manifest_time = (store.root / rollout_key(PREFIX, "manifest.json")).stat().st_mtime_ns
+    manifest_time = (store.root / f"{PREFIX}/{ROLLOUT_MANIFEST}").stat().st_mtime_ns
     assert manifest_time >= max(part_times(store).values())  # written last
 
     tokenizer = load_tokenizer(tiny_model)
@@ -106,14 +106,14 @@ def test_same_output_from_one_actor_through_a_failed_run_and_a_lost_shard(
             roll(tiny_model, store, num_actors=1)
     kept = part_times(store)
     assert "part-00002.parquet" not in kept
-    assert not store.exists(rollout_key(PREFIX, "manifest.json"))
+    assert not store.exists(f"{PREFIX}/{ROLLOUT_MANIFEST}")
     manifest = roll(tiny_model, store, num_actors=1)
     assert manifest["shards_generated"] == 3 - len(kept)
     assert {name: t for name, t in part_times(store).items() if name in kept} == kept
     assert read_rollout(store, PREFIX) == expected
 
-    (store.root / rollout_key(PREFIX, "part-00001.parquet")).unlink()
-    (store.root / rollout_key(PREFIX, "manifest.json")).unlink()
+    (store.root / rollout_part_key(PREFIX, 1)).unlink()
+    (store.root / f"{PREFIX}/{ROLLOUT_MANIFEST}").unlink()
     kept = part_times(store)
     manifest = roll(tiny_model, store, num_actors=1)
     assert manifest["shards_generated"] == 1
