@@ -222,9 +222,8 @@ class BreadRepo:
         (folder / ".gitattributes").write_text(GITATTRIBUTES)
         if not (folder / ".gitignore").exists():
             (folder / ".gitignore").write_text(REPO_GITIGNORE)
-        hook = folder / ".git" / "hooks" / "pre-commit"
-        if hook.exists() and HOOK_MARKER not in hook.read_text(errors="replace"):
-            raise RepoError(f"{hook} exists: bgit needs its own pre-commit hook (move yours aside first)")
+        if repo.foreign_hook():
+            raise RepoError(f"{repo.hook_path()} exists: bgit needs its own pre-commit hook (move yours aside first)")
         repo.install_hooks()
         files = [BREAD_FILE, RECIPE_FILE, INPUT_FILE, ".gitattributes", ".gitignore"]
         git(folder, "add", *files)
@@ -238,17 +237,28 @@ class BreadRepo:
         if not self.git("config", "merge.keepTheirs.driver", check=False).strip():
             self.git("config", "merge.keepTheirs.name", "bgit: keep the other branch's version")
             self.git("config", "merge.keepTheirs.driver", "cp -f %B %A")
-        hooks = Path(self.git("rev-parse", "--git-path", "hooks").strip())
-        hooks = hooks if hooks.is_absolute() else self.root / hooks
-        hooks.mkdir(parents=True, exist_ok=True)
-        hook = hooks / "pre-commit"
-        if hook.exists() and HOOK_MARKER not in hook.read_text(errors="replace"):
+        if self.foreign_hook():
             return
+        hook = self.hook_path()
+        hook.parent.mkdir(parents=True, exist_ok=True)
         hook.write_text(PRE_COMMIT_HOOK.format(marker=HOOK_MARKER, python=shlex.quote(sys.executable)))
         hook.chmod(0o755)
 
+    def hook_path(self) -> Path:
+        return self.git_path("hooks") / "pre-commit"
+
+    def foreign_hook(self) -> bool:
+        """A pre-commit hook that is not bgit's."""
+        hook = self.hook_path()
+        return hook.exists() and HOOK_MARKER not in hook.read_text(errors="replace")
+
     def git(self, *args: str, check: bool = True) -> str:
         return git(self.root, *args, check=check)
+
+    def git_path(self, name: str) -> Path:
+        """Where git keeps `name` (hooks, index) for this repository, as an absolute path."""
+        path = Path(self.git("rev-parse", "--git-path", name).strip())
+        return path if path.is_absolute() else self.root / path
 
     # ---- .bread --------------------------------------------------------------------------
 
@@ -353,8 +363,7 @@ class BreadRepo:
 
     def add(self, git_args: list[str]) -> int:
         """`git add`, refusing to stage an invalid input.yml: the index is restored as it was."""
-        index = Path(self.git("rev-parse", "--git-path", "index").strip())
-        index = index if index.is_absolute() else self.root / index
+        index = self.git_path("index")
         before_blob = self.git("rev-parse", "-q", "--verify", f":{INPUT_FILE}", check=False).strip()
         snapshot = index.read_bytes() if index.exists() else None
         returncode = subprocess.run(["git", "add", *git_args]).returncode
