@@ -4,11 +4,15 @@
     bgit add input.yml             stage it (refused if invalid)
     bgit commit -m "..."           commit it (.bread refreshed with its names and hashes)
     bgit validate [FILE]           check a file and print it resolved
-    bgit run stim rollout          generate the stimuli and the teacher's trajectories (Ray Data)
+    bgit run stim rollout bake     stimuli and teacher trajectories (Ray Data), then the bake (Ray Train +
+                                   DeepSpeed) and its commit: the new model becomes the parent
     bgit stim [--limit N|--count]  show the stimuli
     bgit rollout [--limit N|...]   show the trajectories
     bgit status                    branch, parent model, input.yml, and what `bgit run` would do
     bgit tree                      the lineage of models across all branches
+    bgit metrics [BAKE]            a bake's loss curve, in the terminal and as a PNG
+    bgit models                    this repository's models in the store
+    bgit download MODEL DIR        a model (its chain folded) as one PEFT adapter folder
 
 This module only parses arguments and calls the modules that do the work.
 """
@@ -96,13 +100,44 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run", help="run stages of the pipeline on the staged input.yml",
         description="Run STAGE... in pipeline order on the staged input.yml: `stim` writes each target's "
-        "questions, `rollout` the prompted teacher's answers to them. Work already in the store (BREAD_STORE) "
-        "is reused, so a re-run after a failure does only the rest. Refused while input.yml has unstaged changes. "
+        "questions, `rollout` the prompted teacher's answers to them, `bake` trains a LoRA so that the parent "
+        "without the prompt answers like the parent with it (Ray Train + DeepSpeed ZeRO), publishes it, and "
+        "commits: .bread's PARENT_MODEL becomes the new model, recipe.yml records the bake, input.yml is cleared. "
+        "Work already in the store (BREAD_STORE) is reused, so a re-run after a failure does only the rest (a bake "
+        "resumes from its last checkpoint). Refused while input.yml has unstaged changes. "
         "Ray: joins RAY_ADDRESS, or starts a local cluster.",
     )
     run.add_argument("stages", nargs="+", metavar="STAGE", choices=STAGES, help=f"one or more of: {', '.join(STAGES)}")
+    run.add_argument("--workers", type=int, metavar="N",
+                     help="bake workers (default: one per GPU of the cluster, or one without GPUs)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(handler=cmd_run)
+
+    metrics = commands.add_parser(
+        "metrics", help="show a bake's loss curve",
+        description="Draw the loss (KL(teacher ‖ student) per response token) against iteration from the bake's "
+        "train_log_metrics.jsonl in the store, print the held-out KL before and after, and write the plot as a PNG.",
+    )
+    metrics.add_argument("bake", nargs="?", metavar="BAKE",
+                         help="bake id, or its name (default: the last bake of this branch's recipe.yml)")
+    metrics.add_argument("--png", metavar="FILE", help="where to write the plot (default: <bake id>_loss.png here)")
+    metrics.set_defaults(handler=cmd_metrics)
+
+    models = commands.add_parser(
+        "models", help="list this repository's models in the store",
+        description="List the models of this repository published in the store (BREAD_STORE): name, parent, "
+        "whether it is a bake's final model, and its held-out KL.",
+    )
+    models.set_defaults(handler=cmd_models)
+
+    download = commands.add_parser(
+        "download", help="download a model as one PEFT adapter",
+        description="Download MODEL (<owner>/<repo>/<bake_id>/<step>) into DIR as a PEFT adapter folder: its whole "
+        "chain of bakes folded into one LoRA, so that PeftModel.from_pretrained(base, DIR) loads it.",
+    )
+    download.add_argument("model", metavar="MODEL")
+    download.add_argument("dir", metavar="DIR")
+    download.set_defaults(handler=cmd_download)
 
     for name, what, shown, limit, handler in (
         ("stim", "stimuli", "the questions generated", 20, cmd_stim),
@@ -216,10 +251,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bread_ray.store import open_store
 
     repo, store = BreadRepo.find(), open_store()
-    resolved = run(repo, args.stages, store=store, progress=not args.no_progress)
-    print(f"Done: {' + '.join(s for s in STAGES if s in args.stages)} for {', '.join(t.id for t in resolved.targets)} "
-          f"(store {store.uri}). `bgit status` shows where each target stands.")
+    result = run(repo, args.stages, store=store, progress=not args.no_progress, workers=args.workers)
+    done = [s for s in STAGES if s in args.stages and s != "bake"]
+    if done:
+        print(f"Done: {' + '.join(done)} for {', '.join(t.id for t in result.resolved.targets)} (store {store.uri}).")
+    if result.bake is not None:
+        print_bake_result(result.bake)
+        print(f"Committed {result.commit[:12]}: Update recipe.yml after bake completion: {result.bake['bake_id']}")
+        print(f"The parent model is now {result.bake['model_names'][-1]}; input.yml is cleared for the next bake.")
     return 0
+
+
+def print_bake_result(result: dict) -> None:
+    loss, kl = result["loss"], result["held_out_kl"]
+    print(f"Baked {result['bake_id']} in {result['steps']} steps.")
+    print(f"  models: {', '.join(result['model_names'])}")
+    print(f"  loss: latest {loss['latest']:.4g}, final {loss['final']:.4g}, min {loss['min']:.4g}, max {loss['max']:.4g}")
+    if kl["before"] is not None:
+        ratio = f" ({kl['before'] / kl['after']:.1f}x lower)" if kl["after"] else ""
+        print(f"  held-out KL(teacher ‖ student): {kl['before']:.4g} -> {kl['after']:.4g} nats/token{ratio}")
+    else:
+        print("  held-out KL: no held-out questions (BAKE.data.train_eval_split holds none out)")
 
 
 def stored_targets(manifest: str, missing: str):
@@ -258,6 +310,66 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             for record in records[: args.limit]:
                 print(f"  [{record['stimulus_index']}.{record['trajectory_index']}] {record['stimulus']}")
                 print(f"      {record['response']!r}")
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from bread_ray.bake.train import read_metrics_log
+    from bread_ray.metrics import loss_chart, write_loss_plot
+    from bread_ray.store import BAKE_RESULT, bake_prefix, open_store
+
+    repo, store = BreadRepo.find(), open_store()
+    bake_ids = [bake["bake_name"] for bake in repo.read_recipe()["resources"]["bakes"]]
+    if args.bake is None:
+        if not bake_ids:
+            raise RepoError("no bake in this branch's recipe.yml yet: name one (`bgit metrics BAKE`)")
+        bake_id = bake_ids[-1]
+    else:
+        matches = [b for b in bake_ids if b == args.bake or b.rsplit("_", 1)[0] == args.bake]
+        if len(matches) > 1:
+            raise RepoError(f"{args.bake!r} names {len(matches)} bakes of recipe.yml: {', '.join(matches)}; give the bake id")
+        bake_id = matches[0] if matches else args.bake
+    prefix = bake_prefix(repo.owner, repo.name, bake_id)
+    log = read_metrics_log(store, prefix)
+    if not log:
+        raise RepoError(f"no metrics for bake {bake_id} in {store.uri}")
+    print(f"{bake_id}: {len(log)} steps")
+    print(loss_chart(log))
+    if store.exists(f"{prefix}/{BAKE_RESULT}"):
+        kl = store.get_json(f"{prefix}/{BAKE_RESULT}")["held_out_kl"]
+        if kl["before"] is not None:
+            print(f"held-out KL(teacher ‖ student): {kl['before']:.4g} -> {kl['after']:.4g} nats/token")
+    png = write_loss_plot(log, Path(args.png or f"{bake_id}_loss.png"), bake_id)
+    print(f"plot: {png}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from bread_ray.store import open_store
+
+    repo, store = BreadRepo.find(), open_store()
+    names = store.list_models(repo.owner, repo.name)
+    if not names:
+        print(f"No models of {repo.owner}/{repo.name} in {store.uri} yet.")
+    for name in names:
+        lineage = store.read_lineage(name)
+        kl = (lineage.get("metrics") or {}).get("held_out_kl_after")
+        final = "final" if lineage.get("final") else "checkpoint"
+        print(f"{name}  ({final}; parent {lineage['parent'] or lineage['base_model']}"
+              + (f"; held-out KL {kl:.4g}" if kl is not None else "") + ")")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from bread_ray.lineage import ModelName
+    from bread_ray.models import download_folded_adapter
+    from bread_ray.store import open_store
+
+    store = open_store()
+    name = str(ModelName.parse(args.model))
+    folder = download_folded_adapter(name, store, Path(args.dir))
+    base = store.model_chain(name)[-1]["base_model"]
+    print(f"{name}: PEFT adapter in {folder} (load with PeftModel.from_pretrained on {base})")
     return 0
 
 

@@ -460,6 +460,10 @@ class Bake(Section):
     checkpoint: list[Checkpoint] = Field(default_factory=lambda: [Checkpoint()])
     data: Data = Field(default_factory=Data)
     eval_interval: Annotated[int, Strict()] = Field(0, ge=0, description="Held-out KL every N steps; 0: before and after training only.")
+    kl_top_k: PositiveInt | None = Field(
+        None, description="KL to the teacher's top-k tokens only (renormalised; Bread's Tinker bakes use 20); "
+                          "null: the full vocabulary."
+    )
 
     _wrap_checkpoint = field_validator("checkpoint", mode="before")(_one_or_many)
 

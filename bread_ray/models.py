@@ -6,6 +6,7 @@ weights, dtype and chat template everywhere.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from bread_ray.lineage import InvalidModelName, ModelName
+from bread_ray.lineage import InvalidModelName, ModelName, fold_lineage
 
 if TYPE_CHECKING:
     from bread_ray.store import Store
@@ -97,6 +98,31 @@ def lineage_chain(model_name: str, store: Store) -> list[dict]:
     return store.model_chain(model_name) if store.model_exists(model_name) else []
 
 
+FOLDED_CHAIN_FILE = "chain.json"
+
+
+def download_folded_adapter(model_name: str, store: Store, out_dir: Path) -> Path:
+    """The model's whole chain folded into one PEFT adapter folder, to apply to its base model.
+
+    Beside the adapter, chain.json names the model, its base and the lineages folded in (base-most
+    first). Not a lineage.json: that file describes a delta on the parent, and this adapter holds
+    the whole chain (publish_model also refuses a folder holding a lineage.json).
+    """
+    chain = lineage_chain(model_name, store)
+    if not chain:
+        raise ModelNotFoundError(f"{model_name!r} is not a model published in store {store.uri}: "
+                                 "only lineage models (owner/repo/bake_id/step) have adapters")
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="bread-adapters-") as folder:
+        adapter_dirs = [store.download_model(lineage["model_name"], Path(folder, str(depth)))
+                        for depth, lineage in enumerate(reversed(chain))]
+        fold_lineage(adapter_dirs, out_dir)
+    record = {"model_name": model_name, "base_model": chain[-1]["base_model"],
+              "chain": list(reversed(chain))}
+    (out_dir / FOLDED_CHAIN_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
 def load_teacher(
     model_name: str,
     store: Store,
@@ -104,17 +130,18 @@ def load_teacher(
     dtype: torch.dtype | str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A model as the rollout samples from it: a hub id or local folder as is, or a lineage model
-    name as its base with every adapter of its chain merged in, base-most first.
+    name as its base with its whole chain, folded into one adapter, merged in.
 
-    Merging (rather than stacking PEFT adapters) gives a plain model whose generate is as fast as
-    the base's; LoRA deltas add, so the merged weights are W0 + sum_i scale_i * B_i @ A_i.
+    Merging (rather than keeping a PEFT adapter) gives a plain model whose generate is as fast as
+    the base's; folding first merges once, with the deltas summed in float32, rather than once per
+    bake in the model's dtype.
     """
     chain = lineage_chain(model_name, store)
     base = chain[-1]["base_model"] if chain else model_name
     model = load_causal_lm(base, dtype=dtype, device=device)
-    with tempfile.TemporaryDirectory(prefix="bread-adapters-") as folder:
-        for depth, lineage in enumerate(reversed(chain)):
-            adapter_dir = store.download_model(lineage["model_name"], Path(folder, str(depth)))
+    if chain:
+        with tempfile.TemporaryDirectory(prefix="bread-adapter-") as folder:
+            adapter_dir = download_folded_adapter(model_name, store, Path(folder))
             model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     return model.eval(), load_tokenizer(base)
 

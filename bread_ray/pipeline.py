@@ -4,18 +4,23 @@ One path for the CLI and for jobs/: cli -> pipeline -> stage -> Ray.
 
     stim     stim.generate_stimuli    store: <owner>/<repo>/targets/<target_id>/stim/
     rollout  rollout.run_rollout      store: <owner>/<repo>/targets/<target_id>/rollout/
+    bake     bake.train.run_bake      store: <owner>/<repo>/bakes/<bake_id>/, models/<owner>/<repo>/<bake_id>/<step>/
+             then the bake commit     .bread PARENT_MODEL, recipe.yml, input.yml cleared (repo.complete_bake)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bread_ray.config import ResolvedConfig
 from bread_ray.repo import BreadRepo, RepoError
-from bread_ray.store import ROLLOUT_MANIFEST, STIM_MANIFEST, Store, finished_shards, target_prefix
+from bread_ray.store import (
+    BAKE_RESULT, ROLLOUT_MANIFEST, STIM_MANIFEST, Store, bake_prefix, finished_shards, target_prefix,
+)
 
-STAGES = ("stim", "rollout")  # bake joins with the bake issue
+STAGES = ("stim", "rollout", "bake")
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ def plan(resolved: ResolvedConfig, *, owner: str, repo: str, store: Store | None
     """What `bgit run stim rollout bake` would do for a resolved input.yml, and what is already done.
 
     A target is done when its rollout manifest is in the store (its stimuli and trajectories are
-    reused); a bake is done when a model of that bake id is published.
+    reused); a bake is done when its result (and so its final model) is in the store.
     """
     steps = []
     for target in resolved.targets:
@@ -68,7 +73,7 @@ def plan(resolved: ResolvedConfig, *, owner: str, repo: str, store: Store | None
                                  state.describe() if state else ""))
     if resolved.bake is not None:
         bake = resolved.bake
-        done = _ask(store, lambda: any(m.bake_id == bake.id for m in store.list_models(owner, repo)))
+        done = _ask(store, lambda: store.exists(f"{bake_prefix(owner, repo, bake.id)}/{BAKE_RESULT}"))
         mix = ", ".join(f"{target_id} ×{weight:g}" for target_id, weight in bake.datasets)
         steps.append(PlannedStep("bake", bake.id, f"on {bake.parent_model} from {mix}", done))
     return steps
@@ -83,11 +88,20 @@ def _ask(store: Store | None, question):
         return None
 
 
-def run(repo: BreadRepo, stages: list[str], *, store: Store, progress: bool = True) -> ResolvedConfig:
+@dataclass
+class RunResult:
+    resolved: ResolvedConfig
+    bake: dict[str, Any] | None = None  # the bake's result (models, losses, held-out KL)
+    commit: str | None = None  # the bake commit
+
+
+def run(repo: BreadRepo, stages: list[str], *, store: Store, progress: bool = True,
+        workers: int | None = None) -> RunResult:
     """Run `stages` (in pipeline order) for the staged input.yml of `repo`.
 
     Everything that can be checked is checked before any work starts; each stage reuses what the
-    store already holds, so a re-run after a failure does only the rest.
+    store already holds, so a re-run after a failure does only the rest. A bake ends with the
+    bake commit. `workers`: bake workers (default: one per GPU of the cluster, else one).
     """
     from bread_ray import rollout, stim
 
@@ -98,8 +112,10 @@ def run(repo: BreadRepo, stages: list[str], *, store: Store, progress: bool = Tr
         raise RepoError("input.yml has unstaged changes: `bgit run` reads the staged copy. "
                         "Run `bgit add input.yml` (and commit) first, or `git checkout input.yml` to drop them")
     resolved = repo.resolve_staged()
-    if not resolved.targets:
+    if not resolved.targets and {"stim", "rollout"} & set(stages):
         raise RepoError("the staged input.yml has no TARGET: nothing for stim or rollout to do")
+    if "bake" in stages and resolved.bake is None:
+        raise RepoError("the staged input.yml has no BAKE: nothing for bake to do")
     prefixes = [target_prefix(repo.owner, repo.name, target.id) for target in resolved.targets]
     for index, (target, prefix) in enumerate(zip(resolved.targets, prefixes)):
         if store.exists(f"{prefix}/{STIM_MANIFEST}"):
@@ -107,6 +123,8 @@ def run(repo: BreadRepo, stages: list[str], *, store: Store, progress: bool = Tr
         if "stim" not in stages:
             raise RepoError(f"{target.id} has no stimuli in the store yet: run `bgit run stim rollout`")
         stim.check_generators(target, base_dir=repo.root, target_index=index, lines=resolved.lines)
+    if "bake" in stages:
+        check_bake_inputs(repo, resolved, stages, store)
     _start_ray()
     for index, (target, prefix) in enumerate(zip(resolved.targets, prefixes)):
         if "stim" in stages:
@@ -115,7 +133,35 @@ def run(repo: BreadRepo, stages: list[str], *, store: Store, progress: bool = Tr
         if "rollout" in stages:
             questions = [record["question"] for record in stim.read_stimuli(store, prefix)]
             rollout.run_rollout(target, questions, store=store, prefix=prefix, progress=progress)
-    return resolved
+    if "bake" not in stages:
+        return RunResult(resolved)
+    result = bake(repo, resolved, store=store, progress=progress, workers=workers)
+    return RunResult(resolved, bake=result, commit=repo.complete_bake(resolved, result["model_names"]))
+
+
+def check_bake_inputs(repo: BreadRepo, resolved: ResolvedConfig, stages: list[str], store: Store) -> None:
+    """Every dataset of the bake has its rollout in the store, or gets it from this run."""
+    produced = {target.id for target in resolved.targets} if "rollout" in stages else set()
+    for target_id, _ in resolved.bake.datasets:
+        done = store.exists(f"{target_prefix(repo.owner, repo.name, target_id)}/{ROLLOUT_MANIFEST}")
+        if not done and target_id not in produced:
+            raise RepoError(f"BAKE.datasets: target {target_id} has no complete rollout in the store "
+                            f"({store.uri}): run `bgit run stim rollout bake`")
+
+
+def bake(repo: BreadRepo, resolved: ResolvedConfig, *, store: Store, progress: bool, workers: int | None) -> dict[str, Any]:
+    """Train the bake (or reuse its stored result: a finished bake is never trained twice)."""
+    from bread_ray.bake.train import prepare_job, run_bake
+
+    result_key = f"{bake_prefix(repo.owner, repo.name, resolved.bake.id)}/{BAKE_RESULT}"
+    if store.exists(result_key):
+        return store.get_json(result_key)
+    job = prepare_job(resolved.bake, owner=repo.owner, repo=repo.name, store=store,
+                      commit=repo.git("rev-parse", "HEAD").strip())
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    return run_bake(job, num_workers=workers or max(gpus, 1), use_gpu=gpus > 0, progress=progress)
 
 
 def _start_ray() -> None:

@@ -8,6 +8,7 @@ Layout, relative to the store root:
 
     <owner>/<repo>/targets/<target_id>/stim/{stimuli.jsonl, parts/, manifest.json}
     <owner>/<repo>/targets/<target_id>/rollout/{part-00000.parquet, ..., manifest.json}
+    <owner>/<repo>/bakes/<bake_id>/{train_log_metrics.jsonl, checkpoints/, result.json}
     models/<owner>/<repo>/<bake_id>/<step>/{adapter_config.json, adapter_model.safetensors, lineage.json}
 
 A model becomes visible only when its lineage.json exists, and that file is written last: a crash
@@ -93,13 +94,26 @@ def validate_key(key: str) -> str:
     return key
 
 
-def target_prefix(owner: str, repo: str, target_id: str) -> str:
+def repo_prefix(owner: str, repo: str) -> str:
     validate_name_component("owner", owner)
     validate_name_component("repo", repo)
-    validate_name_component("target id", target_id)
     if owner == "models":  # `models/` at the root holds the published models
         raise InvalidName("invalid owner 'models': reserved for the store's model tree")
-    return f"{owner}/{repo}/targets/{target_id}"
+    return f"{owner}/{repo}"
+
+
+def target_prefix(owner: str, repo: str, target_id: str) -> str:
+    return f"{repo_prefix(owner, repo)}/targets/{validate_name_component('target id', target_id)}"
+
+
+def bake_prefix(owner: str, repo: str, bake_id: str) -> str:
+    """A bake's training artifacts: its metrics log, Ray Train checkpoints and result."""
+    return f"{repo_prefix(owner, repo)}/bakes/{validate_name_component('bake id', bake_id)}"
+
+
+# A bake's files, under its prefix. The result is written last: its presence means done.
+METRICS_LOG = "train_log_metrics.jsonl"
+BAKE_RESULT = "result.json"
 
 
 # A target's stages, under its prefix. Each manifest is written last: its presence means done.
@@ -329,6 +343,10 @@ class LocalStore(Store):
         self.root = Path(root).expanduser().resolve()
         self.uri = self.root.as_uri()
 
+    def train_storage(self, prefix: str) -> tuple[str, None]:
+        """Where Ray Train keeps a run's checkpoints: (storage_path, storage_filesystem)."""
+        return str(self._path(validate_key(prefix))), None
+
     def _path(self, key: str) -> Path:
         """Defence in depth against symlinks: the resolved path must stay inside the root."""
         path = self.root / key
@@ -411,6 +429,21 @@ class S3Store(Store):
                                               multipart_chunksize=multipart_chunksize)
         self.list_page_size = list_page_size
         self.check_bucket()
+
+    def train_storage(self, prefix: str):
+        """Where Ray Train keeps a run's checkpoints: (storage_path, storage_filesystem), a pyarrow
+        S3 filesystem on the same endpoint and credentials as this store."""
+        from pyarrow.fs import S3FileSystem
+
+        credentials = boto3.session.Session().get_credentials()
+        endpoint = urllib.parse.urlsplit(self.client.meta.endpoint_url)
+        filesystem = S3FileSystem(
+            access_key=credentials.access_key if credentials else None,
+            secret_key=credentials.secret_key if credentials else None,
+            session_token=credentials.token if credentials else None,
+            region=self.client.meta.region_name, endpoint_override=endpoint.netloc, scheme=endpoint.scheme,
+        )
+        return "/".join(filter(None, [self.bucket, self.prefix, validate_key(prefix)])), filesystem
 
     def check_bucket(self) -> None:
         """Fail early and by name when the bucket is missing or forbidden; never create it."""

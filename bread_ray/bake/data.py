@@ -1,0 +1,197 @@
+"""Training data of a bake: trajectories tokenized in the teacher's and the student's contexts,
+a held-out split by question, and the weighted mix of targets in the order workers consume it.
+
+Each trajectory becomes one `Example`: the same response tokens appended to two prompts (the
+teacher's messages, with the prompt being baked, and the student's, usually without). The KL is
+taken at the positions that predict each response token, so the two contexts align on the
+response however long their prompts are.
+
+Everything here runs on the driver, once; workers receive the tokenized examples and the order.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bread_ray.models import encode_chat
+
+
+@dataclass(frozen=True)
+class Example:
+    """One trajectory, tokenized twice. `response_ids` follow each prompt."""
+
+    target_id: str
+    stimulus_index: int
+    teacher_prompt_ids: list[int]
+    student_prompt_ids: list[int]
+    response_ids: list[int]
+
+
+@dataclass
+class BakeData:
+    """The examples of a bake and the order in which they are trained on.
+
+    `order` indexes `train`, epochs concatenated; a worker of rank r at micro step m takes
+    `order[(m * world + r) * micro_batch : ... + micro_batch]`.
+    """
+
+    train: list[Example]
+    eval: list[Example]
+    order: list[int]
+    pad_id: int
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # per target: train/eval/drawn/truncated
+
+    @property
+    def response_tokens(self) -> int:
+        return sum(len(self.train[i].response_ids) for i in self.order)
+
+
+def tokenize_trajectories(records: list[dict[str, Any]], tokenizer: Any, target_id: str, max_length: int) -> tuple[list[Example], int]:
+    """Examples for a target's rollout records; responses are cut so that both contexts fit in
+    `max_length` tokens. Returns the examples and how many responses were cut."""
+    examples, truncated = [], 0
+    for record in records:
+        teacher_ids = encode_chat(tokenizer, record["teacher_messages"], tools=record["teacher_tools"] or None)
+        student_ids = encode_chat(tokenizer, record["student_messages"])
+        room = max_length - max(len(teacher_ids), len(student_ids))
+        if room < 1:
+            raise ValueError(
+                f"BAKE.data.max_length: {max_length} tokens leave no room for a response after the prompt of "
+                f"target {target_id} ({max(len(teacher_ids), len(student_ids))} tokens); raise max_length"
+            )
+        response = list(record["response_token_ids"])
+        truncated += len(response) > room
+        if response:
+            examples.append(Example(target_id, record["stimulus_index"], teacher_ids, student_ids, response[:room]))
+    return examples, truncated
+
+
+def split_by_question(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out whole questions (all their trajectories), so that the held-out KL is measured on
+    questions the student never trained on. At least one question is held out when the fraction
+    is positive and there are two or more questions."""
+    questions = sorted({e.stimulus_index for e in examples})
+    random.Random(seed).shuffle(questions)
+    held_out = round(len(questions) * eval_fraction)
+    if eval_fraction > 0 and len(questions) > 1:
+        held_out = min(max(held_out, 1), len(questions) - 1)
+    eval_questions = set(questions[:held_out])
+    train = [e for e in examples if e.stimulus_index not in eval_questions]
+    return train, [e for e in examples if e.stimulus_index in eval_questions]
+
+
+def mix_targets(train_by_target: dict[str, list[int]], weights: dict[str, float], total: int, seed: int, epoch: int) -> list[int]:
+    """One epoch's draw of `total` training indices: each target contributes in proportion to
+    its weight (largest remainder), cycling through a fresh shuffle of its own examples when it
+    has fewer than its share; the draw is then shuffled so targets interleave."""
+    weight_sum = sum(weights.values())
+    exact = {t: total * weights[t] / weight_sum for t in train_by_target}
+    shares = {t: math.floor(x) for t, x in exact.items()}
+    for t in sorted(exact, key=lambda t: (shares[t] - exact[t], t))[: total - sum(shares.values())]:
+        shares[t] += 1
+    rng = random.Random(f"{seed}:{epoch}")
+    drawn = []
+    for target_id in sorted(train_by_target):
+        picks = []
+        while len(picks) < shares[target_id]:
+            cycle = train_by_target[target_id][:]
+            rng.shuffle(cycle)
+            picks.extend(cycle)
+        drawn.extend(picks[: shares[target_id]])
+    rng.shuffle(drawn)
+    return drawn
+
+
+def build_bake_data(trajectories: dict[str, list[dict[str, Any]]], weights: dict[str, float], tokenizer: Any,
+                    bake_config: dict[str, Any]) -> BakeData:
+    """Tokenize every target's trajectories, hold out questions, and lay out the epochs.
+
+    `trajectories`: rollout records per target id; `weights`: BAKE.datasets' weights.
+    Every epoch draws `total_trajectories` (default: all training trajectories) by weight.
+    """
+    max_length = bake_config["data"]["max_length"]
+    eval_fraction = bake_config["data"]["train_eval_split"][1]
+    seed = bake_config["seed"]
+    train, held_out, counts, by_target = [], [], {}, {}
+    for target_id in sorted(trajectories):
+        examples, truncated = tokenize_trajectories(trajectories[target_id], tokenizer, target_id, max_length)
+        if not examples:
+            raise ValueError(f"target {target_id} has no trajectories with a response to train on")
+        target_train, target_eval = split_by_question(examples, eval_fraction, seed)
+        by_target[target_id] = list(range(len(train), len(train) + len(target_train)))
+        train.extend(target_train)
+        held_out.extend(target_eval)
+        counts[target_id] = {"train": len(target_train), "eval": len(target_eval), "truncated": truncated}
+    total = bake_config["total_trajectories"] or len(train)
+    order = [i for epoch in range(bake_config["epochs"]) for i in mix_targets(by_target, weights, total, seed, epoch)]
+    for target_id in by_target:
+        counts[target_id]["drawn"] = sum(train[i].target_id == target_id for i in order)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return BakeData(train=train, eval=held_out, order=order, pad_id=pad_id, counts=counts)
+
+
+def optimizer_steps(num_examples: int, micro_batch: int, accumulation: int, world_size: int) -> int:
+    """Optimizer steps for `num_examples`; the last step is filled by wrapping around, so every
+    rank runs the same number of micro steps (ZeRO's collectives need that)."""
+    return max(1, math.ceil(num_examples / (micro_batch * accumulation * world_size)))
+
+
+def rank_slice(order: list[int], micro_step: int, rank: int, world_size: int, micro_batch: int) -> list[int]:
+    """The training indices rank `rank` takes at global micro step `micro_step` (wrapping around)."""
+    start = (micro_step * world_size + rank) * micro_batch
+    return [order[(start + k) % len(order)] for k in range(micro_batch)]
+
+
+@dataclass
+class Batch:
+    """A micro batch as the model takes it, twice (teacher and student contexts).
+
+    teacher_ids, teacher_mask: [batch, teacher_len]; student_ids, student_mask: [batch, student_len];
+    teacher_positions, student_positions: [tokens] flat indices into [batch * len] of the positions
+    whose outputs predict each response token, aligned: the k-th of each predicts the same token.
+    """
+
+    teacher_ids: torch.Tensor
+    teacher_mask: torch.Tensor
+    teacher_positions: torch.Tensor
+    student_ids: torch.Tensor
+    student_mask: torch.Tensor
+    student_positions: torch.Tensor
+
+    @property
+    def response_tokens(self) -> int:
+        return int(self.teacher_positions.numel())
+
+    @property
+    def tokens(self) -> int:
+        """Tokens run through the model, both contexts, padding excluded."""
+        return int(self.teacher_mask.sum() + self.student_mask.sum())
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(**{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    """Right-padded teacher and student inputs and the aligned response positions."""
+
+    def side(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = [p + e.response_ids for p, e in zip(prompts, examples)]
+        length = max(map(len, rows))
+        ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        positions = []
+        for b, (row, prompt) in enumerate(zip(rows, prompts)):
+            ids[b, : len(row)] = torch.tensor(row)
+            mask[b, : len(row)] = 1
+            # the output at position p predicts token p + 1: the response starts at len(prompt)
+            positions.extend(b * length + p for p in range(len(prompt) - 1, len(row) - 1))
+        return ids, mask, torch.tensor(positions, dtype=torch.long)
+
+    teacher = side([e.teacher_prompt_ids for e in examples])
+    student = side([e.student_prompt_ids for e in examples])
+    return Batch(*teacher, *student)

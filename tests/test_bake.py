@@ -1,0 +1,206 @@
+"""The bake stage: training data layout, the schedule, and real bakes on Ray Train + DeepSpeed
+(gloo, CPU workers) with the tiny model: ZeRO-2 against ZeRO-3, a worker killed mid-bake, and
+the per-worker loop without Ray."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bread_ray.bake.data import build_bake_data, collate, mix_targets, optimizer_steps, rank_slice, split_by_question
+from bread_ray.bake.deepspeed import lr_multiplier
+from bread_ray.config import Bake
+from bread_ray.models import load_tokenizer
+from bread_ray.store import LocalStore
+from bread_ray.tiny import build_tiny_model
+
+PIRATE = [{"role": "system", "content": "You are a pirate."}]
+
+
+def bake_config(**fields) -> dict:
+    """A resolved BAKE config: the schema's defaults plus `fields`."""
+    return Bake(name="b", datasets=[{"target": "t"}], **fields).model_dump(mode="json", exclude={"name", "datasets"})
+
+
+def trajectories(questions: int, per_question: int = 2, seed: int = 0, teacher=PIRATE) -> list[dict]:
+    """Rollout records as the rollout stage writes them, with random response tokens."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(questions):
+        user = {"role": "user", "content": f"question number {i}"}
+        for t in range(per_question):
+            response = [rng.randrange(10, 900) for _ in range(rng.randrange(3, 20))]
+            records.append({"stimulus_index": i, "trajectory_index": t, "teacher_messages": [*teacher, user],
+                            "student_messages": [user], "teacher_tools": [], "response_token_ids": response})
+    return records
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return load_tokenizer(tiny_model)
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def test_examples_align_the_response_between_teacher_and_student(tokenizer):
+    data = build_bake_data({"t_1": trajectories(4)}, {"t_1": 1.0}, tokenizer, bake_config())
+    examples = data.train[:3]
+    batch = collate(examples, data.pad_id)
+    assert batch.teacher_positions.numel() == batch.student_positions.numel() == sum(len(e.response_ids) for e in examples)
+    # the token after each selected position is the response token it predicts, in both contexts
+    teacher_next = batch.teacher_ids.flatten()[batch.teacher_positions + 1]
+    student_next = batch.student_ids.flatten()[batch.student_positions + 1]
+    expected = torch.tensor([token for e in examples for token in e.response_ids])
+    assert torch.equal(teacher_next, expected) and torch.equal(student_next, expected)
+    # the teacher sees the system prompt, the student does not
+    assert batch.teacher_ids.shape[1] > batch.student_ids.shape[1]
+    assert batch.tokens == int(batch.teacher_mask.sum() + batch.student_mask.sum())
+
+
+def test_responses_are_cut_to_max_length_and_a_prompt_too_long_is_an_error(tokenizer):
+    records = trajectories(3)
+    records[0]["response_token_ids"] = list(range(10, 200))
+    teacher_prompt = len(build_bake_data({"t_1": records}, {"t_1": 1.0}, tokenizer, bake_config()).train[0].teacher_prompt_ids)
+    config = bake_config(data={"max_length": teacher_prompt + 25, "train_eval_split": [1.0, 0.0]})
+    data = build_bake_data({"t_1": records}, {"t_1": 1.0}, tokenizer, config)
+    assert max(len(e.teacher_prompt_ids) + len(e.response_ids) for e in data.train) <= teacher_prompt + 25
+    assert data.counts["t_1"]["truncated"] >= 1
+    with pytest.raises(ValueError, match="max_length: 5 tokens leave no room"):
+        build_bake_data({"t_1": records}, {"t_1": 1.0}, tokenizer, bake_config(data={"max_length": 5}))
+
+
+def test_held_out_questions_are_never_trained_on(tokenizer):
+    data = build_bake_data({"t_1": trajectories(20, per_question=3)}, {"t_1": 1.0}, tokenizer, bake_config())
+    train_questions = {e.stimulus_index for e in data.train}
+    eval_questions = {e.stimulus_index for e in data.eval}
+    assert len(eval_questions) == 2 and not train_questions & eval_questions
+    assert len(data.eval) == 6  # all three trajectories of each held-out question
+    _, few = split_by_question(data.train[:2], 0.1, seed=0)  # one question only: nothing to hold out
+    assert few == []
+
+
+def test_targets_are_mixed_by_weight_over_epochs(tokenizer):
+    weights = {"a_1": 3.0, "b_1": 1.0}
+    data = build_bake_data({"a_1": trajectories(10), "b_1": trajectories(10, seed=1)}, weights, tokenizer,
+                           bake_config(epochs=2, total_trajectories=40))
+    assert len(data.order) == 80
+    drawn = Counter(data.train[i].target_id for i in data.order)
+    assert drawn == {"a_1": 60, "b_1": 20}  # 3:1, more than b has: its examples cycle
+    # within an epoch a target's examples are drawn without repeats until it runs out
+    first_epoch = [data.train[i] for i in data.order[:40]]
+    b_draws = [i for i, e in zip(data.order[:40], first_epoch) if e.target_id == "b_1"]
+    a_draws = [i for i, e in zip(data.order[:40], first_epoch) if e.target_id == "a_1"]
+    assert len(set(b_draws)) == len(b_draws) == 10
+    assert len(set(a_draws)) == data.counts["a_1"]["train"] < len(a_draws) == 30
+    assert data.order[:40] != data.order[40:]  # each epoch its own shuffle
+
+
+def test_every_rank_gets_the_same_number_of_steps_and_disjoint_examples():
+    order = list(range(10))
+    steps = optimizer_steps(len(order), micro_batch=2, accumulation=1, world_size=2)
+    assert steps == 3
+    seen = [i for m in range(steps) for r in range(2) for i in rank_slice(order, m, r, 2, 2)]
+    assert seen[:10] == order and len(seen) == 12  # the last step wraps around
+
+
+@pytest.mark.parametrize("kind,expected_end", [("cosine", 0.0), ("linear", 0.0), ("constant", 1.0)])
+def test_learning_rate_warms_up_then_decays(kind, expected_end):
+    values = [lr_multiplier(s, total_steps=100, warmup_ratio=0.1, kind=kind) for s in range(101)]
+    assert values[0] < values[5] < values[9] < values[10] == pytest.approx(1.0)
+    assert values[100] == pytest.approx(expected_end, abs=1e-9)
+
+
+# ---- real bakes ---------------------------------------------------------------------------------
+
+def make_job(tokenizer, model_dir: Path, store: LocalStore, bake_id: str, **fields):
+    from bread_ray.bake.train import BakeJob
+
+    config = bake_config(**fields)
+    data = build_bake_data({"t_1": trajectories(12)}, {"t_1": 1.0}, tokenizer, config)
+    return BakeJob(bake_id=bake_id, bake=config, owner="me", repo="r", parent_model=str(model_dir),
+                   base_model=str(model_dir), store_uri=store.uri, data=data)
+
+
+def losses(store: LocalStore, job) -> list[float]:
+    from bread_ray.bake.train import read_metrics_log
+
+    return [entry["loss"] for entry in read_metrics_log(store, job.prefix)]
+
+
+@pytest.mark.slow
+def test_zero2_and_zero3_bakes_match_and_publish_real_adapters(ray_session, tiny_model, tokenizer, tmp_path):
+    from bread_ray.bake.train import run_bake
+
+    store = LocalStore(tmp_path / "store")
+    jobs = {stage: make_job(tokenizer, tiny_model, store, f"b{stage}_00000000000000{stage}{stage}",
+                            deepspeed={"zero_optimization": {"stage": stage}},
+                            checkpoint=[{"save_every_n_steps": 2}]) for stage in (2, 3)}
+    results = {stage: run_bake(job, num_workers=2, use_gpu=False, progress=False) for stage, job in jobs.items()}
+    zero2, zero3 = losses(store, jobs[2]), losses(store, jobs[3])
+    assert len(zero2) == len(zero3) == results[2]["steps"] == 6  # 22 examples / (2 per micro batch x 2 workers)
+    assert zero2 == pytest.approx(zero3, rel=1e-4)
+    assert len(set(zero2)) > 1  # the losses move: equal curves are not trivially equal
+    for stage, result in results.items():
+        assert result["model_names"] == [f"me/r/{jobs[stage].bake_id}/{s}" for s in (2, 4, 6)]
+        assert result["held_out_kl"]["after"] < result["held_out_kl"]["before"]
+        final = store.download_model(result["model_names"][-1], tmp_path / f"adapter{stage}")
+        config = json.loads((final / "adapter_config.json").read_text())
+        tensors = load_file(final / "adapter_model.safetensors")
+        lora_b = [t for k, t in tensors.items() if "lora_B" in k]
+        assert config["r"] == 8 and len(lora_b) == 2 * 7  # 2 layers x 7 linear modules each
+        for key, tensor in tensors.items():
+            assert tensor.numel() > 0 and tensor.shape[0 if "lora_A" in key else 1] == 8, key
+        assert all(t.abs().sum() > 0 for t in lora_b)  # lora_B starts at zero: non-zero means trained
+        lineage = store.read_lineage(result["model_names"][-1])
+        assert lineage["parent"] is None and lineage["final"] and lineage["base_model"] == str(tiny_model)
+    same = [load_file(store.download_model(results[s]["model_names"][-1], tmp_path / f"again{s}") / "adapter_model.safetensors")
+            for s in (2, 3)]
+    for key in same[0]:
+        torch.testing.assert_close(same[0][key], same[1][key], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_bake_resumes_from_its_checkpoint(ray_session, tiny_model, tokenizer, tmp_path):
+    from bread_ray.bake.train import read_metrics_log, run_bake
+
+    store = LocalStore(tmp_path / "store")
+    job = make_job(tokenizer, tiny_model, store, "kill_0000000000000000", checkpoint=[{"save_every_n_steps": 2}])
+    job.kill_worker_at_step = 3  # rank 1 is SIGKILLed after step 3; the last checkpoint is step 2
+    result = run_bake(job, num_workers=2, use_gpu=False, progress=False)
+    assert result["resumed_from_step"] == 2
+    log = read_metrics_log(store, job.prefix)
+    assert [entry["iter"] for entry in log] == list(range(1, 7))  # no step lost, none twice
+    assert result["model_names"] == [f"me/r/{job.bake_id}/{s}" for s in (2, 4, 6)]
+    assert store.model_exists(result["model_names"][-1])
+
+
+@pytest.mark.slow
+def test_the_worker_loop_runs_without_ray(tiny_model, tokenizer, tmp_path):
+    """One plain process, as on a machine with torch, transformers, peft and DeepSpeed but no Ray."""
+    import pickle
+
+    store = LocalStore(tmp_path / "store")
+    job = make_job(tokenizer, tiny_model, store, "plain_0000000000000000")
+    (tmp_path / "job.pkl").write_bytes(pickle.dumps(job))
+    script = ("import pickle, sys, json\n"
+              "sys.modules['ray'] = None  # prove Ray is not needed\n"
+              "from bread_ray.bake.train import run_standalone\n"
+              f"print(json.dumps(run_standalone(pickle.load(open({str(tmp_path / 'job.pkl')!r}, 'rb')))))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 11 and store.model_exists(result["model_names"][-1])
+    assert result["held_out_kl"]["after"] < result["held_out_kl"]["before"]
