@@ -1,4 +1,5 @@
-"""Bake benchmarks: the chunked KL loss against plain autograd, and this machine's matmul FLOP/s.
+"""Bake benchmarks: the chunked KL loss against plain autograd, the bake step against a minimal
+hand-written loop, and the step's FLOP/s against this machine's matmul FLOP/s.
 
     .venv/bin/python bench/bake.py            # 2,048 tokens, Qwen3's vocabulary: 1-2 minutes on 2 cores
     .venv/bin/python bench/bake.py --quick    # 512 tokens: under a minute
@@ -9,6 +10,13 @@ Each variant runs in a fresh process, which reports its peak RSS above its RSS o
 exist (the memory the loss itself needs), and the median time of its runs. Prints both, the ratios
 naive / chunked measured side by side in one run (absolute times are noisy, the ratios less so),
 and the two losses (they must agree). Then the achieved float32 matmul FLOP/s of this machine.
+
+Bake-step section: the framework's per-worker loop (`run_standalone`: DeepSpeed engine, ZeRO,
+collation, reporting) against a minimal PyTorch loop doing the same step (PEFT LoRA student,
+teacher with the adapter disabled, chunked_kl, AdamW) on the same model and batches, both in this
+process: median tokens/s of each (warm-up steps excluded) and the ratio. Then the step's model
+FLOP/s (2·params per token forward, 2 more backward through the frozen weights, and the head's
+three matmuls per response token) as a fraction of the matmul FLOP/s measured just before.
 """
 
 from __future__ import annotations
@@ -128,6 +136,93 @@ def matmul_flops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size ** 3 / statistics.median(seconds)
 
 
+def step_flops(linear_params: int, hidden: int, vocab: int, teacher_tokens: int, student_tokens: int,
+               response_tokens: int) -> float:
+    """Model FLOPs of one bake step (no recompute, attention scores left out: short sequences):
+    teacher forward, student forward and backward (activation gradients only: the base is frozen),
+    and the head's three [tokens, hidden] x [hidden, vocab] matmuls per response token."""
+    return 2 * linear_params * (teacher_tokens + 2 * student_tokens) + 3 * 2 * hidden * vocab * response_tokens
+
+
+def bench_bake_step(quick: bool) -> None:
+    """Framework loop against a hand-written loop on the same model and batches (one process)."""
+    import random
+    import tempfile
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+
+    from bread_ray.bake.data import build_bake_data, collate
+    from bread_ray.bake.train import BakeJob, read_metrics_log, run_standalone
+    from bread_ray.config import Bake
+    from bread_ray.models import load_causal_lm, load_tokenizer
+    from bread_ray.store import LocalStore
+    from bread_ray.tiny import build_tiny_model
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-bake-"))
+    hidden, layers = (128, 2) if quick else (256, 4)
+    model_dir = build_tiny_model(folder / "model", hidden_size=hidden, num_layers=layers, intermediate_size=3 * hidden)
+    tokenizer = load_tokenizer(model_dir)
+    rng = random.Random(0)
+    user = lambda i: {"role": "user", "content": f"question number {i}"}  # noqa: E731
+    records = [{"stimulus_index": i, "trajectory_index": 0, "teacher_tools": [],
+                "teacher_messages": [{"role": "system", "content": "You are a pirate."}, user(i)],
+                "student_messages": [user(i)], "response_token_ids": [rng.randrange(10, 900) for _ in range(128)]}
+               for i in range(64)]
+    config = Bake(name="bench", datasets=[{"target": "t"}], epochs=2 if quick else 3, micro_batch_size=8,
+                  data={"train_eval_split": [1.0, 0.0]}, deepspeed={"zero_optimization": {"stage": 2}},
+                  model={"disable_activation_checkpoint": True}).model_dump(mode="json", exclude={"name", "datasets"})
+    data = build_bake_data({"t_1": records}, {"t_1": 1.0}, tokenizer, config)
+    store = LocalStore(folder / "store")
+    job = BakeJob(bake_id="bench_0000000000000000", bake=config, owner="bench", repo="bake",
+                  parent_model=str(model_dir), base_model=str(model_dir), store_uri=store.uri, data=data)
+    warmup = 2
+
+    run_standalone(job)
+    framework = [entry["tokens_per_s"] for entry in read_metrics_log(store, job.prefix)][warmup:]
+
+    model = load_causal_lm(model_dir, device="cpu")
+    linear_params = sum(m.weight.numel() for name, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and "lm_head" not in name)
+    head = model.get_output_embeddings().weight.detach().clone()
+    torch.manual_seed(0)
+    adapter = config["model"]["baked_adapter_config"]
+    student = get_peft_model(model, LoraConfig(r=adapter["r"], lora_alpha=adapter["lora_alpha"], lora_dropout=0.0,
+                                               target_modules="all-linear"))
+    student.base_model.model.lm_head = torch.nn.Identity()  # hidden states out, as in the framework
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
+    micro = config["micro_batch_size"]
+    hand, step_shapes = [], []
+    for step in range(len(data.order) // micro):
+        batch = collate([data.train[i] for i in data.order[step * micro:(step + 1) * micro]], data.pad_id)
+        started = time.perf_counter()
+        with torch.no_grad(), student.disable_adapter():
+            teacher = student(input_ids=batch.teacher_ids, attention_mask=batch.teacher_mask).logits.flatten(0, 1)[batch.teacher_positions]
+        hidden_states = student(input_ids=batch.student_ids, attention_mask=batch.student_mask).logits
+        loss = chunked_kl(hidden_states.flatten(0, 1)[batch.student_positions], teacher, head)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        hand.append(batch.tokens / (time.perf_counter() - started))
+        step_shapes.append((int(batch.teacher_mask.sum()), int(batch.student_mask.sum()), batch.response_tokens))
+    hand = hand[warmup:]
+
+    matmul = matmul_flops(1024 if quick else 2048)
+    teacher_tokens, student_tokens, response_tokens = step_shapes[-1]
+    flops = step_flops(linear_params, hidden, head.shape[0], teacher_tokens, student_tokens, response_tokens)
+    framework_rate, hand_rate = statistics.median(framework), statistics.median(hand)
+    step_seconds = (teacher_tokens + student_tokens) / framework_rate
+    print(f"\nbake step: Qwen3-architecture {linear_params / 1e6:.1f}M linear params (hidden {hidden}, {layers} layers), "
+          f"LoRA r {adapter['r']} all-linear, micro batch {micro} x ~{(teacher_tokens + student_tokens) // (2 * micro)} tokens, "
+          f"fp32, CPU, {torch.get_num_threads()} threads; median of {len(framework)} steps after {warmup} warm-up")
+    print(f"{'':>40} {'tokens/s':>10}")
+    print(f"{'bread_ray bake step (DeepSpeed ZeRO-2)':>40} {framework_rate:10,.0f}")
+    print(f"{'hand-written PyTorch loop':>40} {hand_rate:10,.0f}")
+    print(f"{'ratio framework / hand-written':>40} {framework_rate / hand_rate:9.2f}x")
+    print(f"step model FLOP/s {flops / step_seconds / 1e9:.2f} G = {flops / step_seconds / matmul:.1%} of this "
+          f"machine's fp32 matmul ({matmul / 1e9:.1f} GFLOP/s, measured in this run)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -151,9 +246,7 @@ def main(argv: list[str] | None = None) -> None:
 
     results = bench_kl(tokens, args.hidden, args.vocab, chunk_tokens, args.runs)
     print_kl_table(results, tokens, args.hidden, args.vocab, chunk_tokens, args.runs)
-    size = 1024 if args.quick else 2048
-    print(f"\nachieved float32 matmul: {matmul_flops(size) / 1e9:.1f} GFLOP/s "
-          f"({torch.get_num_threads()} torch threads, {size}-square)")
+    bench_bake_step(args.quick)
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def run(repo: BreadRepo, stages: list[str], *, store: Store, progress: bool = Tr
         raise RepoError("the staged input.yml has no BAKE: nothing for bake to do")
     prefixes = [target_prefix(repo.owner, repo.name, target.id) for target in resolved.targets]
     for index, (target, prefix) in enumerate(zip(resolved.targets, prefixes)):
-        if store.exists(f"{prefix}/{STIM_MANIFEST}"):
+        if store.exists(f"{prefix}/{STIM_MANIFEST}") or not {"stim", "rollout"} & set(stages):
             continue  # stored stimuli are reused: nothing to check
         if "stim" not in stages:
             raise RepoError(f"{target.id} has no stimuli in the store yet: run `bgit run stim rollout`")

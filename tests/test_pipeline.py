@@ -88,3 +88,15 @@ def test_run_stim_rollout_then_rerun_reuses_everything(repo, capsys):
     parts = {key: (store.root / key).stat().st_mtime_ns for key in store.list(f"{prefix}/rollout")}
     assert main(["run", "stim", "rollout", "--no-progress"]) == 0
     assert {key: (store.root / key).stat().st_mtime_ns for key in store.list(f"{prefix}/rollout")} == parts
+
+
+def test_bake_refuses_before_any_work_without_a_bake_or_its_rollouts(repo, capsys):
+    assert main(["run", "bake", "--no-progress"]) == 1
+    assert "the staged input.yml has no BAKE" in capsys.readouterr().err
+    (repo.root / "input.yml").write_text(INPUT + "BAKE:\n  name: pirate_bake\n  datasets: [{target: pirate}]\n")
+    assert main(["add", "input.yml"]) == 0
+    head = repo.git("rev-parse", "HEAD")
+    assert main(["run", "bake", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "BAKE.datasets: target pirate_" in err and "has no complete rollout" in err
+    assert repo.git("rev-parse", "HEAD") == head and not (repo.root.parent / "store").exists()
