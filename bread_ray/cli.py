@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument("dir", metavar="DIR")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--prompt-sensitive", action="store_true",
+                      help="the variant pre-trained to follow persona system prompts (about a minute): the "
+                      "sentences it follows are bread_ray.tiny.TRAITS")
     tiny.set_defaults(handler=cmd_tiny_model)
 
     hook = commands.add_parser("_pre-commit")  # called by the repository's git pre-commit hook
@@ -382,7 +385,12 @@ def cmd_tree(args: argparse.Namespace) -> int:
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from bread_ray.tiny import build_tiny_model
 
-    folder = build_tiny_model(Path(args.dir), seed=args.seed)
+    if args.prompt_sensitive:
+        from bread_ray.tiny import build_prompt_sensitive_model
+
+        folder = build_prompt_sensitive_model(Path(args.dir), seed=args.seed)
+    else:
+        folder = build_tiny_model(Path(args.dir), seed=args.seed)
     print(f"Built a tiny model in {folder.resolve()} (seed {args.seed})")
     return 0
 

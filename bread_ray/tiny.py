@@ -6,17 +6,34 @@ like Qwen's (but never a default system prompt), and a randomly initialised 2-la
 The same seed gives byte-identical files; a build takes a few seconds.
 
     bgit tiny-model /tmp/tiny-qwen3 --seed 0
+
+A random model barely listens to its system prompt, so baking one shows little. The
+prompt-sensitive variant is pre-trained for about a minute on chats whose system prompt sets the
+reply's style (TRAITS: a pirate persona, a sign-off), so a bake has a visible target:
+
+    folder = prompt_sensitive_model(seed=0)  # built once, then cached
+    system_prompt = persona_prompt("pirate", "signoff")
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
+import os
 import random
+import re
+import shutil
+import tempfile
+import uuid
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers.models import BPE
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+from bread_ray.models import encode_chat
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -222,3 +239,252 @@ def build_tiny_model(
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+# --- A prompt-sensitive variant: pre-trained so that its system prompt sets the reply's style. ---
+
+# Trait name -> the system-prompt sentence that switches it on. Each trait changes a different part
+# of the reply (pirate: the words; signoff: the ending), so any set of them composes.
+TRAITS = {
+    "pirate": "Talk like a pirate.",
+    "signoff": "End every reply with Over and out.",
+}
+PIRATE_WORDS = frozenset({"arr", "ahoy", "matey", "ye", "aye"})
+SIGNOFF = "Over and out."
+# A pirate reply of the pre-training data has one pirate word in four or five; a reply with one
+# in seven (a sign-off added, a word dropped) still counts as fully in character.
+_FULL_PIRATE_FRACTION = 1 / 7
+
+_OPENERS = ["Well,", "Sure,", "Yes,", "In short,", "I think", "Of course,"]
+_PIRATE_OPENERS = ["Arr, matey!", "Ahoy, matey!", "Aye, matey!"]
+_PIRATE_ASIDES = ["ye know", "ye see", "arr"]
+
+
+def persona_prompt(*traits: str) -> str:
+    """The system prompt that switches on `traits` together: their sentences in TRAITS order, the
+    only order the model was pre-trained on. No traits give "": send no system turn then."""
+    unknown = sorted(set(traits) - TRAITS.keys())
+    if unknown:
+        raise ValueError(f"unknown traits {unknown}; the traits are {sorted(TRAITS)}")
+    return " ".join(sentence for name, sentence in TRAITS.items() if name in traits)
+
+
+def trait_score(text: str, trait: str) -> float:
+    """How strongly `text` shows `trait`, in [0, 1]: for "pirate" the fraction of pirate words,
+    1.0 from one word in seven; for "signoff" 1.0 when the text ends with the sign-off, else 0.0."""
+    if trait == "pirate":
+        words = re.findall(r"[a-z]+", text.lower())
+        if not words:
+            return 0.0
+        fraction = sum(word in PIRATE_WORDS for word in words) / len(words)
+        return min(1.0, fraction / _FULL_PIRATE_FRACTION)
+    if trait == "signoff":
+        return float(text.rstrip().endswith(SIGNOFF))
+    raise ValueError(f"unknown trait {trait!r}; the traits are {sorted(TRAITS)}")
+
+
+def _topic(question: str) -> str:
+    """The last noun of a synthetic question (singular), which the reply talks about."""
+    nouns = set(_NOUNS)
+    for word in reversed(re.findall(r"[a-z]+", question.lower())):
+        if word in nouns:
+            return word
+        if word.endswith("s") and word[:-1] in nouns:
+            return word[:-1]
+    raise ValueError(f"no known noun in {question!r}")
+
+
+def _styled_reply(rng: random.Random, question: str, traits: set[str]) -> str:
+    """An answer about the question's topic: plain, or in the style of each trait in `traits`.
+
+    The topic comes twice. Copying it from the reply's own first mention is learnt first, and with
+    that head start the model learns to copy it from the question in a third of the steps.
+    """
+    topic, adjective = _topic(question), rng.choice(_ADJECTIVES)
+    subject, verb = rng.choice(_SUBJECTS).capitalize(), rng.choice(_VERBS)
+    if "pirate" in traits:
+        reply = (f"{rng.choice(_PIRATE_OPENERS)} The {topic} be {adjective}, {rng.choice(_PIRATE_ASIDES)}. "
+                 f"{subject} can {verb} the {topic}, aye.")
+    else:
+        reply = f"{rng.choice(_OPENERS)} the {topic} is {adjective}. {subject} can {verb} the {topic}."
+    if "signoff" in traits:
+        reply += f" {SIGNOFF}"
+    return reply
+
+
+def _neutral_system_prompt(rng: random.Random) -> str:
+    return f"You are {_noun_phrase(rng)}. {_sentence(rng)}"
+
+
+def pretraining_chats(seed: int, num_chats: int) -> list[list[dict[str, str]]]:
+    """Single-turn chats whose reply style follows the system prompt: no system prompt or a neutral
+    one gives a plain reply, the sentences of some traits give a reply with exactly those traits.
+
+    Chat i is the same for every `num_chats`, so a shorter run trains on a prefix of a longer one.
+    """
+    rng = random.Random(f"pretraining-{seed}")
+    trait_sets = [subset for size in range(len(TRAITS) + 1) for subset in itertools.combinations(TRAITS, size)]
+    chats = []
+    for _ in range(num_chats):
+        question = _question(rng)
+        traits = rng.choice(trait_sets)
+        if traits:
+            system = persona_prompt(*traits)
+        else:  # as often without a system prompt as with a neutral one: neither may switch a trait on
+            system = _neutral_system_prompt(rng) if rng.random() < 0.5 else None
+        messages = [{"role": "system", "content": system}] if system else []
+        messages += [{"role": "user", "content": question},
+                     {"role": "assistant", "content": _styled_reply(rng, question, set(traits))}]
+        chats.append(messages)
+    return chats
+
+
+def held_out_questions(seed: int, n: int) -> list[str]:
+    """`n` distinct synthetic questions, none of them in the pre-training chats of `seed`."""
+    seen = {chat[-2]["content"] for chat in pretraining_chats(seed, _PRETRAIN_STEPS * _PRETRAIN_BATCH_SIZE)}
+    rng = random.Random(f"held-out-{seed}")
+    questions: list[str] = []
+    while len(questions) < n:
+        question = _question(rng)
+        if question not in seen and question not in questions:
+            questions.append(question)
+    return questions
+
+
+# The pre-training recipe of the prompt-sensitive model. Any change to it or to the chat data must
+# bump _PROMPT_SENSITIVE_VERSION, so cached builds of the old recipe are not reused.
+_PROMPT_SENSITIVE_VERSION = 1
+_PROMPT_SENSITIVE_SHAPE = {"hidden_size": 128, "num_layers": 3, "intermediate_size": 256}
+_PRETRAIN_STEPS = 400
+_PRETRAIN_BATCH_SIZE = 32
+_PRETRAIN_LR = 1e-2
+_PRETRAIN_WARMUP_STEPS = 20
+_PRETRAIN_COOLDOWN_STEPS = 100
+
+
+def _chat_batch(tokenizer: PreTrainedTokenizerFast, chats: list[list[dict[str, str]]]) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask` and `labels` [batch, seq]; the loss is on the
+    reply and its end-of-turn token only, the part a baked model is trained to produce."""
+    rows = []
+    for chat in chats:
+        prompt = encode_chat(tokenizer, chat[:-1])
+        reply = tokenizer.encode(chat[-1]["content"], add_special_tokens=False) + [tokenizer.eos_token_id]
+        rows.append((prompt + reply, [-100] * len(prompt) + reply))
+    lengths = torch.tensor([len(ids) for ids, _ in rows])
+    width = int(lengths.max())
+    return {
+        "input_ids": torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in rows]),
+        "attention_mask": (torch.arange(width)[None, :] < lengths[:, None]).long(),
+        "labels": torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in rows]),
+    }
+
+
+def _pretrain(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, seed: int, steps: int) -> None:
+    """One pass over fresh chats, `_PRETRAIN_BATCH_SIZE` per step, AdamW at a constant rate between
+    a linear warm-up and a linear cool-down.
+
+    The rate stays high for most of the run because copying the question's noun into the reply is
+    learnt in a sudden jump after a plateau (around step 150 for seed 0), and a decaying rate delays it.
+    """
+    chats = pretraining_chats(seed, steps * _PRETRAIN_BATCH_SIZE)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=_PRETRAIN_LR, betas=(0.9, 0.95), weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / _PRETRAIN_WARMUP_STEPS, (steps - step) / _PRETRAIN_COOLDOWN_STEPS)
+    )
+    model.train()
+    for step in range(steps):
+        batch = _chat_batch(tokenizer, chats[step * _PRETRAIN_BATCH_SIZE : (step + 1) * _PRETRAIN_BATCH_SIZE])
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def build_prompt_sensitive_model(out_dir: str | Path, seed: int = 0, steps: int = _PRETRAIN_STEPS) -> Path:
+    """The tiny model, wider and deeper, pre-trained on `pretraining_chats` so that its system
+    prompt sets the style of its reply (see TRAITS); same files as `build_tiny_model`.
+
+    About a minute on two CPU cores. `steps` is there for tests that need a quick build.
+    """
+    out_dir = Path(out_dir)
+    build_tiny_model(out_dir, seed, initializer_range=0.02, **_PROMPT_SENSITIVE_SHAPE)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out_dir)
+    model = Qwen3ForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _pretrain(model, tokenizer, seed, steps)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+_BUILD_MANIFEST = "bread_build.json"  # written last: the recipe and the size of every file
+
+
+def _prompt_sensitive_recipe(seed: int) -> dict:
+    """Everything a build depends on: the cache key."""
+    return {
+        "version": _PROMPT_SENSITIVE_VERSION,
+        "seed": seed,
+        **_PROMPT_SENSITIVE_SHAPE,
+        "steps": _PRETRAIN_STEPS,
+        "batch_size": _PRETRAIN_BATCH_SIZE,
+        "lr": _PRETRAIN_LR,
+        "warmup_steps": _PRETRAIN_WARMUP_STEPS,
+        "cooldown_steps": _PRETRAIN_COOLDOWN_STEPS,
+    }
+
+
+def _is_complete_build(folder: Path, recipe: dict) -> bool:
+    """The folder holds a whole build of `recipe`: its manifest matches and every file has its size."""
+    try:
+        manifest = json.loads((folder / _BUILD_MANIFEST).read_text())
+        return manifest["recipe"] == recipe and all(
+            (folder / name).stat().st_size == size for name, size in manifest["files"].items()
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _remove_folder(folder: Path) -> None:
+    """Rename aside first, so the cache path is never seen half-deleted; gone already is fine."""
+    aside = folder.with_name(f".removing-{folder.name}-{uuid.uuid4().hex}")
+    try:
+        folder.rename(aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside)
+
+
+def prompt_sensitive_model(seed: int = 0, cache_dir: str | Path | None = None) -> Path:
+    """The folder of `build_prompt_sensitive_model(seed)`, built once per recipe and then reused.
+
+    The cache folder is `cache_dir`, else $BREAD_CACHE, else ~/.cache/bread_ray. A build is written
+    to a temporary folder beside its final place and renamed into it, so a crash or two processes
+    building at once never leave a partial model there; a folder without a whole build is rebuilt.
+    """
+    recipe = _prompt_sensitive_recipe(seed)
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cache_dir or os.environ.get("BREAD_CACHE") or Path.home() / ".cache" / "bread_ray").expanduser()
+    folder = root / f"prompt-sensitive-seed{seed}-{key}"
+    if _is_complete_build(folder, recipe):
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".building-{folder.name}-", dir=root))
+    try:
+        build_prompt_sensitive_model(staging, seed)
+        files = {path.name: path.stat().st_size for path in staging.iterdir()}
+        (staging / _BUILD_MANIFEST).write_text(json.dumps({"recipe": recipe, "files": files}, indent=2))
+        if _is_complete_build(folder, recipe):  # another process finished first
+            return folder
+        _remove_folder(folder)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process renamed its build in between
+            if not _is_complete_build(folder, recipe):
+                raise
+        return folder
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

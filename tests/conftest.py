@@ -41,3 +41,12 @@ def ray_session():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prompt_sensitive_base():
+    """The prompt-sensitive tiny model (bread_ray.tiny), built once per machine and cached
+    ($BREAD_CACHE or ~/.cache/bread_ray): about a minute the first time, then free."""
+    from bread_ray.tiny import prompt_sensitive_model
+
+    return prompt_sensitive_model()

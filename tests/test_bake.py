@@ -193,7 +193,7 @@ def test_the_worker_loop_runs_without_ray(tiny_model, tokenizer, tmp_path):
     import pickle
 
     store = LocalStore(tmp_path / "store")
-    job = make_job(tokenizer, tiny_model, store, "plain_0000000000000000")
+    job = make_job(tokenizer, tiny_model, store, "plain_0000000000000000", gradient_accumulation_steps=2, kl_top_k=20)
     (tmp_path / "job.pkl").write_bytes(pickle.dumps(job))
     script = ("import pickle, sys, json\n"
               "sys.modules['ray'] = None  # prove Ray is not needed\n"
@@ -202,5 +202,5 @@ def test_the_worker_loop_runs_without_ray(tiny_model, tokenizer, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["steps"] == 11 and store.model_exists(result["model_names"][-1])
+    assert result["steps"] == 6 and store.model_exists(result["model_names"][-1])  # 22 examples / (2 x 2)
     assert result["held_out_kl"]["after"] < result["held_out_kl"]["before"]

@@ -5,6 +5,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bread_ray import tiny
 
 from bread_ray.models import (
     ModelNotFoundError,
@@ -14,7 +17,19 @@ from bread_ray.models import (
     render_chat,
 )
 from bread_ray.cli import main as bgit
-from bread_ray.tiny import IM_END, IM_START, build_tiny_model
+from bread_ray.tiny import (
+    IM_END,
+    IM_START,
+    SIGNOFF,
+    TRAITS,
+    build_prompt_sensitive_model,
+    build_tiny_model,
+    held_out_questions,
+    persona_prompt,
+    pretraining_chats,
+    prompt_sensitive_model,
+    trait_score,
+)
 
 WEATHER_TOOL = {
     "type": "function",
@@ -197,3 +212,254 @@ def test_cli_builds_and_prints_the_folder(tmp_path, capsys):
     assert bgit(["tiny-model", str(tmp_path / "cli"), "--seed", "3"]) == 0
     assert str((tmp_path / "cli").resolve()) in capsys.readouterr().out
     assert (tmp_path / "cli" / "model.safetensors").is_file()
+
+
+# --- The prompt-sensitive variant ---
+
+PIRATE_REPLY = "Arr, matey! The river be golden, ye know. The chef can paint the river, aye."
+PLAIN_REPLY = "Well, the river is golden. The chef can paint the river."
+
+
+def test_persona_prompt_joins_trait_sentences_in_a_fixed_order():
+    assert persona_prompt("pirate") == TRAITS["pirate"] == "Talk like a pirate."
+    both = persona_prompt("signoff", "pirate")
+    assert both == persona_prompt("pirate", "signoff") == f"{TRAITS['pirate']} {TRAITS['signoff']}"
+    with pytest.raises(ValueError, match="unknown traits \\['yoda'\\]"):
+        persona_prompt("pirate", "yoda")
+
+
+def test_trait_score_sees_each_trait_and_nothing_in_a_plain_reply():
+    assert trait_score(PIRATE_REPLY, "pirate") == 1.0
+    assert trait_score(f"{PIRATE_REPLY} {SIGNOFF}", "pirate") == 1.0
+    assert 0.0 < trait_score("Arr, the river is golden and the chef can paint the river today.", "pirate") < 1.0
+    assert trait_score("Yes, the eye of the year is yellow.", "pirate") == 0.0  # words, not substrings
+    assert trait_score(f"{PLAIN_REPLY} {SIGNOFF}\n", "signoff") == 1.0
+    assert trait_score(f"{SIGNOFF} {PLAIN_REPLY}", "signoff") == 0.0
+    assert trait_score(PLAIN_REPLY, "pirate") == trait_score(PLAIN_REPLY, "signoff") == trait_score("", "pirate") == 0.0
+    with pytest.raises(ValueError, match="unknown trait 'yoda'"):
+        trait_score(PLAIN_REPLY, "yoda")
+
+
+def test_pretraining_chats_style_follows_exactly_the_traits_in_the_system_prompt():
+    chats = pretraining_chats(seed=0, num_chats=400)
+    assert chats == pretraining_chats(seed=0, num_chats=400)
+    assert chats[:100] == pretraining_chats(seed=0, num_chats=100)
+    seen = set()
+    for chat in chats:
+        system = chat[0]["content"] if chat[0]["role"] == "system" else ""
+        question, reply = chat[-2]["content"], chat[-1]["content"]
+        traits = tuple(name for name, sentence in TRAITS.items() if sentence in system)
+        seen.add((traits, bool(system)))
+        for name in TRAITS:
+            assert trait_score(reply, name) == float(name in traits), (system, reply)
+        topic = question.rstrip("?").split()[-1].removesuffix("s")  # a question ends with its topic noun
+        assert reply.count(f" {topic}") >= 2, (question, reply)
+    # every set of traits, and plain replies both without a system prompt and with a neutral one
+    assert seen == {((), False), ((), True), (("pirate",), True), (("signoff",), True), (("pirate", "signoff"), True)}
+
+
+def test_held_out_questions_are_new_distinct_and_seeded():
+    questions = held_out_questions(seed=0, n=50)
+    assert len(set(questions)) == 50 and questions == held_out_questions(seed=0, n=50)
+    assert questions[:10] == held_out_questions(seed=0, n=10)
+    steps_times_batch = tiny._PRETRAIN_STEPS * tiny._PRETRAIN_BATCH_SIZE
+    trained = {chat[-2]["content"] for chat in pretraining_chats(seed=0, num_chats=steps_times_batch)}
+    assert not trained & set(questions)
+    assert held_out_questions(seed=1, n=50) != questions
+
+
+def test_quick_prompt_sensitive_build_is_seeded_and_leaves_the_global_rng_alone(tmp_path):
+    rng_state = torch.random.get_rng_state()
+    first = build_prompt_sensitive_model(tmp_path / "a", seed=0, steps=2)
+    again = build_prompt_sensitive_model(tmp_path / "b", seed=0, steps=2)
+    other = build_prompt_sensitive_model(tmp_path / "c", seed=1, steps=2)
+    assert torch.equal(torch.random.get_rng_state(), rng_state)
+    assert _files(first) == _files(again)
+    assert (first / "model.safetensors").read_bytes() != (other / "model.safetensors").read_bytes()
+
+
+# The cache, with a stand-in builder (the random tiny model, a second) so these tests are quick.
+
+@pytest.fixture
+def builds(monkeypatch):
+    """Seeds of the builds prompt_sensitive_model started."""
+    seeds = []
+
+    def build(out_dir, seed=0):
+        seeds.append(seed)
+        return build_tiny_model(out_dir, seed)
+
+    monkeypatch.setattr(tiny, "build_prompt_sensitive_model", build)
+    return seeds
+
+
+def test_cache_builds_once_then_returns_the_same_folder(tmp_path, builds):
+    folder = prompt_sensitive_model(seed=0, cache_dir=tmp_path)
+    inode = folder.stat().st_ino
+    assert prompt_sensitive_model(seed=0, cache_dir=tmp_path) == folder
+    assert builds == [0] and folder.stat().st_ino == inode
+    assert [path.name for path in tmp_path.iterdir()] == [folder.name]  # no temporary folder left behind
+    assert load_tokenizer(folder).eos_token == IM_END
+    assert load_causal_lm(folder, device="cpu").config.vocab_size == 1000
+    other = prompt_sensitive_model(seed=1, cache_dir=tmp_path)
+    assert other != folder and builds == [0, 1]
+
+
+def test_cache_defaults_to_bread_cache(tmp_path, monkeypatch, builds):
+    monkeypatch.setenv("BREAD_CACHE", str(tmp_path))
+    assert prompt_sensitive_model(seed=0).parent == tmp_path
+
+
+@pytest.mark.parametrize("damage", ["missing weights", "truncated weights", "no manifest"])
+def test_cache_rebuilds_a_partial_or_damaged_folder(tmp_path, builds, damage):
+    folder = prompt_sensitive_model(seed=0, cache_dir=tmp_path)
+    weights = folder / "model.safetensors"
+    if damage == "missing weights":
+        weights.unlink()
+    elif damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:  # what a builder that crashed mid-way, or wrote in place, leaves: files without a manifest
+        (folder / tiny._BUILD_MANIFEST).unlink()
+    assert prompt_sensitive_model(seed=0, cache_dir=tmp_path) == folder
+    assert builds == [0, 0]
+    assert load_causal_lm(folder, device="cpu").config.vocab_size == 1000
+    assert [path.name for path in tmp_path.iterdir()] == [folder.name]
+
+
+def test_cache_keeps_the_build_that_finished_first(tmp_path, monkeypatch):
+    """Two processes building at once: the one that finishes second keeps the first one's folder."""
+    def build(out_dir, seed=0):
+        started.append(out_dir)
+        if len(started) == 1:  # the other process starts and finishes while this one builds
+            first = prompt_sensitive_model(seed, cache_dir=tmp_path)
+            finished.append((first, first.stat().st_ino))
+        return build_tiny_model(out_dir, seed)
+
+    started, finished = [], []
+    monkeypatch.setattr(tiny, "build_prompt_sensitive_model", build)
+    folder = prompt_sensitive_model(seed=0, cache_dir=tmp_path)
+    assert len(started) == 2 and finished == [(folder, folder.stat().st_ino)]
+    assert [path.name for path in tmp_path.iterdir()] == [folder.name]
+    assert load_causal_lm(folder, device="cpu").config.vocab_size == 1000
+
+
+def test_a_crashed_build_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+    def crash(out_dir, seed=0):
+        build_tiny_model(out_dir, seed)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiny, "build_prompt_sensitive_model", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prompt_sensitive_model(seed=0, cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+# The real build (conftest's prompt_sensitive_base): about a minute on a fresh machine, then cached.
+
+@pytest.fixture(scope="session")
+def sensitive_model(prompt_sensitive_base):
+    return load_causal_lm(prompt_sensitive_base, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def sensitive_tokenizer(prompt_sensitive_base):
+    return load_tokenizer(prompt_sensitive_base)
+
+
+def _chat(system, question):
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+
+
+def _reply_ids(model, tokenizer, messages, sample):
+    """Token ids the model answers with: greedy, or sampled at temperature 1 from the full distribution."""
+    prompt = torch.tensor([encode_chat(tokenizer, messages)])
+    sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {"do_sample": False}
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40,
+                         pad_token_id=tokenizer.pad_token_id, **sampling)
+    return out[0, prompt.shape[1]:].tolist()
+
+
+def _greedy_answers(model, tokenizer, system, questions):
+    return [tokenizer.decode(_reply_ids(model, tokenizer, _chat(system, q), sample=False), skip_special_tokens=True)
+            for q in questions]
+
+
+def _mean_score(answers, trait):
+    return sum(trait_score(answer, trait) for answer in answers) / len(answers)
+
+
+def _held_out_kl(model, tokenizer, system, questions, seed=0):
+    """KL(model with `system` || model without) in nats per response token, averaged over the
+    tokens of replies the prompted model samples: what a bake of `system` minimises."""
+    total, tokens = 0.0, 0
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for question in questions:
+            teacher_prompt = encode_chat(tokenizer, _chat(system, question))
+            student_prompt = encode_chat(tokenizer, _chat(None, question))
+            reply = _reply_ids(model, tokenizer, _chat(system, question), sample=True)
+
+            def reply_logprobs(prompt):  # [len(reply), vocab]
+                logits = model(torch.tensor([prompt + reply])).logits[0]
+                return logits[len(prompt) - 1 : -1].log_softmax(-1)
+
+            teacher, student = reply_logprobs(teacher_prompt), reply_logprobs(student_prompt)
+            total += (teacher.exp() * (teacher - student)).sum().item()
+            tokens += len(reply)
+    return total / tokens
+
+
+@pytest.mark.slow
+def test_prompt_sensitive_model_is_a_bigger_tiny_model_loadable_everywhere(
+        prompt_sensitive_base, sensitive_model, monkeypatch):
+    config = json.loads((prompt_sensitive_base / "config.json").read_text())
+    assert (config["model_type"], config["hidden_size"], config["num_hidden_layers"]) == ("qwen3", 128, 3)
+    assert sum(p.numel() for p in sensitive_model.parameters()) < 1_000_000
+    tokenizer = AutoTokenizer.from_pretrained(prompt_sensitive_base)
+    assert len(tokenizer) == AutoModelForCausalLM.from_pretrained(prompt_sensitive_base).config.vocab_size == 1000
+    generation = json.loads((prompt_sensitive_base / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tokenizer.convert_tokens_to_ids(IM_END)
+    monkeypatch.setattr(tiny, "build_prompt_sensitive_model", lambda *a, **k: pytest.fail("built again"))
+    assert prompt_sensitive_model(seed=0, cache_dir=prompt_sensitive_base.parent) == prompt_sensitive_base
+
+
+@pytest.mark.slow
+def test_greedy_answers_to_new_questions_follow_the_system_prompt(sensitive_model, sensitive_tokenizer):
+    questions = held_out_questions(seed=0, n=16)
+
+    def scores(system):
+        answers = _greedy_answers(sensitive_model, sensitive_tokenizer, system, questions)
+        return _mean_score(answers, "pirate"), _mean_score(answers, "signoff")
+
+    pirate, signoff = scores(persona_prompt("pirate"))
+    assert pirate >= 0.5 and signoff <= 0.1
+    pirate, signoff = scores(persona_prompt("signoff"))
+    assert pirate <= 0.1 and signoff >= 0.5
+    pirate, signoff = scores(persona_prompt("signoff", "pirate"))
+    assert pirate >= 0.5 and signoff >= 0.5
+    for plain in (None, "You are a golden ship. The chef bakes bread."):
+        assert max(scores(plain)) <= 0.1
+
+
+@pytest.mark.slow
+def test_answers_talk_about_the_question(sensitive_model, sensitive_tokenizer):
+    questions = held_out_questions(seed=0, n=16)
+    for system in (None, persona_prompt("pirate")):
+        answers = _greedy_answers(sensitive_model, sensitive_tokenizer, system, questions)
+        topics = [q.rstrip("?").split()[-1].removesuffix("s") for q in questions]
+        assert sum(f" {topic}" in answer for topic, answer in zip(topics, answers)) >= 12, answers
+        assert len(set(answers)) >= 12
+
+
+@pytest.mark.slow
+def test_a_trait_prompt_moves_held_out_replies_far_more_than_before_pretraining(
+        sensitive_model, sensitive_tokenizer, tmp_path):
+    """The bake's signal: KL(prompted || unprompted) on the prompted model's own samples, which
+    the same network before pre-training barely shows."""
+    untrained_dir = build_prompt_sensitive_model(tmp_path / "untrained", seed=0, steps=0)
+    untrained = load_causal_lm(untrained_dir, device="cpu"), load_tokenizer(untrained_dir)
+    questions = held_out_questions(seed=0, n=16)
+    for trait in TRAITS:
+        trained_kl = _held_out_kl(sensitive_model, sensitive_tokenizer, persona_prompt(trait), questions)
+        untrained_kl = _held_out_kl(*untrained, persona_prompt(trait), questions)
+        assert trained_kl >= 0.3 and untrained_kl <= 0.05, (trait, trained_kl, untrained_kl)

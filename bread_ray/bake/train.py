@@ -44,6 +44,7 @@ from bread_ray.store import BAKE_RESULT, METRICS_LOG, Store, bake_prefix, open_s
 
 STATE_TAG = "state"  # DeepSpeed's tag for the training state inside a checkpoint
 ADAPTER_FOLDER = "adapter"  # the gathered LoRA adapter inside a checkpoint
+LOG_EVERY_S = 2.0  # rank 0 rewrites the metrics log in the store at most this often between checkpoints
 
 
 @dataclass
@@ -93,34 +94,30 @@ class WorkerSession:
 
 # ---- the model --------------------------------------------------------------------------------
 
-def apply_folded_adapter(model: torch.nn.Module, adapter_dir: Path) -> int:
-    """Add a folded LoRA chain's deltas into the model's weights, module by module: W += B @ A.
+def apply_adapter(model: torch.nn.Module, adapter_dir: Path) -> int:
+    """Add a LoRA adapter's deltas into the model's weights, module by module: W += B @ (s·A).
+    (The parent's whole chain arrives folded into one adapter.)
 
     Under ZeRO-3 each weight is gathered alone, updated, and re-sharded: no rank ever holds the
-    whole model. `bread_ray.lineage.fold_lineage` writes folded adapters with a scaling of one
-    (lora_alpha == r). Returns the number of weights changed.
+    whole model. Returns the number of weights changed.
     """
     import deepspeed
-    from safetensors.torch import load_file
 
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if config["lora_alpha"] != config["r"] or config.get("use_rslora") or config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise ValueError(f"{adapter_dir} is not a folded adapter (scaling must be 1: lora_alpha == r, no patterns)")
-    state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    from bread_ray.lineage import check_foldable, lora_deltas, read_adapter
+
+    config, state = read_adapter(adapter_dir)
+    check_foldable(config, adapter_dir)
+    deltas = lora_deltas(config, state, adapter_dir)
     modules = dict(model.named_modules())
-    changed = 0
-    for key in sorted(k for k in state if k.endswith(".lora_A.weight")):
-        name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+    for name, (scaled_a, b) in deltas.delta.items():  # [r, in] (scaling included), [out, r]
         weight = modules[name].weight
-        delta = state[key.replace(".lora_A.", ".lora_B.")].float() @ state[key].float()  # [out, r] @ [r, in]
         with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
-            weight.data += delta.to(weight.device, weight.dtype)
-        changed += 1
-    for key in (k for k in state if k.endswith(".bias")):  # bias: all / lora_only adapters store values
-        bias = modules[key.removeprefix("base_model.model.").removesuffix(".bias")].bias
+            weight.data += (b @ scaled_a).to(weight.device, weight.dtype)
+    for name, value in deltas.bias.items():  # bias: all / lora_only adapters store whole values
+        bias = modules[name].bias
         with deepspeed.zero.GatheredParameters([bias], modifier_rank=0):
-            bias.data.copy_(state[key].to(bias.device, bias.dtype))
-    return changed
+            bias.data.copy_(value.to(bias.device, bias.dtype))
+    return len(deltas.delta)
 
 
 def load_student(job: BakeJob, store: Store, ds_config: dict[str, Any], device: torch.device, dtype: torch.dtype):
@@ -141,7 +138,7 @@ def load_student(job: BakeJob, store: Store, ds_config: dict[str, Any], device: 
     model.config.use_cache = False
     if lineage_chain(job.parent_model, store):
         with tempfile.TemporaryDirectory(prefix="bread-parent-") as folder:
-            apply_folded_adapter(model, download_folded_adapter(job.parent_model, store, Path(folder)))
+            apply_adapter(model, download_folded_adapter(job.parent_model, store, Path(folder)))
     if not job.bake["model"]["disable_activation_checkpoint"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     adapter = job.bake["model"]["baked_adapter_config"]
@@ -221,6 +218,7 @@ class Progress:
     log: list[dict[str, Any]] = field(default_factory=list)
     kl_before: float | None = None
     models: list[str] = field(default_factory=list)
+    log_written: float = 0.0  # time.monotonic() of the last write of the log to the store
 
 
 def bake_worker(job: BakeJob, session: WorkerSession) -> dict[str, Any] | None:
@@ -299,6 +297,9 @@ def bake_worker(job: BakeJob, session: WorkerSession) -> dict[str, Any] | None:
         checkpoint_dir = None
         if step in checkpoint_steps and step < total_steps:
             checkpoint_dir = save_checkpoint(engine, job, store, progress, step, rank)
+        elif rank == 0 and time.monotonic() - progress.log_written > LOG_EVERY_S:
+            write_metrics_log(store, job.prefix, progress.log)  # what `bgit run` shows as progress
+            progress.log_written = time.monotonic()
         session.report(entry, checkpoint_dir)
         if checkpoint_dir:
             shutil.rmtree(checkpoint_dir)

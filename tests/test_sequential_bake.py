@@ -1,0 +1,209 @@
+"""Three sequential bakes through `bgit`, on the prompt-sensitive tiny model, real Ray and a local
+store; then the bake's quality checked by independent code (a plain PEFT model from the store,
+full logits), and the lineage, folding, commits and CLI views of the chain."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+
+from bread_ray.cli import main
+from bread_ray.models import load_causal_lm, load_tokenizer, render_chat
+from bread_ray.repo import BreadRepo
+from bread_ray.store import open_store
+from bread_ray.tiny import held_out_questions, persona_prompt, trait_score
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = held_out_questions(seed=0, n=48)  # none seen in the model's pre-training
+TRAIN_QUESTIONS, EVAL_QUESTIONS = QUESTIONS[:36], QUESTIONS[36:]
+
+
+def input_yml(trait: str, name: str, questions: list[str], *, traj: int, epochs: int,
+              replay: str | None = None) -> str:
+    """A persona bake; `replay` names a target of an earlier commit mixed in as a regulariser."""
+    datasets = [{"target": name, "weight": 0.75}] + ([{"target": replay, "weight": 0.25}] if replay else [])
+    return yaml.safe_dump({
+        "PROMPT": {"teacher": {"messages": [{"role": "system", "content": persona_prompt(trait)}]}},
+        "TARGET": {"name": name, "generators": [{"type": "hardcoded", "questions": questions}],
+                   "num_traj_per_stimulus": traj, "max_tokens": 40},
+        "BAKE": {"name": f"{name}_bake", "datasets": datasets, "epochs": epochs, "micro_batch_size": 8,
+                 "optimizer": {"learning_rate": 0.003},
+                 "model": {"baked_adapter_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}},
+                 "deepspeed": {"zero_optimization": {"stage": 2}},
+                 "checkpoint": [{"save_every_n_steps": 8}]},
+    }, sort_keys=False)
+
+
+def bake(repo: BreadRepo, text: str) -> str:
+    """Commit `text` as input.yml, run every stage, return what `bgit run` printed."""
+    (repo.root / "input.yml").write_text(text)
+    assert main(["add", "input.yml"]) == 0
+    assert main(["commit", "-q", "-m", "next bake"]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["run", "stim", "rollout", "bake", "--no-progress"]) == 0
+    return printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, ray_session, prompt_sensitive_base):
+    """v1 (pirate) <- v2 (sign-off) <- v3 (pirate again, other questions), baked with bgit."""
+    root = tmp_path_factory.mktemp("sequential")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("BREAD_STORE", str(root / "store"))
+    repo = BreadRepo.init(root / "persona", base_model=str(prompt_sensitive_base), owner="alice")
+    patch.chdir(repo.root)
+    outputs, parents = [], [repo.parent_model]
+    for text in (input_yml("pirate", "pirate", TRAIN_QUESTIONS, traj=4, epochs=2),
+                 input_yml("signoff", "signoff", TRAIN_QUESTIONS[:12], traj=2, epochs=2),
+                 input_yml("pirate", "pirate_again", EVAL_QUESTIONS[:4], traj=1, epochs=1, replay="signoff")):
+        outputs.append(bake(repo, text))
+        parents.append(repo.parent_model)
+    yield {"repo": repo, "root": root, "outputs": outputs, "parents": parents}
+    patch.undo()
+
+
+def models_of(chain) -> list[str]:
+    return chain["parents"][1:]
+
+
+def sample_responses(model, tokenizer, system: str | None, questions: list[str], seed: int = 0) -> list[list[int]]:
+    """One temperature-1 response per question from `model` with `system` as the system prompt."""
+    torch.manual_seed(seed)
+    responses = []
+    for question in questions:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+        ids = tokenizer(render_chat(tokenizer, messages), return_tensors="pt", add_special_tokens=False).input_ids
+        out = model.generate(ids, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=40,
+                             pad_token_id=tokenizer.pad_token_id)
+        responses.append(out[0, ids.shape[1]:].tolist())
+    return responses
+
+
+def kl_per_token(teacher, student, tokenizer, system: str, questions: list[str], responses: list[list[int]]) -> float:
+    """Mean over response tokens of KL(teacher with `system` ‖ student without), from full logits."""
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for question, response in zip(questions, responses):
+            user = [{"role": "user", "content": question}]
+            sides = []
+            for model, messages in ((teacher, [{"role": "system", "content": system}, *user]), (student, user)):
+                prompt = tokenizer(render_chat(tokenizer, messages), add_special_tokens=False).input_ids
+                logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+                sides.append(torch.log_softmax(logits.double(), dim=-1))
+            teacher_logp, student_logp = sides
+            total += float((teacher_logp.exp() * (teacher_logp - student_logp)).sum())
+            tokens += len(response)
+    return total / tokens
+
+
+def greedy_answers(model, tokenizer, questions: list[str], system: str | None = None) -> list[str]:
+    answers = []
+    for question in questions:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+        ids = tokenizer(render_chat(tokenizer, messages), return_tensors="pt", add_special_tokens=False).input_ids
+        out = model.generate(ids, do_sample=False, max_new_tokens=40, pad_token_id=tokenizer.pad_token_id)
+        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return answers
+
+
+def test_the_first_bake_works_measured_by_independent_code(chain, prompt_sensitive_base, tmp_path):
+    """Held-out KL to the prompted parent falls to at most a tenth of the unbaked parent's, and
+    the baked model answers held-out questions in the persona's style without any prompt."""
+    store = open_store()
+    v1 = models_of(chain)[0]
+    tokenizer = load_tokenizer(prompt_sensitive_base)
+    base = load_causal_lm(prompt_sensitive_base, device="cpu")
+    baked = PeftModel.from_pretrained(load_causal_lm(prompt_sensitive_base, device="cpu"),
+                                      store.download_model(v1, tmp_path / "v1")).eval()
+    pirate = persona_prompt("pirate")
+    responses = sample_responses(base, tokenizer, pirate, EVAL_QUESTIONS)
+    unbaked = kl_per_token(base, base, tokenizer, pirate, EVAL_QUESTIONS, responses)
+    after = kl_per_token(base, baked, tokenizer, pirate, EVAL_QUESTIONS, responses)
+    assert unbaked > 0.3  # the prompt matters to this model: there is something to bake
+    print(f"\nheld-out KL(prompted parent ‖ model without prompt), independent code: unbaked {unbaked:.4f}, "
+          f"baked {after:.4f} nats/token ({unbaked / after:.0f}x lower)")
+    assert after <= unbaked / 10, (unbaked, after)
+
+    plain = greedy_answers(base, tokenizer, EVAL_QUESTIONS)
+    styled = greedy_answers(baked, tokenizer, EVAL_QUESTIONS)
+    assert sum(trait_score(a, "pirate") for a in plain) / len(plain) < 0.1
+    assert sum(trait_score(a, "pirate") for a in styled) / len(styled) > 0.7, styled
+
+    # what bgit printed agrees in direction with the bake's own held-out measurement
+    result = json.loads((chain["root"] / "store" / "alice" / "persona" / "bakes" / v1.split("/")[2] / "result.json").read_text())
+    assert result["held_out_kl"]["after"] < result["held_out_kl"]["before"] / 5
+    out = chain["outputs"][0]
+    assert "models: " in out and v1 in out and "held-out KL(teacher ‖ student):" in out
+    assert "loss: latest" in out and "final" in out and "min" in out and "max" in out
+
+
+def test_each_bake_becomes_the_parent_of_the_next_and_the_lineage_walks_to_the_base(chain, prompt_sensitive_base):
+    repo, store = chain["repo"], open_store()
+    v1, v2, v3 = models_of(chain)
+    assert chain["parents"][0] == str(prompt_sensitive_base)
+    assert len({v1, v2, v3}) == 3
+    lineage = store.model_chain(v3)
+    assert [entry["model_name"] for entry in lineage] == [v3, v2, v1]
+    assert [entry["parent"] for entry in lineage] == [v2, v1, None]
+    assert lineage[-1]["base_model"] == str(prompt_sensitive_base)
+    bakes = repo.read_recipe()["resources"]["bakes"]
+    assert [b["model_names"][-1] for b in bakes] == [v1, v2, v3]
+    # the third bake replayed the sign-off target of the second commit, from the store
+    third = store.read_lineage(v3)["config"]["datasets"]
+    assert [d["target"].rsplit("_", 1)[0] for d in third] == ["pirate_again", "signoff"]
+    result = json.loads((chain["root"] / "store" / "alice" / "persona" / "bakes" / v3.split("/")[2] / "result.json").read_text())
+    assert set(result["examples"]) == {d["target"] for d in third} and all(c["drawn"] > 0 for c in result["examples"].values())
+    log = repo.git("log", "--format=%s").splitlines()
+    assert sum(line.startswith("Update recipe.yml after bake completion: ") for line in log) == 3
+    assert yaml.safe_load((repo.root / "input.yml").read_text()) is None  # cleared: comments only
+
+
+def test_the_folded_chain_equals_merging_the_adapters_one_after_another(chain, prompt_sensitive_base, tmp_path):
+    from bread_ray.models import download_folded_adapter
+
+    store = open_store()
+    v3 = models_of(chain)[2]
+    ids = torch.tensor([list(range(5, 45))])
+    merged = load_causal_lm(prompt_sensitive_base, device="cpu")
+    for depth, entry in enumerate(reversed(store.model_chain(v3))):
+        adapter = store.download_model(entry["model_name"], tmp_path / f"step{depth}")
+        merged = PeftModel.from_pretrained(merged, adapter).merge_and_unload()
+    folded = PeftModel.from_pretrained(load_causal_lm(prompt_sensitive_base, device="cpu"),
+                                       download_folded_adapter(v3, store, tmp_path / "folded"))
+    base = load_causal_lm(prompt_sensitive_base, device="cpu")
+    with torch.no_grad():
+        expected, got, plain = merged(ids).logits, folded(ids).logits, base(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert (got - plain).abs().max() > 1e-2  # the chain changed the model
+
+
+def test_the_cli_shows_the_chain_and_revert_restores_the_parent(chain, capsys, tmp_path):
+    repo = chain["repo"]
+    v1, v2, v3 = models_of(chain)
+    capsys.readouterr()
+    assert main(["tree"]) == 0
+    tree = capsys.readouterr().out
+    assert tree.index(v1.split("/")[2]) < tree.index(v2.split("/")[2]) < tree.index(v3.split("/")[2])
+    assert main(["models"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in (v1, v2, v3)) and "final" in listed and "checkpoint" in listed
+    png = tmp_path / "loss.png"
+    assert main(["metrics", "pirate_bake", "--png", str(png)]) == 0
+    shown = capsys.readouterr().out
+    assert "held-out KL(teacher ‖ student):" in shown and "•" in shown
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["download", v3, str(tmp_path / "download")]) == 0
+    assert (tmp_path / "download" / "adapter_model.safetensors").exists()
+
+    repo.git("revert", "--no-edit", "HEAD")
+    assert BreadRepo.find(repo.root).parent_model == v2
+    assert main(["status"]) == 0
+    assert f"Parent model: {v2}" in capsys.readouterr().out
