@@ -151,6 +151,8 @@ def check_bake_inputs(repo: BreadRepo, resolved: ResolvedConfig, stages: list[st
 
 def bake(repo: BreadRepo, resolved: ResolvedConfig, *, store: Store, progress: bool, workers: int | None) -> dict[str, Any]:
     """Train the bake (or reuse its stored result: a finished bake is never trained twice)."""
+    import ray
+
     from bread_ray.bake.train import prepare_job, run_bake
 
     result_key = f"{bake_prefix(repo.owner, repo.name, resolved.bake.id)}/{BAKE_RESULT}"
@@ -158,8 +160,6 @@ def bake(repo: BreadRepo, resolved: ResolvedConfig, *, store: Store, progress: b
         return store.get_json(result_key)
     job = prepare_job(resolved.bake, owner=repo.owner, repo=repo.name, store=store,
                       commit=repo.git("rev-parse", "HEAD").strip())
-    import ray
-
     gpus = int(ray.cluster_resources().get("GPU", 0))
     return run_bake(job, num_workers=workers or max(gpus, 1), use_gpu=gpus > 0, progress=progress)
 

@@ -8,8 +8,8 @@ so that a forward pass returns hidden states, and `chunked_kl` projects them thr
 chunk of tokens at a time: `[batch, seq, vocab]` logits never exist.
 
 The per-worker loop (`bake_worker`) is plain Python over torch.distributed and DeepSpeed: Ray
-Train runs it on every worker (`run_bake`), and it also runs on its own, one process or under
-`torchrun`, for profiling on a machine without Ray (see `python -m bread_ray.bake.train --help`).
+Train runs it on every worker (`run_bake`), and `run_standalone(job)` runs it on its own, in one
+process or in each of `torchrun`'s, for profiling on a machine without Ray (bench/bake.py does).
 
 Store layout, under `<owner>/<repo>/bakes/<bake_id>/`:
 
