@@ -188,12 +188,16 @@ def test_a_worker_killed_mid_bake_resumes_from_its_checkpoint(ray_session, tiny_
 
 
 @pytest.mark.slow
-def test_the_worker_loop_runs_without_ray(tiny_model, tokenizer, tmp_path):
-    """One plain process, as on a machine with torch, transformers, peft and DeepSpeed but no Ray."""
+@pytest.mark.parametrize("offload", ["none", "cpu"])
+def test_the_worker_loop_runs_without_ray(tiny_model, tokenizer, tmp_path, offload):
+    """One plain process, as on a machine with torch, transformers, peft and DeepSpeed but no Ray;
+    also ZeRO-3 with the optimizer and the parameters offloaded to the CPU, accumulation, top-k KL."""
     import pickle
 
     store = LocalStore(tmp_path / "store")
-    job = make_job(tokenizer, tiny_model, store, "plain_0000000000000000", gradient_accumulation_steps=2, kl_top_k=20)
+    zero = {"stage": 3, "offload_optimizer": {"device": offload}, "offload_param": {"device": offload}}
+    job = make_job(tokenizer, tiny_model, store, "plain_0000000000000000", gradient_accumulation_steps=2, kl_top_k=20,
+                   deepspeed={"zero_optimization": zero})
     (tmp_path / "job.pkl").write_bytes(pickle.dumps(job))
     script = ("import pickle, sys, json\n"
               "sys.modules['ray'] = None  # prove Ray is not needed\n"
