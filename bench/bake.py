@@ -154,7 +154,7 @@ def bench_bake_step(quick: bool) -> None:
 
     from bread_ray.bake.data import build_bake_data, collate
     from bread_ray.bake.train import BakeJob, read_metrics_log, run_standalone
-    from bread_ray.config import Bake
+    from bread_ray.config import Bake, content_hash
     from bread_ray.models import load_causal_lm, load_tokenizer
     from bread_ray.store import LocalStore
     from bread_ray.tiny import build_tiny_model
@@ -174,7 +174,7 @@ def bench_bake_step(quick: bool) -> None:
                   model={"disable_activation_checkpoint": True}).model_dump(mode="json", exclude={"name", "datasets"})
     data = build_bake_data({"t_1": records}, {"t_1": 1.0}, tokenizer, config)
     store = LocalStore(folder / "store")
-    job = BakeJob(bake_id="bench_0000000000000000", bake=config, owner="bench", repo="bake",
+    job = BakeJob(bake_id="bench_0000000000000000", bake=config, owner="bench", repo="bake", bake_hash=content_hash(config),
                   parent_model=str(model_dir), base_model=str(model_dir), store_uri=store.uri, data=data)
     warmup = 2
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from bread_ray.bake.data import build_bake_data, collate, mix_targets, optimizer_steps, rank_slice, split_by_question
 from bread_ray.bake.deepspeed import lr_multiplier
-from bread_ray.config import Bake
+from bread_ray.config import Bake, content_hash
 from bread_ray.models import load_tokenizer
 from bread_ray.store import LocalStore
 from bread_ray.tiny import build_tiny_model
@@ -130,8 +130,8 @@ def make_job(tokenizer, model_dir: Path, store: LocalStore, bake_id: str, **fiel
 
     config = bake_config(**fields)
     data = build_bake_data({"t_1": trajectories(12)}, {"t_1": 1.0}, tokenizer, config)
-    return BakeJob(bake_id=bake_id, bake=config, owner="me", repo="r", parent_model=str(model_dir),
-                   base_model=str(model_dir), store_uri=store.uri, data=data)
+    return BakeJob(bake_id=bake_id, bake=config, owner="me", repo="r", bake_hash=content_hash(config),
+                   parent_model=str(model_dir), base_model=str(model_dir), store_uri=store.uri, data=data)
 
 
 def losses(store: LocalStore, job) -> list[float]:
@@ -166,6 +166,7 @@ def test_zero2_and_zero3_bakes_match_and_publish_real_adapters(ray_session, tiny
         assert all(t.abs().sum() > 0 for t in lora_b)  # lora_B starts at zero: non-zero means trained
         lineage = store.read_lineage(result["model_names"][-1])
         assert lineage["parent"] is None and lineage["final"] and lineage["base_model"] == str(tiny_model)
+        assert lineage["bake_hash"] == jobs[stage].bake_hash and lineage["config"] == jobs[stage].bake
     same = [load_file(store.download_model(results[s]["model_names"][-1], tmp_path / f"again{s}") / "adapter_model.safetensors")
             for s in (2, 3)]
     for key in same[0]:

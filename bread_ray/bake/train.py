@@ -55,13 +55,19 @@ class BakeJob:
     bake: dict[str, Any]  # the resolved BAKE config (ResolvedBake.config)
     owner: str
     repo: str
+    bake_hash: str  # sha256 of the resolved BAKE config (the bake id holds its first 16 digits)
     parent_model: str  # hub id, local folder, or a lineage model name
-    base_model: str
+    base_model: str  # the parent itself when the parent is a base model
     store_uri: str
     data: BakeData
     commit: str | None = None  # the git commit whose input.yml this bake trains
     kl_chunk_tokens: int = 1024
     kill_worker_at_step: int | None = None  # fault injection (tests): SIGKILL rank 1 once, at this step
+
+    @property
+    def parent_lineage_model(self) -> str | None:
+        """The parent as a lineage model name, or None when the parent is the base model."""
+        return None if self.parent_model == self.base_model else self.parent_model
 
     @property
     def prefix(self) -> str:
@@ -131,12 +137,12 @@ def load_student(job: BakeJob, store: Store, ds_config: dict[str, Any], device: 
     from peft import LoraConfig, get_peft_model
     from transformers.integrations import HfDeepSpeedConfig
 
-    from bread_ray.models import download_folded_adapter, lineage_chain, load_causal_lm
+    from bread_ray.models import download_folded_adapter, load_causal_lm
 
     zero3_loading = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
     model = load_causal_lm(job.base_model, dtype=dtype, device=device)
     model.config.use_cache = False
-    if lineage_chain(job.parent_model, store):
+    if job.parent_lineage_model:
         with tempfile.TemporaryDirectory(prefix="bread-parent-") as folder:
             apply_adapter(model, download_folded_adapter(job.parent_model, store, Path(folder)))
     if not job.bake["model"]["disable_activation_checkpoint"]:
@@ -335,20 +341,15 @@ def save_checkpoint(engine: Any, job: BakeJob, store: Store, progress: Progress,
 def publish(job: BakeJob, store: Store, adapter_dir: Path, step: int, progress: Progress, *, final: bool,
             kl_after: float | None = None) -> None:
     """Publish the adapter as `<owner>/<repo>/<bake_id>/<step>` with its lineage (rank 0)."""
-    from bread_ray.lineage import InvalidModelName, ModelName
-
     name = job.model_name(step)
     if final and name not in progress.models:
         progress.models.append(name)
     if store.model_exists(name):
         return  # published before a restart
-    try:
-        parent = str(ModelName.parse(job.parent_model))
-    except InvalidModelName:
-        parent = None  # the parent is the base model
     losses = [entry["loss"] for entry in progress.log]
     store.publish_model(name, adapter_dir, {
-        "parent": parent, "base_model": job.base_model, "bake_id": job.bake_id, "bake_hash": job.bake_id.rsplit("_", 1)[-1],
+        "parent": job.parent_lineage_model, "base_model": job.base_model, "bake_id": job.bake_id,
+        "bake_hash": job.bake_hash,
         "config": job.bake, "commit": job.commit, "step": step, "final": final,
         "metrics": {"loss": losses[-1] if losses else None, "held_out_kl_before": progress.kl_before,
                     "held_out_kl_after": kl_after},
@@ -396,7 +397,8 @@ def prepare_job(bake: ResolvedBake, *, owner: str, repo: str, store: Store, comm
                                "run `bgit run stim rollout` for it first")
         trajectories[target_id] = read_rollout(store, prefix)
     data = build_bake_data(trajectories, dict(bake.datasets), load_tokenizer(base_model), bake.config)
-    return BakeJob(bake_id=bake.id, bake=bake.config, owner=owner, repo=repo, parent_model=bake.parent_model,
+    return BakeJob(bake_id=bake.id, bake=bake.config, owner=owner, repo=repo, bake_hash=bake.hash,
+                   parent_model=bake.parent_model,
                    base_model=base_model, store_uri=store.uri, data=data, commit=commit)
 
 
