@@ -364,14 +364,18 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from bread_ray.lineage import ModelName
-    from bread_ray.models import download_folded_adapter
+    import json
+
+    from bread_ray.lineage import InvalidModelName, ModelName
+    from bread_ray.models import FOLDED_CHAIN_FILE, ModelNotFoundError, download_folded_adapter
     from bread_ray.store import open_store
 
-    store = open_store()
-    name = str(ModelName.parse(args.model))
-    folder = download_folded_adapter(name, store, Path(args.dir))
-    base = store.model_chain(name)[-1]["base_model"]
+    try:
+        name = str(ModelName.parse(args.model))
+        folder = download_folded_adapter(name, open_store(), Path(args.dir))
+    except (InvalidModelName, ModelNotFoundError) as error:
+        raise RepoError(str(error)) from None
+    base = json.loads((folder / FOLDED_CHAIN_FILE).read_text())["base_model"]
     print(f"{name}: PEFT adapter in {folder} (load with PeftModel.from_pretrained on {base})")
     return 0
 

@@ -202,6 +202,9 @@ def test_the_cli_shows_the_chain_and_revert_restores_the_parent(chain, capsys, t
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["download", v3, str(tmp_path / "download")]) == 0
     assert (tmp_path / "download" / "adapter_model.safetensors").exists()
+    assert main(["download", "alice/persona/nope_1/1", str(tmp_path / "nope")]) == 1
+    assert "'alice/persona/nope_1/1' is not a model published in store" in capsys.readouterr().err
+    assert not (tmp_path / "nope").exists()
 
     repo.git("revert", "--no-edit", "HEAD")
     assert BreadRepo.find(repo.root).parent_model == v2
