@@ -11,8 +11,10 @@
     bgit status                    branch, parent model, input.yml, and what `bgit run` would do
     bgit tree                      the lineage of models across all branches
     bgit metrics [BAKE]            a bake's loss curve, in the terminal and as a PNG
-    bgit models                    this repository's models in the store
+    bgit models                    this repository's models in the store, and what a running server offers
     bgit download MODEL DIR        a model (its chain folded) as one PEFT adapter folder
+    bgit serve [--host] [--port]   an OpenAI-compatible chat API (Ray Serve) for the repository's models
+    bgit chat MODEL [-m TEXT]      talk to a model through that API
 
 This module only parses arguments and calls the modules that do the work.
 """
@@ -126,8 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser(
         "models", help="list this repository's models in the store",
         description="List the models of this repository published in the store (BREAD_STORE): name, parent, "
-        "whether it is a bake's final model, and its held-out KL.",
+        "whether it is a bake's final model, and its held-out KL. Then the models a chat server running at "
+        "--url offers, if one answers.",
     )
+    add_server_arguments(models)
     models.set_defaults(handler=cmd_models)
 
     download = commands.add_parser(
@@ -150,6 +154,44 @@ def build_parser() -> argparse.ArgumentParser:
         show.add_argument("--limit", type=int, default=limit, metavar="N", help=f"show at most N per target (default {limit})")
         show.add_argument("--count", action="store_true", help="only count them")
         show.set_defaults(handler=handler)
+
+    serve = commands.add_parser(
+        "serve", help="serve the models over an OpenAI-compatible chat API",
+        description="Run the chat service (Ray Serve) on this machine's Ray, or the cluster at RAY_ADDRESS, until "
+        "Ctrl-C: POST /v1/chat/completions (streaming or not), GET /v1/models, GET /health. A model is a lineage "
+        "model name (<owner>/<repo>/<bake_id>/<step>) or the base model's id. Inside a bgit repository it serves "
+        "that repository's models and its base; the store is BREAD_STORE. Bound to 127.0.0.1 unless --host says "
+        "otherwise; a bind beyond loopback needs an API key (--api-key or BREAD_API_KEY), which clients send as "
+        "`Authorization: Bearer <key>`. For a cluster deployment, see serve/config.yaml.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--base-model", metavar="ID_OR_PATH", help="the base model (default: the repository's)")
+    serve.add_argument("--repository", action="append", metavar="OWNER/REPO",
+                       help="serve this repository's models (repeatable; default: the current one, or every "
+                       "model of the base outside a repository)")
+    serve.add_argument("--replicas", type=int, default=1, metavar="N", help="Serve replicas (default 1)")
+    serve.add_argument("--adapter-cache", type=int, default=8, metavar="N",
+                       help="folded adapters each replica keeps loaded (default 8)")
+    serve.add_argument("--max-tokens-limit", type=int, default=4096, metavar="N",
+                       help="refuse requests asking for more new tokens (default 4096)")
+    serve.add_argument("--api-key", help="require this bearer key (default: BREAD_API_KEY, if set)")
+    serve.set_defaults(handler=cmd_serve)
+
+    chat = commands.add_parser(
+        "chat", help="talk to a model through the chat server",
+        description="Chat with MODEL (a lineage model name or the base model's id) through a running chat server "
+        "(`bgit serve`). Interactive, with answers streamed, unless -m gives one message: then the answer is "
+        "printed and bgit exits. In the chat: /help, /clear, /system <prompt>, /status, /quit.",
+    )
+    chat.add_argument("model", metavar="MODEL")
+    chat.add_argument("-m", "--message", help="ask this, print the answer and exit")
+    chat.add_argument("--system", help="a system prompt for the conversation")
+    chat.add_argument("--temperature", type=float, help="sampling temperature, 0 for greedy (default: the server's, 1)")
+    chat.add_argument("--max-tokens", type=int, metavar="N", help="longest answer in tokens (default: the server's)")
+    chat.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    add_server_arguments(chat)
+    chat.set_defaults(handler=cmd_chat)
 
     tree = commands.add_parser(
         "tree", help="draw the lineage of models across all branches",
@@ -348,6 +390,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from bread_ray.chat import ChatError, connect, served_models, server_url
     from bread_ray.store import open_store
 
     repo, store = BreadRepo.find(), open_store()
@@ -360,7 +403,62 @@ def cmd_models(args: argparse.Namespace) -> int:
         final = "final" if lineage.get("final") else "checkpoint"
         print(f"{name}  ({final}; parent {lineage['parent'] or lineage['base_model']}"
               + (f"; held-out KL {kl:.4g}" if kl is not None else "") + ")")
+    url = server_url(args.url)
+    try:
+        served = served_models(connect(url, args.api_key, timeout=10), url)
+    except ChatError as error:
+        print(f"Chat server: {error}")
+        return 0
+    print(f"Served at {url}/v1:")
+    for name in served:
+        print(f"  {name}")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bread_ray.serving import ServeSettings, api_key_digest, run_server
+
+    repo = _find_repo_or_none()
+    base_model = args.base_model or (repo.base_model if repo else None)
+    if base_model is None:
+        raise RepoError("outside a bgit repository, say which base model to serve: --base-model ID_OR_PATH")
+    repositories = args.repository or ([f"{repo.owner}/{repo.name}"] if repo else [])
+    api_key = args.api_key or os.environ.get("BREAD_API_KEY")
+    settings = ServeSettings(base_model=base_model, store=os.environ.get("BREAD_STORE"), repositories=repositories,
+                             adapter_cache_size=args.adapter_cache, max_tokens_limit=args.max_tokens_limit,
+                             api_key_sha256=api_key_digest(api_key) if api_key else None)
+    try:
+        run_server(settings, host=args.host, port=args.port, num_replicas=args.replicas)
+    except ValueError as error:
+        raise RepoError(str(error)) from None
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from bread_ray.chat import ChatError, Conversation, ask, connect, repl, served_models, server_url
+
+    url = server_url(args.url)
+    client = connect(url, args.api_key)
+    sampling = {key: value for key, value in (("temperature", args.temperature), ("max_tokens", args.max_tokens),
+                                              ("seed", args.seed)) if value is not None}
+    conversation = Conversation(model=args.model, system=args.system)
+    try:
+        offered = served_models(client, url)
+        if args.model not in offered:
+            raise ChatError(f"model {args.model!r} is not served at {url}; it serves: {', '.join(offered)}")
+        if args.message is not None:
+            ask(client, url, conversation, args.message, lambda text: print(text, end="", flush=True), sampling)
+            print()
+        else:
+            repl(client, url, conversation, sampling)
+    except ChatError as error:
+        raise RepoError(str(error)) from None
+    return 0
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="the chat server (default: BREAD_SERVE_URL, else http://127.0.0.1:8000)")
+    parser.add_argument("--api-key", help="its bearer key (default: BREAD_API_KEY)")
 
 
 def cmd_download(args: argparse.Namespace) -> int:

@@ -178,3 +178,18 @@ def encode_chat(
     """
     text = render_chat(tokenizer, messages, tools, add_generation_prompt, **template_kwargs)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The generation config's end tokens (Qwen lists two) and the tokenizer's."""
+    configured = model.generation_config.eos_token_id
+    ids = configured if isinstance(configured, list) else [configured]
+    return sorted({i for i in [*ids, tokenizer.eos_token_id] if i is not None})
+
+
+def cut_at_eos(token_ids: list[int], eos_ids: list[int]) -> list[int]:
+    """The tokens up to and including the first end token (generate pads the rows after it)."""
+    for position, token in enumerate(token_ids):
+        if token in eos_ids:
+            return token_ids[:position + 1]
+    return token_ids

@@ -40,7 +40,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bread_ray.config import ResolvedTarget
-from bread_ray.models import encode_chat, lineage_chain, load_teacher
+from bread_ray.models import cut_at_eos, encode_chat, eos_token_ids, lineage_chain, load_teacher
 from bread_ray.store import ROLLOUT_MANIFEST, Store, finished_shards, open_store, rollout_part_key
 
 # Generation runs on the actor's GPU, or on CPU with one thread per actor (Ray sets
@@ -88,21 +88,6 @@ def plan_shards(stimuli: list[str], shard_size: int) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 # Sampling: Hugging Face generate (CPU and GPU), or vLLM where it is installed and a GPU exists
 # --------------------------------------------------------------------------------------------
-
-
-def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The generation config's end tokens (Qwen lists two) and the tokenizer's."""
-    configured = model.generation_config.eos_token_id
-    ids = configured if isinstance(configured, list) else [configured]
-    return sorted({i for i in [*ids, tokenizer.eos_token_id] if i is not None})
-
-
-def cut_at_eos(token_ids: list[int], eos_ids: list[int]) -> list[int]:
-    """The tokens up to and including the first end token (generate pads the rows after it)."""
-    for position, token in enumerate(token_ids):
-        if token in eos_ids:
-            return token_ids[:position + 1]
-    return token_ids
 
 
 def hf_sampling_kwargs(sampling: dict[str, Any]) -> dict[str, Any]:

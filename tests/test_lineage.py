@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -15,6 +15,8 @@ from bread_ray.models import (
 )
 from bread_ray.store import LocalStore
 from bread_ray.tiny import build_tiny_model
+
+from adapters import make_lora
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Three bakes as a chain might hold them: other ranks, alphas and targets, rsLoRA, per-module patterns.
@@ -35,18 +37,6 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def input_ids():
     return torch.randint(0, 1000, (3, 12), generator=torch.Generator().manual_seed(0))
-
-
-def make_lora(model_dir, out_dir, seed, **lora):
-    """A saved LoRA adapter with random non-zero A and B (a fresh one has B = 0 and changes nothing)."""
-    peft_model = get_peft_model(load_causal_lm(model_dir, device="cpu"), LoraConfig(**lora))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
-    peft_model.save_pretrained(out_dir)
-    return out_dir
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,344 @@
+"""One base model answering for any model of its lineage tree: the engine behind `bgit serve`.
+
+A lineage model (`owner/repo/bake_id/step`) is its base plus its whole chain of LoRA deltas. The
+engine loads the base once; on a model's first request it downloads the chain from the store,
+folds it into one adapter (`models.download_folded_adapter`) and loads it into the model as a
+named PEFT adapter, kept in an LRU cache of `adapter_cache_size`. The base itself is served with
+the adapters disabled.
+
+One request at a time uses the model (`_model_lock`): it selects its adapter and samples its
+whole answer under the lock, so no adapter can ever reach another request's tokens, and an
+adapter is only evicted while nobody samples from it. Downloads and folds run outside the lock,
+so a cold model does not stall the others. Sampling is a plain loop over the KV cache with a
+per-request `torch.Generator`: a request's `seed` fixes its answer whatever else runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import threading
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from peft import PeftModel
+
+from bread_ray.lineage import InvalidModelName, ModelName, read_adapter
+from bread_ray.models import (
+    download_folded_adapter,
+    encode_chat,
+    eos_token_ids,
+    load_causal_lm,
+    load_tokenizer,
+)
+from bread_ray.store import Store
+
+
+class UnknownModel(LookupError):
+    """A model name this engine does not serve (HTTP 404)."""
+
+
+class InvalidRequest(ValueError):
+    """A request that cannot be served as asked: a bad model name, too many tokens (HTTP 400)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class AdapterLoadError(RuntimeError):
+    """A lineage model whose adapters could not be fetched, folded or loaded (HTTP 500)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one answer; temperature 0 is greedy."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop": an end token or a stop string; "length": max_tokens reached
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One token from `logits` [vocab] (float32): argmax at temperature 0, otherwise a draw from
+    the softmax at `temperature`, restricted to the smallest top set holding `top_p` of the mass."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p >= 1:
+        return int(torch.multinomial(probs, 1, generator=generator))
+    sorted_probs, order = probs.sort(descending=True)
+    # Keep each token whose predecessors hold less than top_p: the first token always stays.
+    keep = (sorted_probs.cumsum(0) - sorted_probs) < params.top_p
+    return int(order[torch.multinomial(sorted_probs * keep, 1, generator=generator)])
+
+
+@torch.inference_mode()
+def sample_tokens(model: Any, prompt_ids: list[int], params: SamplingParams, eos_ids: list[int],
+                  on_token: Callable[[int], bool]) -> str:
+    """Sample up to `max_tokens` after `prompt_ids`, passing each token to `on_token`, which
+    returns False to stop (a stop string, a client gone). Returns the finish reason.
+
+    The prompt runs once ([1, prompt] -> KV cache); then one token per forward ([1, 1]). Only the
+    last position's logits are computed (`logits_to_keep=1`): [1, 1, vocab].
+    """
+    generator = torch.Generator(device=model.device)
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    input_ids = torch.tensor([prompt_ids], device=model.device)
+    cache = None
+    for _ in range(params.max_tokens):
+        output = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = output.past_key_values
+        token = next_token(output.logits[0, -1].float(), params, generator)
+        if not on_token(token) or token in eos_ids:
+            return "stop"
+        input_ids = torch.tensor([[token]], device=model.device)
+    return "length"
+
+
+class ResponseText:
+    """Detokenizes an answer token by token, cut at the first stop string.
+
+    `add` returns the text that is final so far. It holds back a possibly incomplete UTF-8
+    character (decoded as U+FFFD) and the last len(longest stop) - 1 characters, which could be
+    the start of a stop string, so streamed pieces always join into the non-streamed answer.
+    """
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of self.text already returned
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        self.token_ids.append(token_id)
+        self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        hits = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+            return self.flush()
+        end = len(self.text.rstrip("\ufffd")) - self.hold
+        piece, self.sent = self.text[self.sent:max(end, self.sent)], max(end, self.sent)
+        return piece
+
+    def flush(self) -> str:
+        """Everything not yet returned (at the end of the answer)."""
+        piece, self.sent = self.text[self.sent:], len(self.text)
+        return piece
+
+
+@dataclass
+class LoadedAdapters:
+    """Lineage model name -> PEFT adapter name, least recently used first."""
+
+    names: OrderedDict[str, str] = field(default_factory=OrderedDict)
+    created: int = 0  # adapters ever loaded: names are a1, a2, ... (PEFT names cannot hold '/')
+
+
+class ModelCatalog:
+    """Which models a server answers for: the base model `base_model`, and each lineage model of
+    `store` baked on it, limited to `repositories` ("owner/repo") unless that is empty."""
+
+    def __init__(self, base_model: str, store: Store, repositories: list[str] | tuple[str, ...] = ()):
+        self.base_model = base_model
+        self.store = store
+        self.repositories = tuple(repositories)
+        self._chains: dict[str, list[dict]] = {}  # published models never change: cached for good
+
+    def check(self, name: str) -> None:
+        """Raise InvalidRequest (not a model name) or UnknownModel unless `name` is served here."""
+        if name == self.base_model:
+            return
+        if "/" not in name:
+            raise UnknownModel(f"model {name!r} is not served here: this server serves the base "
+                               f"model {self.base_model!r} and its lineage models (owner/repo/bake_id/step)")
+        if name.startswith("/") or any(part in (".", "..") for part in name.split("/")):
+            raise InvalidRequest(f"model name {name!r} is a path: model names are owner/repo/bake_id/step",
+                                 param="model")
+        try:
+            parsed = ModelName.parse(name)
+        except InvalidModelName as err:
+            raise InvalidRequest(str(err), param="model") from None
+        if self.repositories and f"{parsed.owner}/{parsed.repo}" not in self.repositories:
+            raise UnknownModel(f"model {name!r} is not served here: this server serves the "
+                               f"repositories {', '.join(self.repositories)}")
+        base = self.chain(name)[-1]["base_model"]
+        if base != self.base_model:
+            raise UnknownModel(f"model {name!r} is baked on {base!r}, not on this server's base "
+                               f"model {self.base_model!r}")
+
+    def chain(self, name: str) -> list[dict]:
+        """The model's lineages, child first; UnknownModel if it is not in the store."""
+        if name not in self._chains:
+            if not self.store.model_exists(name):
+                raise UnknownModel(f"model {name!r} does not exist in store {self.store.uri}")
+            self._chains[name] = self.store.model_chain(name)
+        return self._chains[name]
+
+    def model_names(self) -> list[str]:
+        """The base, then every lineage model served, sorted."""
+        lineage = []
+        owners_repos = [tuple(r.split("/", 1)) for r in self.repositories] or [(None, None)]
+        for owner, repo in owners_repos:
+            for model in self.store.list_models(owner, repo):
+                try:
+                    self.check(str(model))
+                except (UnknownModel, InvalidRequest):
+                    continue
+                lineage.append(str(model))
+        return [self.base_model, *sorted(set(lineage))]
+
+    def lineage(self, name: str) -> dict | None:
+        """The model's own lineage.json (None for the base)."""
+        return None if name == self.base_model else self.chain(name)[0]
+
+
+class ChatEngine:
+    """The models of `catalog` from one copy of its base model. Thread-safe: every method may be
+    called from any thread."""
+
+    def __init__(self, catalog: ModelCatalog, adapter_cache_size: int = 8, device: str | None = None):
+        if adapter_cache_size < 1:
+            raise ValueError(f"adapter_cache_size must be at least 1, got {adapter_cache_size}")
+        self.catalog = catalog
+        self.base_model = catalog.base_model
+        self.adapter_cache_size = adapter_cache_size
+        self.model: Any = load_causal_lm(self.base_model, device=device)
+        self.tokenizer = load_tokenizer(self.base_model)
+        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
+        self.context_length = self.model.config.max_position_embeddings
+        self._adapters = LoadedAdapters()
+        self._model_lock = threading.Lock()
+        self._fetch_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+
+    # ---- prompts -----------------------------------------------------------------------------
+
+    def encode(self, messages: list[dict[str, Any]], template_kwargs: dict[str, Any]) -> list[int]:
+        """The chat through the tokenizer's chat template, ready for the assistant's turn."""
+        try:
+            return encode_chat(self.tokenizer, messages, add_generation_prompt=True, **template_kwargs)
+        except Exception as err:  # jinja raises TemplateError, TypeError, ... for what it cannot render
+            raise InvalidRequest(f"the chat template cannot render these messages: {err}",
+                                 param="messages") from None
+
+    def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
+        if prompt_tokens + max_tokens > self.context_length:
+            raise InvalidRequest(
+                f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+                f"context of {self.context_length} tokens", param="max_tokens")
+
+    # ---- answers -----------------------------------------------------------------------------
+
+    def complete(self, name: str, prompt_ids: list[int], params: SamplingParams,
+                 on_text: Callable[[str], None] | None = None,
+                 cancelled: threading.Event | None = None) -> Completion:
+        """Sample one answer of model `name`; `on_text` receives it piece by piece as it is made.
+
+        Raises UnknownModel, InvalidRequest or AdapterLoadError before any token is sampled.
+        """
+        self.catalog.check(name)
+        self.check_length(len(prompt_ids), params.max_tokens)
+        text = ResponseText(self.tokenizer, params.stop)
+        generated = 0
+
+        def on_token(token: int) -> bool:
+            nonlocal generated
+            generated += 1
+            piece = text.add(token)
+            if piece and on_text:
+                on_text(piece)
+            return not text.stopped and not (cancelled and cancelled.is_set())
+
+        while True:
+            if name != self.base_model:
+                self._ensure_loaded(name)
+            with self._model_lock:
+                if name == self.base_model:
+                    with self._base_only():
+                        finish = sample_tokens(self.model, prompt_ids, params, self.eos_ids, on_token)
+                elif name in self._adapters.names:
+                    self._adapters.names.move_to_end(name)
+                    self.model.set_adapter(self._adapters.names[name])
+                    finish = sample_tokens(self.model, prompt_ids, params, self.eos_ids, on_token)
+                else:
+                    continue  # evicted between loading and now by other models: load it again
+            break
+        rest = text.flush()
+        if rest and on_text:
+            on_text(rest)
+        return Completion(text=text.text, finish_reason=finish, prompt_tokens=len(prompt_ids),
+                          completion_tokens=generated)
+
+    def _base_only(self):
+        """The base model's weights: adapters disabled for the duration (a no-op before the first)."""
+        if isinstance(self.model, PeftModel):
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
+
+    def prepare(self, name: str) -> None:
+        """Check the model and load its adapters now, so that a streamed answer fails before its
+        first byte rather than in the middle."""
+        self.catalog.check(name)
+        if name != self.base_model:
+            self._ensure_loaded(name)
+
+    def _ensure_loaded(self, name: str) -> None:
+        """Fetch and fold the model's chain (outside the model lock), then load it as an adapter.
+
+        The per-model lock makes concurrent first requests for one model fetch it once.
+        """
+        with self._fetch_locks[name]:
+            if name in self._adapters.names:
+                return
+            with tempfile.TemporaryDirectory(prefix="bread-serve-") as folder:
+                try:
+                    adapter_dir = download_folded_adapter(name, self.catalog.store, Path(folder))
+                    read_adapter(adapter_dir)  # a corrupt file fails here, before PEFT touches the model
+                except Exception as err:
+                    raise AdapterLoadError(f"the adapters of model {name!r} could not be loaded: {err}") from err
+                with self._model_lock:
+                    self._load_adapter(name, adapter_dir)
+
+    def _load_adapter(self, name: str, adapter_dir: Path) -> None:
+        """Under the model lock: add the adapter, then evict the least recently used beyond the cache."""
+        self._adapters.created += 1
+        adapter_name = f"a{self._adapters.created}"
+        try:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(adapter_dir),
+                                                       adapter_name=adapter_name, is_trainable=False)
+        except Exception as err:
+            if isinstance(self.model, PeftModel) and adapter_name in self.model.peft_config:
+                self.model.delete_adapter(adapter_name)
+            raise AdapterLoadError(f"the adapter of model {name!r} could not be loaded: {err}") from err
+        self.model.eval()
+        self.model.set_adapter(adapter_name)  # before evicting: PEFT warns when the active one goes
+        self._adapters.names[name] = adapter_name
+        while len(self._adapters.names) > self.adapter_cache_size:
+            _, evicted = self._adapters.names.popitem(last=False)
+            self.model.delete_adapter(evicted)
+
+    def cached_models(self) -> list[str]:
+        """Lineage models whose adapters are loaded, least recently used first."""
+        return list(self._adapters.names)
