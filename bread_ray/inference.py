@@ -1,4 +1,7 @@
-"""One base model answering for any model of its lineage tree: the engine behind `bgit serve`.
+"""One base model answering for any model of its lineage tree: the engines behind `bgit serve`.
+
+`HfChatEngine` (Hugging Face transformers, CPU or GPU) is described below; `VllmChatEngine` runs
+vLLM's multi-LoRA engine instead where vLLM is installed and a GPU exists (`open_engine`).
 
 A lineage model (`owner/repo/bake_id/step`) is its base plus its whole chain of LoRA deltas. The
 engine loads the base once; on a model's first request it downloads the chain from the store,
@@ -15,9 +18,12 @@ per-request `torch.Generator`: a request's `seed` fixes its answer whatever else
 
 from __future__ import annotations
 
+import abc
+import asyncio
 import contextlib
 import tempfile
 import threading
+import uuid
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +39,7 @@ from bread_ray.models import (
     eos_token_ids,
     load_causal_lm,
     load_tokenizer,
+    vllm_available,
 )
 from bread_ray.store import Store
 
@@ -212,25 +219,15 @@ class ModelCatalog:
         return None if name == self.base_model else self.chain(name)[0]
 
 
-class ChatEngine:
-    """The models of `catalog` from one copy of its base model. Thread-safe: every method may be
-    called from any thread."""
+class ChatEngine(abc.ABC):
+    """What every engine shares: the models of `catalog`, the base's tokenizer and chat template,
+    and the context limit. Engines are thread-safe: every method may be called from any thread."""
 
-    def __init__(self, catalog: ModelCatalog, adapter_cache_size: int = 8, device: str | None = None):
-        if adapter_cache_size < 1:
-            raise ValueError(f"adapter_cache_size must be at least 1, got {adapter_cache_size}")
+    def __init__(self, catalog: ModelCatalog, context_length: int):
         self.catalog = catalog
         self.base_model = catalog.base_model
-        self.adapter_cache_size = adapter_cache_size
-        self.model: Any = load_causal_lm(self.base_model, device=device)
         self.tokenizer = load_tokenizer(self.base_model)
-        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
-        self.context_length = self.model.config.max_position_embeddings
-        self._adapters = LoadedAdapters()
-        self._model_lock = threading.Lock()
-        self._fetch_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
-
-    # ---- prompts -----------------------------------------------------------------------------
+        self.context_length = context_length
 
     def encode(self, messages: list[dict[str, Any]], template_kwargs: dict[str, Any]) -> list[int]:
         """The chat through the tokenizer's chat template, ready for the assistant's turn."""
@@ -246,15 +243,44 @@ class ChatEngine:
                 f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
                 f"context of {self.context_length} tokens", param="max_tokens")
 
+    @abc.abstractmethod
+    def prepare(self, name: str) -> None:
+        """Check the model and load its adapters now, so that a streamed answer fails before its
+        first byte rather than in the middle."""
+
+    @abc.abstractmethod
+    def complete(self, name: str, prompt_ids: list[int], params: SamplingParams,
+                 on_text: Callable[[str], None] | None = None,
+                 cancelled: threading.Event | None = None) -> Completion:
+        """Sample one answer of model `name`; `on_text` receives it piece by piece as it is made,
+        and setting `cancelled` stops it. Raises UnknownModel, InvalidRequest or AdapterLoadError
+        before any token is sampled."""
+
+    @abc.abstractmethod
+    def cached_models(self) -> list[str]:
+        """Lineage models whose adapters are ready."""
+
+
+class HfChatEngine(ChatEngine):
+    """Hugging Face transformers on CPU or one GPU: one copy of the base model, lineage models as
+    named PEFT adapters (LRU, `adapter_cache_size`), one request sampling at a time."""
+
+    def __init__(self, catalog: ModelCatalog, adapter_cache_size: int = 8, device: str | None = None):
+        if adapter_cache_size < 1:
+            raise ValueError(f"adapter_cache_size must be at least 1, got {adapter_cache_size}")
+        self.model: Any = load_causal_lm(catalog.base_model, device=device)
+        super().__init__(catalog, self.model.config.max_position_embeddings)
+        self.adapter_cache_size = adapter_cache_size
+        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
+        self._adapters = LoadedAdapters()
+        self._model_lock = threading.Lock()
+        self._fetch_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+
     # ---- answers -----------------------------------------------------------------------------
 
     def complete(self, name: str, prompt_ids: list[int], params: SamplingParams,
                  on_text: Callable[[str], None] | None = None,
                  cancelled: threading.Event | None = None) -> Completion:
-        """Sample one answer of model `name`; `on_text` receives it piece by piece as it is made.
-
-        Raises UnknownModel, InvalidRequest or AdapterLoadError before any token is sampled.
-        """
         self.catalog.check(name)
         self.check_length(len(prompt_ids), params.max_tokens)
         text = ResponseText(self.tokenizer, params.stop)
@@ -295,8 +321,6 @@ class ChatEngine:
         return contextlib.nullcontext()
 
     def prepare(self, name: str) -> None:
-        """Check the model and load its adapters now, so that a streamed answer fails before its
-        first byte rather than in the middle."""
         self.catalog.check(name)
         if name != self.base_model:
             self._ensure_loaded(name)
@@ -340,5 +364,89 @@ class ChatEngine:
             self.model.delete_adapter(evicted)
 
     def cached_models(self) -> list[str]:
-        """Lineage models whose adapters are loaded, least recently used first."""
-        return list(self._adapters.names)
+        return list(self._adapters.names)  # least recently used first
+
+
+class VllmChatEngine(ChatEngine):
+    """vLLM's AsyncLLMEngine with multi-LoRA on a GPU: concurrent requests are batched by vLLM, and
+    a lineage model is its folded adapter (PEFT layout, on local disk) sent as a LoRARequest, vLLM
+    keeping `adapter_cache_size` of them on the GPU. `max_lora_rank` bounds the folded rank (the
+    sum of the chain's ranks).
+
+    Untested: these machines have no GPU and cannot install vLLM; the tests run HfChatEngine.
+    """
+
+    def __init__(self, catalog: ModelCatalog, adapter_cache_size: int = 8, max_lora_rank: int = 64):
+        from transformers import AutoConfig
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+        super().__init__(catalog, AutoConfig.from_pretrained(catalog.base_model).max_position_embeddings)
+        self.max_lora_rank = max_lora_rank
+        self.loop = asyncio.new_event_loop()  # vLLM's own: sync callers (threads) wait on it
+        threading.Thread(target=self.loop.run_forever, name="vllm-loop", daemon=True).start()
+        args = AsyncEngineArgs(model=catalog.base_model, enable_lora=True, max_loras=adapter_cache_size,
+                               max_cpu_loras=adapter_cache_size, max_lora_rank=max_lora_rank)
+        self.vllm = AsyncLLMEngine.from_engine_args(args)
+        self.adapter_root = Path(tempfile.mkdtemp(prefix="bread-vllm-adapters-"))
+        self.lora_requests: dict[str, Any] = {}
+        self._fetch_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+
+    def prepare(self, name: str) -> None:
+        from vllm.lora.request import LoRARequest
+
+        self.catalog.check(name)
+        if name == self.base_model:
+            return
+        with self._fetch_locks[name]:
+            if name in self.lora_requests:
+                return
+            lora_id = len(self.lora_requests) + 1
+            folder = self.adapter_root / str(lora_id)
+            try:
+                config, _ = read_adapter(download_folded_adapter(name, self.catalog.store, folder))
+            except Exception as err:
+                raise AdapterLoadError(f"the adapters of model {name!r} could not be loaded: {err}") from err
+            rank = max([config["r"], *config.get("rank_pattern", {}).values()])
+            if rank > self.max_lora_rank:
+                raise AdapterLoadError(f"model {name!r} folds into a LoRA of rank {rank}, over this server's "
+                                       f"max_lora_rank {self.max_lora_rank}: raise max_lora_rank")
+            self.lora_requests[name] = LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=str(folder))
+
+    def complete(self, name: str, prompt_ids: list[int], params: SamplingParams,
+                 on_text: Callable[[str], None] | None = None,
+                 cancelled: threading.Event | None = None) -> Completion:
+        self.prepare(name)
+        self.check_length(len(prompt_ids), params.max_tokens)
+        answer = self._complete(name, prompt_ids, params, on_text, cancelled)
+        return asyncio.run_coroutine_threadsafe(answer, self.loop).result()
+
+    async def _complete(self, name: str, prompt_ids: list[int], params: SamplingParams,
+                        on_text: Callable[[str], None] | None, cancelled: threading.Event | None) -> Completion:
+        from vllm import SamplingParams as VllmSamplingParams
+
+        sampling = VllmSamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
+                                      top_p=params.top_p, stop=list(params.stop), seed=params.seed)
+        request_id, sent, output = uuid.uuid4().hex, "", None
+        async for output in self.vllm.generate({"prompt_token_ids": prompt_ids}, sampling, request_id,
+                                               lora_request=self.lora_requests.get(name)):
+            text = output.outputs[0].text  # cumulative
+            if on_text and len(text) > len(sent):
+                on_text(text[len(sent):])
+                sent = text
+            if cancelled and cancelled.is_set():
+                await self.vllm.abort(request_id)
+                break
+        choice = output.outputs[0]
+        return Completion(text=choice.text, finish_reason=choice.finish_reason or "stop",
+                          prompt_tokens=len(prompt_ids), completion_tokens=len(choice.token_ids))
+
+    def cached_models(self) -> list[str]:
+        return list(self.lora_requests)
+
+
+def open_engine(catalog: ModelCatalog, engine: str = "auto", adapter_cache_size: int = 8,
+                max_lora_rank: int = 64) -> ChatEngine:
+    """vLLM where it is installed and a GPU exists (or `engine="vllm"`), Hugging Face otherwise."""
+    if engine == "vllm" or (engine == "auto" and vllm_available()):
+        return VllmChatEngine(catalog, adapter_cache_size, max_lora_rank)
+    return HfChatEngine(catalog, adapter_cache_size)

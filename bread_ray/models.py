@@ -6,6 +6,7 @@ weights, dtype and chat template everywhere.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import tempfile
@@ -193,3 +194,8 @@ def cut_at_eos(token_ids: list[int], eos_ids: list[int]) -> list[int]:
         if token in eos_ids:
             return token_ids[:position + 1]
     return token_ids
+
+
+def vllm_available() -> bool:
+    """vLLM is the engine on GPU machines that have it installed (rollout and serving)."""
+    return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None

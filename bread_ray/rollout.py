@@ -25,7 +25,6 @@ Store layout, under the target's prefix (`<owner>/<repo>/targets/<target_id>`):
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import tempfile
 import time
@@ -40,7 +39,9 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bread_ray.config import ResolvedTarget
-from bread_ray.models import cut_at_eos, encode_chat, eos_token_ids, lineage_chain, load_teacher
+from bread_ray.models import (
+    cut_at_eos, encode_chat, eos_token_ids, lineage_chain, load_teacher, vllm_available,
+)
 from bread_ray.store import ROLLOUT_MANIFEST, Store, finished_shards, open_store, rollout_part_key
 
 # Generation runs on the actor's GPU, or on CPU with one thread per actor (Ray sets
@@ -116,10 +117,6 @@ def hf_generate(model: Any, tokenizer: Any, prompts: list[list[int]], sampling: 
                                 pad_token_id=tokenizer.pad_token_id)
     new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()
     return [cut_at_eos(row, eos_ids) for row in new_tokens]
-
-
-def vllm_available() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
 
 
 def load_vllm_engine(model_name: str, store: Store) -> Any:

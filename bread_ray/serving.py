@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
 from bread_ray.inference import (
-    AdapterLoadError, ChatEngine, Completion, InvalidRequest, ModelCatalog, SamplingParams, UnknownModel,
+    AdapterLoadError, Completion, InvalidRequest, ModelCatalog, SamplingParams, UnknownModel, open_engine,
 )
 from bread_ray.store import open_store
 
@@ -52,7 +52,11 @@ class ServeSettings(BaseModel):
     repositories: list[str] = Field(default_factory=list,
                                     description="`owner/repo` whose lineage models are served; empty: "
                                                 "every model in the store baked on base_model.")
+    engine: Literal["auto", "hf", "vllm"] = Field("auto", description="vLLM (multi-LoRA, batched) where it is "
+                                                  "installed and a GPU exists; Hugging Face otherwise.")
     adapter_cache_size: int = Field(8, ge=1, description="Folded adapters kept loaded per replica (LRU).")
+    max_lora_rank: int = Field(64, ge=1, description="vLLM only: the largest folded rank (the sum of a "
+                                                     "chain's ranks) it can serve.")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens of a request that gives none.")
     max_tokens_limit: int = Field(4096, ge=1, description="The largest max_tokens a request may ask for.")
     api_key_sha256: str | None = Field(None, description="SHA-256 (hex) of the bearer key clients must "
@@ -180,7 +184,7 @@ class ChatDeployment:
     def __init__(self, settings: ServeSettings):
         self.settings = settings
         catalog = ModelCatalog(settings.base_model, open_store(settings.store), settings.repositories)
-        self.engine = ChatEngine(catalog, settings.adapter_cache_size)
+        self.engine = open_engine(catalog, settings.engine, settings.adapter_cache_size, settings.max_lora_rank)
 
     def authorize(self, authorization: str | None) -> None:
         expected = self.settings.api_key_sha256

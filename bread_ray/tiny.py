@@ -27,13 +27,14 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers.models import BPE
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from bread_ray.models import encode_chat
+from bread_ray.models import encode_chat, load_causal_lm
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -488,3 +489,19 @@ def prompt_sensitive_model(seed: int = 0, cache_dir: str | Path | None = None) -
         return folder
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def build_random_lora(model_dir: str | Path, out_dir: str | Path, seed: int, **lora: Any) -> Path:
+    """A saved LoRA adapter on `model_dir` with random non-zero A and B, standing in for a bake's
+    adapter in tests and benchmarks (a fresh LoRA has B = 0 and changes nothing). `lora` are
+    LoraConfig fields (r, lora_alpha, target_modules, ...)."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(load_causal_lm(model_dir, device="cpu"), LoraConfig(**lora))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+    peft_model.save_pretrained(out_dir)
+    return Path(out_dir)

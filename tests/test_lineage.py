@@ -14,9 +14,7 @@ from bread_ray.models import (
     ModelNotFoundError, download_folded_adapter, load_causal_lm, load_teacher,
 )
 from bread_ray.store import LocalStore
-from bread_ray.tiny import build_tiny_model
-
-from adapters import make_lora
+from bread_ray.tiny import build_random_lora, build_tiny_model
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Three bakes as a chain might hold them: other ranks, alphas and targets, rsLoRA, per-module patterns.
@@ -42,7 +40,7 @@ def input_ids():
 @pytest.fixture(scope="module")
 def chain_dirs(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("chain")
-    return [make_lora(tiny_model, folder / f"bake{i}", i, **lora) for i, lora in enumerate(CHAIN)]
+    return [build_random_lora(tiny_model, folder / f"bake{i}", i, **lora) for i, lora in enumerate(CHAIN)]
 
 
 def logits(model, input_ids):
@@ -129,11 +127,11 @@ def test_biases_are_whole_values_and_the_latest_wins(tiny_model, input_ids, tmp_
     """bias="all" saves every bias, bias="lora_only" those of its targets: a later adapter's values
     replace an earlier one's, whether or not the earlier adapter targeted the layer."""
     base_dir = biased_model(tiny_model, tmp_path / "biased")
-    chain = [make_lora(base_dir, tmp_path / "all", 1, r=2, lora_alpha=4, target_modules=["q_proj"],
+    chain = [build_random_lora(base_dir, tmp_path / "all", 1, r=2, lora_alpha=4, target_modules=["q_proj"],
                        bias="all"),
-             make_lora(base_dir, tmp_path / "lora-only", 2, r=3, lora_alpha=3, target_modules=["k_proj"],
+             build_random_lora(base_dir, tmp_path / "lora-only", 2, r=3, lora_alpha=3, target_modules=["k_proj"],
                        bias="lora_only"),
-             make_lora(base_dir, tmp_path / "none", 3, r=2, lora_alpha=2, target_modules=["v_proj"])]
+             build_random_lora(base_dir, tmp_path / "none", 3, r=2, lora_alpha=2, target_modules=["v_proj"])]
     for adapter, bias_seed in zip(chain[:2], (11, 12)):  # trained biases, not the base's
         weights = load_file(adapter / "adapter_model.safetensors")
         generator = torch.Generator().manual_seed(bias_seed)
@@ -184,7 +182,7 @@ def test_download_folded_adapter_and_load_teacher(tiny_model, chain_dirs, input_
     ({"target_modules": ["embed_tokens", "q_proj"]}, "embedding LoRA"),
 ], ids=["dora", "modules_to_save", "embedding"])
 def test_an_adapter_that_does_not_fold_is_named(tiny_model, chain_dirs, tmp_path, lora, reason):
-    odd = make_lora(tiny_model, tmp_path / "odd-bake", 7, **{"r": 2, "target_modules": ["q_proj"], **lora})
+    odd = build_random_lora(tiny_model, tmp_path / "odd-bake", 7, **{"r": 2, "target_modules": ["q_proj"], **lora})
     with pytest.raises(UnfoldableAdapter, match=reason) as error:
         fold_lineage([chain_dirs[0], odd], tmp_path / "folded")
     assert "odd-bake" in str(error.value)

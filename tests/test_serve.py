@@ -7,7 +7,6 @@ reload adapters all the time. Expected answers come from independent code: the c
 PEFT one adapter after another and Hugging Face's greedy generate on the tokenizer's own chat template.
 """
 
-import json
 import os
 import signal
 import socket
@@ -25,9 +24,7 @@ from peft import PeftModel
 
 from bread_ray.models import load_causal_lm, load_tokenizer
 from bread_ray.store import LocalStore, model_prefix
-from bread_ray.tiny import build_tiny_model
-
-from adapters import make_lora
+from bread_ray.tiny import build_random_lora, build_tiny_model
 
 API_KEY = "test-key"
 OWNER_REPO = "alice/demo"
@@ -58,7 +55,7 @@ def served(tmp_path_factory):
              {"r": 3, "lora_alpha": 3, "target_modules": ["down_proj", "o_proj"]}]
     adapters, parent = {}, None
     for seed, (name, lora) in enumerate(zip(CHAIN, loras), start=1):
-        adapters[name] = make_lora(base, root / f"adapter{seed}", seed, **lora)
+        adapters[name] = build_random_lora(base, root / f"adapter{seed}", seed, **lora)
         store.publish_model(name, adapters[name], {"parent": parent, "base_model": str(base)})
         parent = name
     store.publish_model(OTHER_REPO_MODEL, adapters[CHAIN[0]], {"parent": None, "base_model": str(base)})
@@ -358,3 +355,24 @@ def test_bgit_serve_in_a_repository(served, tmp_path):
     assert f"Serving 5 models at {url}/v1" in output and "Shutting down." in output
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health", timeout=2)
+
+
+def test_the_serve_config_deploys_this_application():
+    """serve/config.yaml is a valid Serve config whose import path, args and deployment name are ours."""
+    import importlib
+
+    import yaml
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from bread_ray.serving import ChatDeployment, ServeSettings
+
+    config_file = Path(__file__).parent.parent / "serve" / "config.yaml"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(config_file.read_text()))
+    (app,) = config.applications
+    module, _, builder = app.import_path.partition(":")
+    settings = ServeSettings.model_validate(app.args)
+    assert settings.repositories == ["alice/pirate"] and settings.api_key_sha256 is None
+    assert isinstance(getattr(importlib.import_module(module), builder)(settings), Application)
+    assert [d.name for d in app.deployments] == [ChatDeployment.name]
+    assert app.deployments[0].autoscaling_config["max_replicas"] >= 1

@@ -1,0 +1,163 @@
+"""The chat service against a direct in-process generate, and an adapter's cold load against a cached one.
+
+    .venv/bin/python bench/serve.py [--requests 32] [--concurrency 8] [--max-tokens 32]
+
+On the prompt-sensitive tiny model (bread_ray.tiny), with a chain of three LoRA adapters in a
+local store, all in one run:
+
+1. Throughput and latency. The same greedy requests (a lineage model, varied questions):
+   - direct: Hugging Face `generate` in this process, one request after another, on the base
+     with the chain merged (no HTTP, no Serve, no adapter switching);
+   - engine in process: the service's engine (the chain as one unmerged PEFT adapter, the
+     sampling loop, detokenizing), no HTTP;
+   - served, one client: the chat service (Ray Serve, one replica) with one request at a time;
+   - served, `--concurrency` clients at once.
+   Greedy answers are the same tokens either way (tests/test_serve.py checks it), so the work per
+   request is equal. Printed: requests/s, p50/p95 latency and their ratios to direct.
+2. Cold against cached: the first request to each of several fresh models (downloads the chain,
+   folds it, loads the adapter) against a second request to the same model (cached).
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import ray
+import torch
+from peft import PeftModel
+from ray import serve
+
+from bread_ray.inference import HfChatEngine, ModelCatalog, SamplingParams
+from bread_ray.models import encode_chat, load_causal_lm, load_tokenizer
+from bread_ray.serving import ServeSettings, chat_app
+from bread_ray.store import LocalStore
+from bread_ray.tiny import build_random_lora, held_out_questions, prompt_sensitive_model
+
+LORAS = [{"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+         {"r": 4, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+         {"r": 8, "lora_alpha": 8, "target_modules": ["down_proj", "o_proj"]}]
+COLD_MODELS = 6
+
+
+def publish_chain(base: Path, store: LocalStore, bake: str, root: Path, seed: int) -> tuple[str, list[Path]]:
+    """Three adapters published as bakes publish them; returns the last model's name and the folders."""
+    parent, folders = None, []
+    for depth, lora in enumerate(LORAS):
+        name = f"bench/serve/{bake}-{depth}/1"
+        folders.append(build_random_lora(base, root / f"{bake}-{depth}", seed * 10 + depth, **lora))
+        store.publish_model(name, folders[-1], {"parent": parent, "base_model": str(base)})
+        parent = name
+    return parent, folders
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def direct_generate(base: Path, folders: list[Path], questions: list[str], max_tokens: int) -> list[float]:
+    """Latency of each request, in turn, in this process."""
+    model = load_causal_lm(base, device="cpu")
+    for folder in folders:
+        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+    tokenizer = load_tokenizer(base)
+    torch.set_num_threads(1)  # as a Serve replica on this machine runs (Ray sets OMP_NUM_THREADS=1)
+    latencies = []
+    for question in questions:
+        started = time.perf_counter()
+        input_ids = torch.tensor([encode_chat(tokenizer, [{"role": "user", "content": question}])])
+        with torch.no_grad():
+            output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                    do_sample=False, max_new_tokens=max_tokens)
+        tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def engine_in_process(base: Path, store: LocalStore, model: str, questions: list[str],
+                      max_tokens: int) -> list[float]:
+    """Latency of each request through the service's engine, in this process (no HTTP, no Serve)."""
+    engine = HfChatEngine(ModelCatalog(str(base), store))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    engine.complete(model, engine.encode([{"role": "user", "content": questions[0]}], {}), params)  # load
+    latencies = []
+    for question in questions:
+        started = time.perf_counter()
+        engine.complete(model, engine.encode([{"role": "user", "content": question}], {}), params)
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def served(url: str, model: str, questions: list[str], max_tokens: int, concurrency: int) -> tuple[list[float], float]:
+    """Latency of each request and the wall time of all, `concurrency` at a time."""
+    def one(question: str) -> float:
+        started = time.perf_counter()
+        response = httpx.post(f"{url}/v1/chat/completions", timeout=600, json={
+            "model": model, "messages": [{"role": "user", "content": question}],
+            "max_tokens": max_tokens, "temperature": 0})
+        response.raise_for_status()
+        return time.perf_counter() - started
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        latencies = list(pool.map(one, questions))
+    return latencies, time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    base = prompt_sensitive_model()
+    store = LocalStore(root / "store")
+    model, folders = publish_chain(base, store, "hot", root, seed=0)
+    cold_models = [publish_chain(base, store, f"cold{i}", root, seed=i + 1)[0] for i in range(COLD_MODELS)]
+    questions = (held_out_questions(seed=1, n=args.requests) * args.requests)[:args.requests]
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": 8765})
+    settings = ServeSettings(base_model=str(base), store=store.uri, adapter_cache_size=COLD_MODELS + 1)
+    serve.run(chat_app(settings), name="bread", route_prefix="/")
+    url = "http://127.0.0.1:8765"
+    served(url, model, questions[:2], args.max_tokens, 1)  # warm-up: the adapter loaded, the paths hot
+
+    direct = direct_generate(base, folders, questions, args.max_tokens)
+    engine = engine_in_process(base, store, model, questions, args.max_tokens)
+    one_client, one_wall = served(url, model, questions, args.max_tokens, 1)
+    many_clients, many_wall = served(url, model, questions, args.max_tokens, args.concurrency)
+
+    cold, cached = [], []
+    for name in cold_models:
+        cold += served(url, name, questions[:1], args.max_tokens, 1)[0]
+        cached += served(url, name, questions[:1], args.max_tokens, 1)[0]
+    serve.shutdown()
+    ray.shutdown()
+
+    direct_rate = len(direct) / sum(direct)
+    print(f"{args.requests} greedy requests of up to {args.max_tokens} tokens, model {model} (a chain of 3) "
+          f"on {base.name}")
+    print(f"{'':28}{'requests/s':>12}{'p50 s':>10}{'p95 s':>10}{'rate vs direct':>16}{'p50 vs direct':>15}")
+    rows = [("direct generate", direct, sum(direct)), ("engine in process", engine, sum(engine)), ("served, 1 client", one_client, one_wall),
+            (f"served, {args.concurrency} clients", many_clients, many_wall)]
+    for label, latencies, wall in rows:
+        rate = len(latencies) / wall
+        print(f"{label:28}{rate:12.2f}{percentile(latencies, 0.5):10.3f}{percentile(latencies, 0.95):10.3f}"
+              f"{rate / direct_rate:15.2f}x{percentile(latencies, 0.5) / percentile(direct, 0.5):14.2f}x")
+    cold_p50, cached_p50 = statistics.median(cold), statistics.median(cached)
+    print(f"adapter cold load (download + fold 3 + load) vs cached, median of {COLD_MODELS} models: "
+          f"{cold_p50:.3f} s vs {cached_p50:.3f} s = {cold_p50 / cached_p50:.1f}x "
+          f"(cold adds {cold_p50 - cached_p50:.3f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
