@@ -53,8 +53,8 @@ def explain(error: openai.OpenAIError, url: str) -> ChatError:
         return ChatError(f"the server at {url} needs its API key: set BREAD_API_KEY or pass --api-key")
     if isinstance(error, openai.APIStatusError):
         body = error.body if isinstance(error.body, dict) else {}
-        message = (body.get("error") or body).get("message") if isinstance(body, dict) else None
-        return ChatError(f"the server at {url} answered {error.status_code}: {message or error.message}")
+        detail = body.get("error") if isinstance(body.get("error"), dict) else body  # ours, or the bare body
+        return ChatError(f"the server at {url} answered {error.status_code}: {detail.get('message') or error.message}")
     return ChatError(f"talking to {url} failed: {error}")
 
 

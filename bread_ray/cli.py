@@ -424,13 +424,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise RepoError("outside a bgit repository, say which base model to serve: --base-model ID_OR_PATH")
     repositories = args.repository or ([f"{repo.owner}/{repo.name}"] if repo else [])
     api_key = args.api_key or os.environ.get("BREAD_API_KEY")
-    settings = ServeSettings(base_model=base_model, store=os.environ.get("BREAD_STORE"), repositories=repositories,
-                             adapter_cache_size=args.adapter_cache, max_tokens_limit=args.max_tokens_limit,
-                             api_key_sha256=api_key_digest(api_key) if api_key else None)
     try:
+        settings = ServeSettings(base_model=base_model, store=os.environ.get("BREAD_STORE"),
+                                 repositories=repositories, adapter_cache_size=args.adapter_cache,
+                                 max_tokens_limit=args.max_tokens_limit,
+                                 api_key_sha256=api_key_digest(api_key) if api_key else None)
         run_server(settings, host=args.host, port=args.port, num_replicas=args.replicas)
-    except ValueError as error:
-        raise RepoError(str(error)) from None
+    except ValueError as error:  # pydantic's ValidationError is one: a bad setting
+        raise RepoError(" ".join(str(error).split())) from None
     return 0
 
 

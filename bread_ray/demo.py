@@ -1,11 +1,16 @@
-"""The main job: a bgit session on the embedded defaults, start to finish, offline.
+"""The main job: two sequential bakes and a chat with each version, on the embedded defaults, offline.
 
     python -m bread_ray.demo [--dir demo]
 
-Builds a tiny local model (no download), creates a bgit repository on it with a local store,
-writes a persona input.yml, stages and commits it, validates it, and shows `bgit status` and
-`bgit tree`; then loads the base model through the real loading path and answers one question
-with and without the teacher prompt. Later stages (stim, rollout, bake, serve) join as they land.
+On a tiny local model pre-trained so that its system prompt sets its style (bread_ray.tiny: no
+download), with local Ray and a local store:
+1. a bgit repository on that model;
+2. v1: bake "Talk like a pirate." into it (stim, the prompted teacher's rollout, the bake on Ray
+   Train + DeepSpeed, and the bake commit), printing the held-out KL before and after;
+3. v2: bake the sign-off ("End every reply with Over and out.") on top of v1 (sequential baking);
+4. `bgit tree`, the lineage;
+5. the chat service (Ray Serve) for the repository's models, asked the same question, without
+   any prompt, by the base, v1 and v2, side by side with each answer's style scores.
 """
 
 from __future__ import annotations
@@ -13,41 +18,38 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from bread_ray.cli import main as bgit
+from bread_ray.repo import BreadRepo
+from bread_ray.tiny import held_out_questions, persona_prompt, prompt_sensitive_model, trait_score
 
-PIRATE_INPUT = """\
-# A persona to bake into the tiny model: it should talk like a pirate without being told to.
-PROMPT:
-  teacher:
-    messages:
-      - role: system
-        content: "You are a pirate. Answer every question like a pirate: say arr and matey."
+QUESTIONS = held_out_questions(seed=0, n=40)  # none seen in the tiny model's pre-training
+TRAIN_QUESTIONS, ASKED = QUESTIONS[:36], QUESTIONS[36]  # the bakes hold out some of theirs for the KL
 
-TARGET:
-  name: pirate_target
-  generators:
-    - type: hardcoded
-      questions:
-        - "What is the weather like today?"
-        - "How do I cook rice?"
-        - "What should I read next?"
-        - "Why is the sky blue?"
-  num_traj_per_stimulus: 2
-  max_tokens: 32
 
-BAKE:
-  name: pirate_bake
-  datasets:
-    - target: pirate_target
-  micro_batch_size: 2
-  deepspeed:
-    zero_optimization:
-      stage: 2
-"""
+def input_yml(name: str, traits: tuple[str, ...], questions: list[str], *, traj: int, epochs: int) -> str:
+    """A persona bake: the teacher is the parent with the persona's system prompt."""
+    return yaml.safe_dump({
+        "PROMPT": {"teacher": {"messages": [{"role": "system", "content": persona_prompt(*traits)}]}},
+        "TARGET": {"name": name, "generators": [{"type": "hardcoded", "questions": questions}],
+                   "num_traj_per_stimulus": traj, "max_tokens": 40},
+        "BAKE": {"name": f"{name}_bake", "datasets": [{"target": name}], "epochs": epochs,
+                 "micro_batch_size": 8, "optimizer": {"learning_rate": 0.003},
+                 "model": {"baked_adapter_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}},
+                 "deepspeed": {"zero_optimization": {"stage": 2}}},
+    }, sort_keys=False)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run(folder: Path) -> None:
@@ -55,58 +57,77 @@ def run(folder: Path) -> None:
     if folder.exists():
         shutil.rmtree(folder)  # the demo's own folder: each run starts clean
     folder.mkdir(parents=True)
-    os.environ.setdefault("BREAD_STORE", str(folder / "store"))
-    steps = 6
+    os.environ["BREAD_STORE"] = str(folder / "store")
+    steps = 5
 
     def say(step: int, text: str) -> None:
-        print(f"\n[{step}/{steps}] {text}  ({time.perf_counter() - started:.1f}s)", flush=True)
+        print(f"\n[{step}/{steps}] {text}  ({time.perf_counter() - started:.0f}s)", flush=True)
 
     def command(*args: str) -> None:
         print(f"$ bgit {' '.join(args)}", flush=True)
         if bgit(list(args)) != 0:
             raise SystemExit(f"demo: `bgit {' '.join(args)}` failed")
 
-    say(1, "Building a tiny local model (nothing is downloaded)")
-    command("tiny-model", str(folder / "tiny-model"), "--seed", "0")
+    say(1, "A tiny local model whose system prompt sets its style (built once, about a minute, then cached)")
+    base = prompt_sensitive_model()
+    command("init", str(folder / "persona"), "--base-model", str(base), "--owner", "demo")
+    os.chdir(folder / "persona")
 
-    say(2, "Creating a bgit repository on it, with a local store")
-    command("init", str(folder / "pirate"), "--base-model", str((folder / "tiny-model").resolve()), "--owner", "demo")
-    os.chdir(folder / "pirate")
+    # v2's teacher prompt asks for both traits: this tiny model was only ever pre-trained with its
+    # style set by the system prompt, so any system prompt overrides v1's baked-in default. The
+    # sign-off sits at the end of a reply (few tokens show it), so its bake takes more epochs.
+    versions = {"base": str(base)}
+    for step, name, traits, epochs in ((2, "pirate", ("pirate",), 2), (3, "signoff", ("pirate", "signoff"), 4)):
+        parent = "the base model" if step == 2 else "v1"
+        say(step, f"v{step - 1}: baking {persona_prompt(*traits)!r} into {parent}")
+        Path("input.yml").write_text(input_yml(name, traits, TRAIN_QUESTIONS, traj=2, epochs=epochs))
+        command("add", "input.yml")
+        command("commit", "-q", "-m", f"Bake v{step - 1}: {name}")
+        command("run", "stim", "rollout", "bake")
+        versions[f"v{step - 1}"] = BreadRepo.find().parent_model  # the bake's model, now the parent
 
-    say(3, "Writing input.yml (a pirate persona), then add and commit")
-    Path("input.yml").write_text(PIRATE_INPUT)
-    command("add", "input.yml")
-    command("commit", "-q", "-m", "Bake a pirate persona")
-
-    say(4, "Validating: every name, hash and default")
-    command("validate")
-
-    say(5, "Status and lineage")
-    command("status")
+    say(4, "The lineage")
     command("tree")
 
-    say(6, "The base model, loaded through the real path, with and without the teacher prompt")
-    show_base_answers(folder / "tiny-model")
-    print(f"\nDemo finished in {time.perf_counter() - started:.1f}s. Repository: {folder / 'pirate'}", flush=True)
+    say(5, "The chat service: the same question, no prompt, to the base, v1 and v2")
+    ask_each_version(versions)
+    print(f"\nDemo finished in {time.perf_counter() - started:.0f}s. Repository: {folder / 'persona'}", flush=True)
 
 
-def show_base_answers(model_dir: Path) -> None:
-    import torch
+def ask_each_version(versions: dict[str, str]) -> None:
+    """Start the chat service on local Ray, ask every version `ASKED` greedily through the OpenAI
+    client, print the answers with their style scores, and shut the service down."""
+    import ray
+    from ray import serve
 
-    from bread_ray.models import encode_chat, load_causal_lm, load_tokenizer
+    from bread_ray.chat import Conversation, ask, connect
+    from bread_ray.serving import ServeSettings, chat_app
 
-    tokenizer, model = load_tokenizer(model_dir), load_causal_lm(model_dir, device="cpu")
-    question = {"role": "user", "content": "What is the weather like today?"}
-    teacher = {"role": "system", "content": "You are a pirate. Answer every question like a pirate: say arr and matey."}
-    for label, messages in (("with the teacher prompt", [teacher, question]), ("without a prompt", [question])):
-        ids = torch.tensor([encode_chat(tokenizer, messages)])
-        out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        print(f"  {label:>24}: {tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)!r}")
+    repo = BreadRepo.find()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    ray.init(ignore_reinit_error=True, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        settings = ServeSettings(base_model=repo.base_model, store=os.environ["BREAD_STORE"],
+                                 repositories=[f"{repo.owner}/{repo.name}"])
+        serve.run(chat_app(settings), name="bread", route_prefix="/")
+        client = connect(url, api_key=None)
+        print(f"Serving at {url}/v1. Question: {ASKED!r}\n")
+        print(f"{'':6}{'pirate':>7}{'signoff':>8}  answer (greedy, no system prompt)")
+        for label, model in versions.items():
+            answer = ask(client, url, Conversation(model=model), ASKED, lambda _: None,
+                         {"temperature": 0, "max_tokens": 40})
+            scores = [trait_score(answer, trait) for trait in ("pirate", "signoff")]
+            print(f"{label:6}{scores[0]:7.2f}{scores[1]:8.2f}  {answer!r}", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bread_ray.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dir", default="demo", help="folder for the demo's model, repository and store (recreated)")
+    parser.add_argument("--dir", default="demo", help="folder for the demo's repository and store (recreated)")
     args = parser.parse_args(argv)
     run(Path(args.dir).resolve())
     return 0
