@@ -113,7 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, metavar="N",
                      help="bake workers (default: one per GPU of the cluster, or one without GPUs)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--detach", action="store_true",
+                     help="submit the run as a Ray job to the cluster at --address / RAY_ADDRESS and return; "
+                     "then `bgit status`, `bgit logs`, and `bgit fetch` for the bake commit")
+    run.add_argument("--address", metavar="URL", help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_ADDRESS)")
     run.set_defaults(handler=cmd_run)
+
+    fetch = commands.add_parser(
+        "fetch", help="apply a finished detached run: the bake commit",
+        description="Apply the detached run (`bgit run ... --detach`) once its job has succeeded: the same stages run "
+        "here, find every result in the store, and the bake commit is made exactly as a local run makes it.",
+    )
+    fetch.set_defaults(handler=cmd_fetch)
+
+    logs = commands.add_parser("logs", help="the log of the detached run's job",
+                               description="Print the log of the job `bgit run ... --detach` submitted.")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    logs.set_defaults(handler=cmd_logs)
 
     metrics = commands.add_parser(
         "metrics", help="show a bake's loss curve",
@@ -267,6 +283,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"Repository {repo.owner}/{repo.name}, base model {repo.base_model}")
     print(f"Parent model: {parent}" + ("  (the base: nothing baked on this branch yet)" if parent == repo.base_model else ""))
     print(f"input.yml: {repo.input_state().describe()}")
+    print_job_state(repo)
     try:
         resolved = repo.resolve_staged()
     except ConfigError as error:
@@ -291,19 +308,64 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_job_state(repo: BreadRepo) -> None:
+    """The detached run's job, if there is one: its state, or why it cannot be read."""
+    from bread_ray.jobs import job_state, read_record
+
+    job = read_record(repo)
+    if job is None:
+        return
+    try:
+        state, message = job_state(job)
+    except (RepoError, RuntimeError, OSError) as error:
+        state, message = "unknown", str(error)
+    print(f"Detached run: job {job.submission_id} on {job.address} ({' '.join(job.stages)}), {state}"
+          + (f": {message.strip()}" if message.strip() and state != "RUNNING" else ""))
+    if state == "SUCCEEDED":
+        print("  `bgit fetch` makes its bake commit.")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from bread_ray.pipeline import run
     from bread_ray.store import open_store
 
     repo, store = BreadRepo.find(), open_store()
+    if args.detach:
+        from bread_ray.jobs import submit
+
+        job = submit(repo, args.stages, store=store, address=args.address, workers=args.workers)
+        print(f"Submitted job {job.submission_id} to {job.address}: {' '.join(job.stages)}.")
+        print("`bgit status` shows its progress, `bgit logs` its log; `bgit fetch` makes the bake commit once it is done.")
+        return 0
     result = run(repo, args.stages, store=store, progress=not args.no_progress, workers=args.workers)
-    done = [s for s in STAGES if s in args.stages and s != "bake"]
+    print_run_result(result, args.stages, store)
+    return 0
+
+
+def print_run_result(result, stages: list[str], store) -> None:
+    done = [s for s in STAGES if s in stages and s != "bake"]
     if done:
         print(f"Done: {' + '.join(done)} for {', '.join(t.id for t in result.resolved.targets)} (store {store.uri}).")
     if result.bake is not None:
         print_bake_result(result.bake)
         print(f"Committed {result.commit[:12]}: Update recipe.yml after bake completion: {result.bake['bake_id']}")
         print(f"The parent model is now {result.bake['model_names'][-1]}; input.yml is cleared for the next bake.")
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from bread_ray.jobs import fetch, require_record
+    from bread_ray.store import open_store
+
+    repo, store = BreadRepo.find(), open_store()
+    stages = require_record(repo).stages
+    print_run_result(fetch(repo, store), stages, store)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from bread_ray.jobs import job_logs, require_record
+
+    job_logs(require_record(BreadRepo.find()), follow=args.follow)
     return 0
 
 

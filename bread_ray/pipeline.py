@@ -96,14 +96,39 @@ class RunResult:
 
 
 def run(repo: BreadRepo, stages: list[str], *, store: Store, progress: bool = True,
-        workers: int | None = None) -> RunResult:
+        workers: int | None = None, commit: bool = True) -> RunResult:
     """Run `stages` (in pipeline order) for the staged input.yml of `repo`.
 
     Everything that can be checked is checked before any work starts; each stage reuses what the
-    store already holds, so a re-run after a failure does only the rest. A bake ends with the
-    bake commit. `workers`: bake workers (default: one per GPU of the cluster, else one).
+    store already holds, so a re-run after a failure does only the rest, and a run whose results
+    are all in the store (a detached job's, say) starts no Ray at all. A bake ends with the bake
+    commit unless `commit` is False (a detached job leaves it to `bgit fetch`). `workers`: bake
+    workers (default: one per GPU of the cluster, else one).
     """
     from bread_ray import rollout, stim
+
+    resolved, prefixes = check_run(repo, stages, store)
+    if work_left(repo, resolved, prefixes, stages, store):
+        _start_ray()
+    for index, (target, prefix) in enumerate(zip(resolved.targets, prefixes)):
+        if "stim" in stages:
+            stim.generate_stimuli(target, store=store, prefix=prefix, parent_model=repo.parent_model,
+                                  base_dir=Path(repo.root), progress=progress, target_index=index)
+        if "rollout" in stages:
+            questions = [record["question"] for record in stim.read_stimuli(store, prefix)]
+            rollout.run_rollout(target, questions, store=store, prefix=prefix, progress=progress)
+    if "bake" not in stages:
+        return RunResult(resolved)
+    result = bake(repo, resolved, store=store, progress=progress, workers=workers)
+    if not commit:
+        return RunResult(resolved, bake=result)
+    return RunResult(resolved, bake=result, commit=repo.complete_bake(resolved, result["model_names"]))
+
+
+def check_run(repo: BreadRepo, stages: list[str], store: Store) -> tuple[ResolvedConfig, list[str]]:
+    """Everything `run` can check before any work: the stages, the staged input.yml, the
+    generators, the bake's datasets. Returns the resolved config and each target's store prefix."""
+    from bread_ray import stim
 
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -125,18 +150,18 @@ def run(repo: BreadRepo, stages: list[str], *, store: Store, progress: bool = Tr
         stim.check_generators(target, base_dir=repo.root, target_index=index, lines=resolved.lines)
     if "bake" in stages:
         check_bake_inputs(repo, resolved, stages, store)
-    _start_ray()
-    for index, (target, prefix) in enumerate(zip(resolved.targets, prefixes)):
-        if "stim" in stages:
-            stim.generate_stimuli(target, store=store, prefix=prefix, parent_model=repo.parent_model,
-                                  base_dir=Path(repo.root), progress=progress, target_index=index)
-        if "rollout" in stages:
-            questions = [record["question"] for record in stim.read_stimuli(store, prefix)]
-            rollout.run_rollout(target, questions, store=store, prefix=prefix, progress=progress)
-    if "bake" not in stages:
-        return RunResult(resolved)
-    result = bake(repo, resolved, store=store, progress=progress, workers=workers)
-    return RunResult(resolved, bake=result, commit=repo.complete_bake(resolved, result["model_names"]))
+    return resolved, prefixes
+
+
+def work_left(repo: BreadRepo, resolved: ResolvedConfig, prefixes: list[str], stages: list[str],
+              store: Store) -> bool:
+    """Whether any stage has something to compute, rather than only results to reuse."""
+    for prefix in prefixes:
+        if "stim" in stages and not store.exists(f"{prefix}/{STIM_MANIFEST}"):
+            return True
+        if "rollout" in stages and not store.exists(f"{prefix}/{ROLLOUT_MANIFEST}"):
+            return True
+    return "bake" in stages and not store.exists(f"{bake_prefix(repo.owner, repo.name, resolved.bake.id)}/{BAKE_RESULT}")
 
 
 def check_bake_inputs(repo: BreadRepo, resolved: ResolvedConfig, stages: list[str], store: Store) -> None:

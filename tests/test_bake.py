@@ -156,6 +156,7 @@ def test_zero2_and_zero3_bakes_match_and_publish_real_adapters(ray_session, tiny
     for stage, result in results.items():
         assert result["model_names"] == [f"me/r/{jobs[stage].bake_id}/{s}" for s in (2, 4, 6)]
         assert result["held_out_kl"]["after"] < result["held_out_kl"]["before"]
+        assert len(result["worker_nodes"]) == 2 and all(result["worker_nodes"])  # each rank's Ray node
         final = store.download_model(result["model_names"][-1], tmp_path / f"adapter{stage}")
         config = json.loads((final / "adapter_config.json").read_text())
         tensors = load_file(final / "adapter_model.safetensors")

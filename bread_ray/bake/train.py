@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -96,6 +97,7 @@ class WorkerSession:
 
     report: Callable[[dict[str, Any], str | None], None] = lambda metrics, checkpoint: None
     restored: Path | None = None
+    node: str = field(default_factory=socket.gethostname)  # where this worker runs: Ray's node id under Ray
 
 
 # ---- the model --------------------------------------------------------------------------------
@@ -315,9 +317,13 @@ def bake_worker(job: BakeJob, session: WorkerSession) -> dict[str, Any] | None:
         gather_adapter(engine, Path(folder), rank)
         if rank == 0:
             publish(job, store, Path(folder), total_steps, progress, final=True, kl_after=kl_after)
+    nodes = [session.node] * world
+    if world > 1:
+        dist.all_gather_object(nodes, session.node)
     if rank != 0:
         return None
-    result = bake_result(job, progress, kl_after, total_steps) | {"resumed_from_step": resumed_from}
+    result = bake_result(job, progress, kl_after, total_steps) | {"resumed_from_step": resumed_from,
+                                                                 "worker_nodes": nodes}
     write_metrics_log(store, job.prefix, progress.log)
     store.put_json(f"{job.prefix}/{BAKE_RESULT}", result)  # last: its presence means the bake is done
     return result
@@ -415,12 +421,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)  # each rank's files merge into one folder
 
+    node = ray.get_runtime_context().get_node_id()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        bake_worker(config["job"], WorkerSession(report))
+        bake_worker(config["job"], WorkerSession(report, node=node))
         return
     with checkpoint.as_directory() as folder:
-        bake_worker(config["job"], WorkerSession(report, restored=Path(folder)))
+        bake_worker(config["job"], WorkerSession(report, restored=Path(folder), node=node))
 
 
 def run_bake(job: BakeJob, *, num_workers: int, use_gpu: bool, progress: bool = True) -> dict[str, Any]:
