@@ -421,7 +421,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from bread_ray.bake.train import read_metrics_log
+    from bread_ray.store import read_metrics_log
     from bread_ray.metrics import loss_chart, write_loss_plot
     from bread_ray.store import BAKE_RESULT, bake_prefix, open_store
 

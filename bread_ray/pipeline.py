@@ -17,7 +17,8 @@ from typing import Any
 from bread_ray.config import ResolvedConfig
 from bread_ray.repo import BreadRepo, RepoError
 from bread_ray.store import (
-    BAKE_RESULT, ROLLOUT_MANIFEST, STIM_MANIFEST, Store, bake_prefix, finished_shards, target_prefix,
+    BAKE_RESULT, ROLLOUT_MANIFEST, STIM_MANIFEST, Store, bake_prefix, finished_shards, read_metrics_log,
+    target_prefix,
 )
 
 STAGES = ("stim", "rollout", "bake")
@@ -73,9 +74,12 @@ def plan(resolved: ResolvedConfig, *, owner: str, repo: str, store: Store | None
                                  state.describe() if state else ""))
     if resolved.bake is not None:
         bake = resolved.bake
-        done = _ask(store, lambda: store.exists(f"{bake_prefix(owner, repo, bake.id)}/{BAKE_RESULT}"))
+        prefix = bake_prefix(owner, repo, bake.id)
+        done = _ask(store, lambda: store.exists(f"{prefix}/{BAKE_RESULT}"))
         mix = ", ".join(f"{target_id} ×{weight:g}" for target_id, weight in bake.datasets)
-        steps.append(PlannedStep("bake", bake.id, f"on {bake.parent_model} from {mix}", done))
+        log = [] if done else _ask(store, lambda: read_metrics_log(store, prefix)) or []
+        state = f"training: step {log[-1]['iter']} logged" if log else ""
+        steps.append(PlannedStep("bake", bake.id, f"on {bake.parent_model} from {mix}", done, state))
     return steps
 
 

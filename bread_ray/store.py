@@ -122,6 +122,18 @@ ROLLOUT_MANIFEST = "rollout/manifest.json"
 ROLLOUT_PART = re.compile(r"part-(\d{5})\.parquet")
 
 
+def read_metrics_log(store: Store, prefix: str) -> list[dict]:
+    """A bake's `train_log_metrics.jsonl`: one entry per step (iter, loss, lr, epoch, ...); [] before any."""
+    key = f"{prefix}/{METRICS_LOG}"
+    if not store.exists(key):
+        return []
+    return [json.loads(line) for line in store.get_bytes(key).decode().splitlines() if line]
+
+
+def write_metrics_log(store: Store, prefix: str, log: list[dict]) -> None:
+    store.put_bytes(f"{prefix}/{METRICS_LOG}", "".join(json.dumps(entry) + "\n" for entry in log).encode())
+
+
 def rollout_part_key(prefix: str, shard_index: int) -> str:
     return f"{prefix}/rollout/part-{shard_index:05d}.parquet"
 

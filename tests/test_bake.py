@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bread_ray.bake.data import build_bake_data, collate, mix_targets, optimizer_steps, rank_slice, split_by_question
+from bread_ray.bake.data import build_bake_data, collate, optimizer_steps, rank_slice, split_by_question
 from bread_ray.bake.deepspeed import lr_multiplier
 from bread_ray.config import Bake, content_hash
 from bread_ray.models import load_tokenizer
@@ -135,7 +135,7 @@ def make_job(tokenizer, model_dir: Path, store: LocalStore, bake_id: str, **fiel
 
 
 def losses(store: LocalStore, job) -> list[float]:
-    from bread_ray.bake.train import read_metrics_log
+    from bread_ray.store import read_metrics_log
 
     return [entry["loss"] for entry in read_metrics_log(store, job.prefix)]
 
@@ -176,7 +176,8 @@ def test_zero2_and_zero3_bakes_match_and_publish_real_adapters(ray_session, tiny
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_bake_resumes_from_its_checkpoint(ray_session, tiny_model, tokenizer, tmp_path):
-    from bread_ray.bake.train import read_metrics_log, run_bake
+    from bread_ray.bake.train import run_bake
+    from bread_ray.store import read_metrics_log
 
     store = LocalStore(tmp_path / "store")
     job = make_job(tokenizer, tiny_model, store, "kill_0000000000000000", checkpoint=[{"save_every_n_steps": 2}])

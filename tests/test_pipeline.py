@@ -100,3 +100,18 @@ def test_bake_refuses_before_any_work_without_a_bake_or_its_rollouts(repo, capsy
     err = capsys.readouterr().err
     assert "BAKE.datasets: target pirate_" in err and "has no complete rollout" in err
     assert repo.git("rev-parse", "HEAD") == head and not (repo.root.parent / "store").exists()
+
+
+def test_status_shows_a_bake_in_progress_from_its_metrics_log(repo, capsys):
+    """What a detached run's bake has done so far is read from the store: its last logged step."""
+    from bread_ray.store import bake_prefix, open_store, write_metrics_log
+
+    (repo.root / "input.yml").write_text(INPUT + "BAKE:\n  name: pirate_bake\n  datasets: [{target: pirate}]\n")
+    assert main(["add", "input.yml"]) == 0
+    bake_id = repo.resolve_staged().bake.id
+    write_metrics_log(open_store(), bake_prefix("alice", "pirate", bake_id),
+                      [{"iter": step, "loss": 1.0 / step} for step in (1, 2, 3)])
+    capsys.readouterr()
+    assert main(["status"]) == 0
+    assert f"bake            {bake_id}" in (out := capsys.readouterr().out)
+    assert "training: step 3 logged, to run" in out

@@ -22,7 +22,6 @@ and each published adapter under `models/<owner>/<repo>/<bake_id>/<step>/` with 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -41,7 +40,7 @@ from bread_ray.bake.data import BakeData, Batch, collate, optimizer_steps, rank_
 from bread_ray.bake.deepspeed import build_optimizer, build_scheduler, deepspeed_config
 from bread_ray.bake.loss import chunked_kl
 from bread_ray.config import ResolvedBake
-from bread_ray.store import BAKE_RESULT, METRICS_LOG, Store, bake_prefix, open_store
+from bread_ray.store import BAKE_RESULT, Store, bake_prefix, open_store, read_metrics_log, write_metrics_log
 
 STATE_TAG = "state"  # DeepSpeed's tag for the training state inside a checkpoint
 ADAPTER_FOLDER = "adapter"  # the gathered LoRA adapter inside a checkpoint
@@ -373,17 +372,6 @@ def bake_result(job: BakeJob, progress: Progress, kl_after: float | None, total_
         "held_out_kl": {"before": progress.kl_before, "after": kl_after},
         "examples": job.data.counts,
     }
-
-
-def read_metrics_log(store: Store, prefix: str) -> list[dict[str, Any]]:
-    key = f"{prefix}/{METRICS_LOG}"
-    if not store.exists(key):
-        return []
-    return [json.loads(line) for line in store.get_bytes(key).decode().splitlines() if line]
-
-
-def write_metrics_log(store: Store, prefix: str, log: list[dict[str, Any]]) -> None:
-    store.put_bytes(f"{prefix}/{METRICS_LOG}", "".join(json.dumps(entry) + "\n" for entry in log).encode())
 
 
 def prepare_job(bake: ResolvedBake, *, owner: str, repo: str, store: Store, commit: str | None = None) -> BakeJob:
