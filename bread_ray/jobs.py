@@ -95,8 +95,6 @@ def job_client(address: str):
 def submit(repo: BreadRepo, stages: list[str], *, store: Store, address: str | None,
            workers: int | None) -> DetachedJob:
     """Check the run as a local run would, then submit it as a Ray job; nothing is computed here."""
-    from ray._private import ray_constants
-
     from bread_ray.pipeline import check_run
 
     address = cluster_address(address)
@@ -117,8 +115,7 @@ def submit(repo: BreadRepo, stages: list[str], *, store: Store, address: str | N
                       submitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     # Ray leaves `.git` out of a working dir by default; the job needs it (the staged input.yml,
     # the commits whose targets a bake replays, HEAD for the lineage). The rest of Ray's list stays.
-    os.environ["RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES"] = ",".join(
-        name for name in ray_constants.get_runtime_env_default_excludes() if name != ".git")
+    os.environ["RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES"] = ".venv,venv,__pycache__"
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
