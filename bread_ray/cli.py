@@ -353,12 +353,12 @@ def print_run_result(result, stages: list[str], store) -> None:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from bread_ray.jobs import fetch, require_record
+    from bread_ray.jobs import fetch
     from bread_ray.store import open_store
 
-    repo, store = BreadRepo.find(), open_store()
-    stages = require_record(repo).stages
-    print_run_result(fetch(repo, store), stages, store)
+    store = open_store()
+    job, result = fetch(BreadRepo.find(), store)
+    print_run_result(result, job.stages, store)
     return 0
 
 
@@ -421,8 +421,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from bread_ray.store import read_metrics_log
     from bread_ray.metrics import loss_chart, write_loss_plot
+    from bread_ray.store import read_metrics_log
     from bread_ray.store import BAKE_RESULT, bake_prefix, open_store
 
     repo, store = BreadRepo.find(), open_store()

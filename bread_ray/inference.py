@@ -335,7 +335,7 @@ class HfChatEngine(ChatEngine):
                 return
             with tempfile.TemporaryDirectory(prefix="bread-serve-") as folder:
                 try:
-                    adapter_dir = download_folded_adapter(name, self.catalog.store, Path(folder))
+                    adapter_dir = download_folded_adapter(name, self.catalog.store, Path(folder), self.catalog.chain(name))
                     read_adapter(adapter_dir)  # a corrupt file fails here, before PEFT touches the model
                 except Exception as err:
                     raise AdapterLoadError(f"the adapters of model {name!r} could not be loaded: {err}") from err
@@ -403,7 +403,7 @@ class VllmChatEngine(ChatEngine):
             lora_id = len(self.lora_requests) + 1
             folder = self.adapter_root / str(lora_id)
             try:
-                config, _ = read_adapter(download_folded_adapter(name, self.catalog.store, folder))
+                config, _ = read_adapter(download_folded_adapter(name, self.catalog.store, folder, self.catalog.chain(name)))
             except Exception as err:
                 raise AdapterLoadError(f"the adapters of model {name!r} could not be loaded: {err}") from err
             rank = max([config["r"], *config.get("rank_pattern", {}).values()])

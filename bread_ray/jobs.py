@@ -158,7 +158,7 @@ def job_logs(job: DetachedJob, follow: bool, write=print) -> None:
 
 def fetch(repo: BreadRepo, store: Store):
     """Apply a finished job: run its stages here (each finds its output in the store) and make
-    the bake commit as a local run does. Returns the pipeline's RunResult."""
+    the bake commit as a local run does. Returns the job and the pipeline's RunResult."""
     from bread_ray.pipeline import run
 
     job = require_record(repo)
@@ -176,7 +176,7 @@ def fetch(repo: BreadRepo, store: Store):
         raise RepoError(f"the job wrote to store {job.store}, but BREAD_STORE is {store.uri}")
     result = run(repo, job.stages, store=store, progress=False)
     record_path(repo).unlink()
-    return result
+    return job, result
 
 
 def main(argv: list[str] | None = None) -> int:

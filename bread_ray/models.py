@@ -102,14 +102,16 @@ def lineage_chain(model_name: str, store: Store) -> list[dict]:
 FOLDED_CHAIN_FILE = "chain.json"
 
 
-def download_folded_adapter(model_name: str, store: Store, out_dir: Path) -> Path:
+def download_folded_adapter(model_name: str, store: Store, out_dir: Path,
+                            chain: list[dict] | None = None) -> Path:
     """The model's whole chain folded into one PEFT adapter folder, to apply to its base model.
+    `chain`: the model's lineages (child first) if the caller has read them already.
 
     Beside the adapter, chain.json names the model, its base and the lineages folded in (base-most
     first). Not a lineage.json: that file describes a delta on the parent, and this adapter holds
     the whole chain (publish_model also refuses a folder holding a lineage.json).
     """
-    chain = lineage_chain(model_name, store)
+    chain = chain or lineage_chain(model_name, store)
     if not chain:
         raise ModelNotFoundError(f"{model_name!r} is not a model published in store {store.uri}: "
                                  "only lineage models (owner/repo/bake_id/step) have adapters")
@@ -142,7 +144,7 @@ def load_teacher(
     model = load_causal_lm(base, dtype=dtype, device=device)
     if chain:
         with tempfile.TemporaryDirectory(prefix="bread-adapter-") as folder:
-            adapter_dir = download_folded_adapter(model_name, store, Path(folder))
+            adapter_dir = download_folded_adapter(model_name, store, Path(folder), chain)
             model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     return model.eval(), load_tokenizer(base)
 

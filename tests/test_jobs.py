@@ -5,7 +5,6 @@ result must equal a local run of the same input. Plus the refusals, which need n
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ from bread_ray.repo import BreadRepo
 from bread_ray.store import BAKE_RESULT, S3Store, bake_prefix
 from bread_ray.tiny import build_tiny_model
 
+from s3_server import free_port
+
 RAY = str(Path(sys.executable).with_name("ray"))  # the venv's CLI, on PATH or not
 INPUT = yaml.safe_dump({
     "PROMPT": {"teacher": {"messages": [{"role": "system", "content": "Talk like a pirate."}]}},
@@ -29,12 +30,6 @@ INPUT = yaml.safe_dump({
     "BAKE": {"name": "pirate_bake", "datasets": [{"target": "pirate"}], "micro_batch_size": 1,
              "deepspeed": {"zero_optimization": {"stage": 2}}, "checkpoint": [{"save_every_n_steps": 1}]},
 }, sort_keys=False)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def bgit(*args, cwd, env):

@@ -9,7 +9,6 @@ PEFT one adapter after another and Hugging Face's greedy generate on the tokeniz
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from bread_ray.models import load_causal_lm, load_tokenizer
 from bread_ray.store import LocalStore, model_prefix
 from bread_ray.tiny import build_random_lora, build_tiny_model
 
+from s3_server import free_port
+
 API_KEY = "test-key"
 OWNER_REPO = "alice/demo"
 CHAIN = [f"{OWNER_REPO}/b1/4", f"{OWNER_REPO}/b2/4", f"{OWNER_REPO}/b3/4"]
@@ -33,12 +34,6 @@ OTHER_REPO_MODEL = "bob/other/b1/4"
 BROKEN = f"{OWNER_REPO}/broken/1"
 QUESTIONS = ["hello there", "what is the river", "tell me a story", "the captain reads a map"]
 MAX_TOKENS = 12
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
