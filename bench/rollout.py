@@ -19,7 +19,8 @@ import ray
 import torch
 
 from bread_ray.config import Prompt, Target, resolve_target
-from bread_ray.models import encode_chat, load_teacher
+from bread_ray.chat_format import encode_chat
+from bread_ray.models import load_teacher
 from bread_ray.rollout import (
     derive_seed, hf_generate, plan_shards, read_rollout, run_rollout, sampling_settings,
 )

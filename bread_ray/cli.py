@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from bread_ray.config import ConfigError, ResolvedConfig, decode_config, load_and_resolve
+from bread_ray.errors import UserError
 from bread_ray.pipeline import STAGES
 from bread_ray.repo import DEFAULT_BASE_MODEL, INPUT_FILE, BreadRepo, RepoError, render_lineage_tree
 from bread_ray.store import ROLLOUT_MANIFEST, STIM_MANIFEST
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in error.render():
             print(line, file=sys.stderr)
         return 1
-    except RepoError as error:
+    except UserError as error:
         print(f"bgit: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -84,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser(
         "validate", help="check an input.yml and print it resolved",
         description="Check FILE (default: input.yml of this repository) and print the resolved config: content-addressed "
-        "names, hashes and every default. Errors name the file, line and field.",
+        "names, hashes and every default. Inside a repository, also check it against the models and files a run "
+        "would use (target_modules, max_length, max_tokens, datasets, API keys), as `bgit run` does before any "
+        "work. Errors name the file, line and field.",
     )
     validate.add_argument("file", nargs="?", metavar="FILE", help="the file to check (default: input.yml)")
     validate.add_argument("--parent", metavar="MODEL",
@@ -107,16 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
         "commits: .bread's PARENT_MODEL becomes the new model, recipe.yml records the bake, input.yml is cleared. "
         "Work already in the store (BREAD_STORE) is reused, so a re-run after a failure does only the rest (a bake "
         "resumes from its last checkpoint). Refused while input.yml has unstaged changes. "
-        "Ray: joins RAY_ADDRESS, or starts a local cluster.",
+        "Ray: a new local cluster, unless --address or RAY_ADDRESS names one to join.",
     )
     run.add_argument("stages", nargs="+", metavar="STAGE", choices=STAGES, help=f"one or more of: {', '.join(STAGES)}")
-    run.add_argument("--workers", type=int, metavar="N",
+    run.add_argument("--workers", type=positive_int, metavar="N",
                      help="bake workers (default: one per GPU of the cluster, or one without GPUs)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--detach", action="store_true",
                      help="submit the run as a Ray job to the cluster at --address / RAY_ADDRESS and return; "
                      "then `bgit status`, `bgit logs`, and `bgit fetch` for the bake commit")
-    run.add_argument("--address", metavar="URL", help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_ADDRESS)")
+    run.add_argument("--address", metavar="ADDRESS",
+                     help="the Ray cluster (default: RAY_ADDRESS): with --detach its Jobs API, http://HEAD:8265; "
+                     "otherwise its head to join, HOST:6379 or auto. Neither: a new local cluster")
     run.set_defaults(handler=cmd_run)
 
     fetch = commands.add_parser(
@@ -156,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         "chain of bakes folded into one LoRA, so that PeftModel.from_pretrained(base, DIR) loads it.",
     )
     download.add_argument("model", metavar="MODEL")
-    download.add_argument("dir", metavar="DIR")
+    download.add_argument("dir", metavar="DIR", help="a new or empty folder")
     download.set_defaults(handler=cmd_download)
 
     for name, what, shown, limit, handler in (
@@ -173,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve", help="serve the models over an OpenAI-compatible chat API",
-        description="Run the chat service (Ray Serve) on this machine's Ray, or the cluster at RAY_ADDRESS, until "
+        description="Run the chat service (Ray Serve) on a new local Ray cluster, or the one at RAY_ADDRESS, until "
         "Ctrl-C: POST /v1/chat/completions (streaming or not), GET /v1/models, GET /health. A model is a lineage "
         "model name (<owner>/<repo>/<bake_id>/<step>) or the base model's id. Inside a bgit repository it serves "
         "that repository's models and its base; the store is BREAD_STORE. Bound to 127.0.0.1 unless --host says "
@@ -181,15 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
         "`Authorization: Bearer <key>`. For a cluster deployment, see serve/config.yaml.",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--port", type=port_number, default=8000, help="port (default 8000)")
     serve.add_argument("--base-model", metavar="ID_OR_PATH", help="the base model (default: the repository's)")
     serve.add_argument("--repository", action="append", metavar="OWNER/REPO",
                        help="serve this repository's models (repeatable; default: the current one, or every "
                        "model of the base outside a repository)")
-    serve.add_argument("--replicas", type=int, default=1, metavar="N", help="Serve replicas (default 1)")
-    serve.add_argument("--adapter-cache", type=int, default=8, metavar="N",
+    serve.add_argument("--replicas", type=positive_int, default=1, metavar="N", help="Serve replicas (default 1)")
+    serve.add_argument("--adapter-cache", type=positive_int, default=8, metavar="N",
                        help="folded adapters each replica keeps loaded (default 8)")
-    serve.add_argument("--max-tokens-limit", type=int, default=4096, metavar="N",
+    serve.add_argument("--max-tokens-limit", type=positive_int, default=4096, metavar="N",
                        help="refuse requests asking for more new tokens (default 4096)")
     serve.add_argument("--api-key", help="require this bearer key (default: BREAD_API_KEY, if set)")
     serve.set_defaults(handler=cmd_serve)
@@ -204,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("-m", "--message", help="ask this, print the answer and exit")
     chat.add_argument("--system", help="a system prompt for the conversation")
     chat.add_argument("--temperature", type=float, help="sampling temperature, 0 for greedy (default: the server's, 1)")
-    chat.add_argument("--max-tokens", type=int, metavar="N", help="longest answer in tokens (default: the server's)")
+    chat.add_argument("--max-tokens", type=positive_int, metavar="N", help="longest answer in tokens (default: the server's)")
     chat.add_argument("--seed", type=int, help="seed for reproducible sampling")
     add_server_arguments(chat)
     chat.set_defaults(handler=cmd_chat)
@@ -218,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser(
         "tiny-model", help="build a tiny local model for demos and tests",
-        description="Build a tiny Qwen3-architecture model and a BPE tokenizer with a ChatML chat template into DIR, "
-        "deterministically from SEED, in seconds. Use it as --base-model where no model can be downloaded.",
+        description="Build a tiny Qwen3-architecture model and a BPE tokenizer with a ChatML chat template into DIR "
+        "(a new or empty folder), deterministically from SEED, in seconds. Use it as --base-model where no model "
+        "can be downloaded.",
     )
     tiny.add_argument("dir", metavar="DIR")
     tiny.add_argument("--seed", type=int, default=0)
@@ -234,12 +240,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, got {text}")
+    return value
+
+
+def new_folder(text: str) -> Path:
+    """A folder to write into: new, or empty (files already there would be overwritten or mixed in)."""
+    folder = Path(text)
+    if folder.exists():
+        held = sorted(path.name for path in folder.iterdir()) if folder.is_dir() else [folder.name]
+        if held:
+            raise RepoError(f"{folder} holds files already ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): "
+                            "give a new or empty folder")
+    return folder
+
+
 def passthrough(command: str, git_args: list[str]) -> int:
     repo = BreadRepo.find()
-    return repo.add(git_args) if command == "add" else repo.commit(git_args)
+    returncode = repo.add(git_args) if command == "add" else repo.commit(git_args)
+    if command == "add" and returncode == 0:
+        print_warnings(repo.resolve_staged())
+    return returncode
+
+
+def print_warnings(resolved: ResolvedConfig, filename: str = INPUT_FILE) -> None:
+    for line in resolved.warning_lines(filename):
+        print(line, file=sys.stderr)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    if not args.name.strip():
+        raise RepoError("NAME is empty: give the folder to create, or '.' for the current one")
     repo = BreadRepo.init(Path(args.name), base_model=args.base_model, owner=args.owner)
     print(f"Created bgit repository {repo.owner}/{repo.name} in {repo.root} (base model {repo.base_model})")
     print("Next: edit input.yml, then `bgit add input.yml && bgit commit -m '...'`")
@@ -260,6 +301,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
                                        base_dir=path.resolve().parent, filename=shown)
     print(f"# {shown}: valid" + ("" if not resolved.is_empty else " (empty: `bgit run` has nothing to do)"))
     print(yaml.safe_dump(resolved_summary(resolved), sort_keys=False, allow_unicode=True, width=100), end="")
+    print_warnings(resolved, shown)
+    if repo and not args.parent and not resolved.is_empty:  # against this repository's models and files
+        from bread_ray.pipeline import preflight, unusable_base_model
+
+        base_problem, problems = preflight(repo, resolved, store=None)
+        if base_problem:
+            raise unusable_base_model(base_problem)
+        found = [problem for step in problems.values() for problem in step]
+        if found:
+            print(f"`bgit run` would refuse {shown}:", file=sys.stderr)
+            raise ConfigError(shown, found, resolved.lines)
     return 0
 
 
@@ -274,8 +326,7 @@ def resolved_summary(resolved: ResolvedConfig) -> dict:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from bread_ray.pipeline import plan
-    from bread_ray.store import open_store
+    from bread_ray.pipeline import plan, preflight
 
     repo = BreadRepo.find()
     parent = repo.parent_model
@@ -291,20 +342,35 @@ def cmd_status(args: argparse.Namespace) -> int:
         for line in error.render():
             print(f"  {line}")
         return 0
+    for line in resolved.warning_lines():
+        print(f"  {line}")
     if resolved.is_empty:
         print("\n`bgit run` has nothing to do: the staged input.yml has no TARGET or BAKE.")
         return 0
     try:
-        store = open_store()
+        store = repo.open_store()
         where = store.uri
-    except Exception as error:  # status still reports the plan without a store
-        store, where = None, f"unavailable ({error})"
-    print(f"Store: {where}\n\n`bgit run stim rollout bake` would:")
+    except UserError as error:  # status still reports the plan without a store
+        store, where = None, f"unavailable: {error}"
+    print(f"Store: {where}")
+    base_problem, problems = preflight(repo, resolved, store)
+    if base_problem:
+        print(f"Base model: not a model: {base_problem}")
+        problems = {step: ["the base model is not a model (above)"] for step in (
+            *(target.id for target in resolved.targets), *([resolved.bake.id] if resolved.bake else []))}
+    else:
+        problems = {step: ConfigError(INPUT_FILE, found, resolved.lines).render() for step, found in problems.items()}
+    print("\n`bgit run stim rollout bake` would:")
     marks = {True: "✓", False: "·", None: "?"}
     states = {True: "done, reused", False: "to run", None: "store not readable"}
-    for step in plan(resolved, owner=repo.owner, repo=repo.name, store=store):
+    for step in plan(resolved, owner=repo.owner, repo=repo.name, store=store, problems=problems):
         state = f"{step.state}, " if step.state else ""
-        print(f"  {marks[step.done]} {step.stages:<15} {step.resource}  ({step.detail}): {state}{states[step.done]}")
+        if step.problems and not step.done:
+            print(f"  ✗ {step.stages:<15} {step.resource}  ({step.detail}): {state}cannot run:")
+            for line in step.problems:
+                print(f"      {line}")
+        else:
+            print(f"  {marks[step.done]} {step.stages:<15} {step.resource}  ({step.detail}): {state}{states[step.done]}")
     return 0
 
 
@@ -327,9 +393,10 @@ def print_job_state(repo: BreadRepo) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from bread_ray.pipeline import run
-    from bread_ray.store import open_store
 
-    repo, store = BreadRepo.find(), open_store()
+    repo = BreadRepo.find()
+    store = repo.open_store()
+    print_warnings(repo.resolve_staged())
     if args.detach:
         from bread_ray.jobs import submit
 
@@ -337,7 +404,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"Submitted job {job.submission_id} to {job.address}: {' '.join(job.stages)}.")
         print("`bgit status` shows its progress, `bgit logs` its log; `bgit fetch` makes the bake commit once it is done.")
         return 0
-    result = run(repo, args.stages, store=store, progress=not args.no_progress, workers=args.workers)
+    result = run(repo, args.stages, store=store, progress=not args.no_progress, workers=args.workers,
+                 address=args.address)
     print_run_result(result, args.stages, store)
     return 0
 
@@ -354,10 +422,10 @@ def print_run_result(result, stages: list[str], store) -> None:
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     from bread_ray.jobs import fetch
-    from bread_ray.store import open_store
 
-    store = open_store()
-    job, result = fetch(BreadRepo.find(), store)
+    repo = BreadRepo.find()
+    store = repo.open_store()
+    job, result = fetch(repo, store)
     print_run_result(result, job.stages, store)
     return 0
 
@@ -384,9 +452,10 @@ def print_bake_result(result: dict) -> None:
 def stored_targets(manifest: str, missing: str):
     """(target, store, prefix) of each staged target whose `manifest` is in the store; prints
     `missing` for the others."""
-    from bread_ray.store import open_store, target_prefix
+    from bread_ray.store import target_prefix
 
-    repo, store = BreadRepo.find(), open_store()
+    repo = BreadRepo.find()
+    store = repo.open_store()
     for target in repo.resolve_staged().targets:
         prefix = target_prefix(repo.owner, repo.name, target.id)
         if store.exists(f"{prefix}/{manifest}"):
@@ -423,9 +492,10 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 def cmd_metrics(args: argparse.Namespace) -> int:
     from bread_ray.metrics import loss_chart, write_loss_plot
     from bread_ray.store import read_metrics_log
-    from bread_ray.store import BAKE_RESULT, bake_prefix, open_store
+    from bread_ray.store import BAKE_RESULT, bake_prefix
 
-    repo, store = BreadRepo.find(), open_store()
+    repo = BreadRepo.find()
+    store = repo.open_store()
     bake_ids = [bake["bake_name"] for bake in repo.read_recipe()["resources"]["bakes"]]
     if args.bake is None:
         if not bake_ids:
@@ -453,9 +523,9 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from bread_ray.chat import ChatError, connect, served_models, server_url
-    from bread_ray.store import open_store
 
-    repo, store = BreadRepo.find(), open_store()
+    repo = BreadRepo.find()
+    store = repo.open_store()
     names = store.list_models(repo.owner, repo.name)
     if not names:
         print(f"No models of {repo.owner}/{repo.name} in {store.uri} yet.")
@@ -528,12 +598,13 @@ def cmd_download(args: argparse.Namespace) -> int:
     import json
 
     from bread_ray.lineage import InvalidModelName, ModelName
-    from bread_ray.models import FOLDED_CHAIN_FILE, ModelNotFoundError, download_folded_adapter
+    from bread_ray.model_sources import ModelNotFoundError
+    from bread_ray.models import FOLDED_CHAIN_FILE, download_folded_adapter
     from bread_ray.store import open_store
 
     try:
         name = str(ModelName.parse(args.model))
-        folder = download_folded_adapter(name, open_store(), Path(args.dir))
+        folder = download_folded_adapter(name, open_store(), new_folder(args.dir))
     except (InvalidModelName, ModelNotFoundError) as error:
         raise RepoError(str(error)) from None
     base = json.loads((folder / FOLDED_CHAIN_FILE).read_text())["base_model"]
@@ -550,12 +621,13 @@ def cmd_tree(args: argparse.Namespace) -> int:
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from bread_ray.tiny import build_tiny_model
 
+    folder = new_folder(args.dir)
     if args.prompt_sensitive:
         from bread_ray.tiny import build_prompt_sensitive_model
 
-        folder = build_prompt_sensitive_model(Path(args.dir), seed=args.seed)
+        folder = build_prompt_sensitive_model(folder, seed=args.seed)
     else:
-        folder = build_tiny_model(Path(args.dir), seed=args.seed)
+        folder = build_tiny_model(folder, seed=args.seed)
     print(f"Built a tiny model in {folder.resolve()} (seed {args.seed})")
     return 0
 

@@ -21,6 +21,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, Union
 
@@ -335,6 +336,24 @@ Generator = Annotated[
 ]
 
 
+def _number_in(low: float, high: float, *, integer: bool = False):
+    def problem(value: Any) -> str | None:
+        kind = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
+            return f"must be {'an integer' if integer else 'a number'} from {low:g} to {high:g}"
+        return None
+    return problem
+
+
+# TARGET.extra_kwargs: settings both the Hugging Face and the vLLM samplers take, with their ranges.
+SAMPLER_SETTINGS = {
+    "top_p": _number_in(0.0, 1.0),
+    "top_k": _number_in(0, 2**31 - 1, integer=True),
+    "min_p": _number_in(0.0, 1.0),
+    "repetition_penalty": _number_in(0.01, 100.0),
+}
+
+
 class Target(Section):
     """Stimuli and the teacher's trajectories for one prompt (stages stim and rollout)."""
 
@@ -348,8 +367,25 @@ class Target(Section):
     max_concurrency: PositiveInt = Field(
         10, description="Most LLM requests in flight at once. Execution only: not part of the target's identity."
     )
-    extra_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the sampler (top_p, ...).")
+    extra_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"More sampling settings for the rollout, as both samplers (Hugging Face generate, vLLM) take "
+                    f"them: {', '.join(SAMPLER_SETTINGS)}.",
+    )
     seed: Seed = Field(42, description="Seeds the rollout's sampling: the same seed gives the same trajectories.")
+
+    @field_validator("extra_kwargs")
+    @classmethod
+    def _known_sampler_settings(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        for key, value in settings.items():
+            if key not in SAMPLER_SETTINGS:
+                raise PydanticCustomError("unknown_field", "unknown sampling setting '{key}'{hint}; the settings are {known}",
+                                          {"key": key, "hint": did_you_mean(key, list(SAMPLER_SETTINGS)),
+                                           "known": ", ".join(SAMPLER_SETTINGS)})
+            problem = SAMPLER_SETTINGS[key](value)
+            if problem:
+                raise ValueError(f"{key}: {problem}, got {value!r}")
+        return settings
 
 
 class Dataset(Section):
@@ -605,6 +641,11 @@ class ResolvedConfig:
     teacher_prompts: tuple[ResolvedPrompt, ...] = ()  # distinct, PROMPT's first, then the targets' own
     student_prompts: tuple[ResolvedPrompt, ...] = ()
     lines: dict[Path_, int] | None = None  # where each field sits in the file, for later errors
+    warnings: tuple[Problem, ...] = ()  # valid, but probably not what was meant
+
+    def warning_lines(self, filename: str = "input.yml") -> list[str]:
+        """The warnings as `file:line: field: warning: ...`."""
+        return ConfigError(filename, list(self.warnings), self.lines).render() if self.warnings else []
 
     @property
     def prompts(self) -> tuple[ResolvedPrompt, ...]:
@@ -714,6 +755,15 @@ def resolve(
 
     if problems:
         raise ConfigError(filename, problems, lines)
+    warnings: dict[Path_, Problem] = {}
+    for index, (target, resolved_target) in enumerate(zip(config.TARGET, targets)):
+        where = ("TARGET", index, "prompt", "teacher") if target.prompt else ("PROMPT", "teacher")
+        teacher = resolved_target.teacher.content
+        if not teacher["tools"] and not any(message["content"].strip() for message in teacher["messages"]):
+            warnings[where] = Problem(where, "warning: the teacher prompt is empty: the bake has nothing to bake in")
+        elif resolved_target.teacher.name == resolved_target.student.name:
+            warnings[where] = Problem(where, "warning: the teacher prompt is the student prompt: the bake has "
+                                             "nothing to learn (the student sees what the teacher sees)")
     teachers, students = {}, {}
     if config.PROMPT is not None:
         teacher = resolve_prompt(config.PROMPT.teacher.messages, config.PROMPT.teacher.tools)
@@ -724,7 +774,7 @@ def resolve(
         students.setdefault(target.student.name, target.student)
     return ResolvedConfig(parent_model=parent_model, targets=tuple(targets), bake=bake,
                           teacher_prompts=tuple(teachers.values()), student_prompts=tuple(students.values()),
-                          lines=lines)
+                          lines=lines, warnings=tuple(warnings.values()))
 
 
 def resolve_bake(bake: Bake, datasets: dict[str, float], parent_model: str) -> ResolvedBake:

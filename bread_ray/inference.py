@@ -32,10 +32,10 @@ from typing import Any, Callable
 import torch
 from peft import PeftModel
 
+from bread_ray.chat_format import encode_chat
 from bread_ray.lineage import InvalidModelName, ModelName, read_adapter
 from bread_ray.models import (
     download_folded_adapter,
-    encode_chat,
     eos_token_ids,
     load_causal_lm,
     load_tokenizer,

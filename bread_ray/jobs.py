@@ -15,7 +15,7 @@ commit: `bgit fetch` runs the same stages here, where each finds its output in t
 computes nothing, and so makes the bake commit exactly as a local run does.
 
 The submitted job is remembered in `.git/bread-job.json`, which no commit ever includes. Ray's
-token authentication stays on: where a token file exists (`ray get-auth-token`), the client
+token authentication stays on: where this machine has a token (`ray get-auth-token`), the client
 sends it.
 """
 
@@ -44,7 +44,8 @@ AGENT_WAIT_S = 60  # how long a just-started head may take to accept jobs
 # profile to sending keys: unset AWS_ACCESS_KEY_ID here and the job uses the profile.
 FORWARDED_ENV = ("BREAD_STORE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ACCESS_KEY_ID",
                  "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REQUEST_CHECKSUM_CALCULATION",
-                 "AWS_RESPONSE_CHECKSUM_VALIDATION", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")
+                 "AWS_RESPONSE_CHECKSUM_VALIDATION", "BREAD_S3_CONNECT_TIMEOUT", "BREAD_S3_READ_TIMEOUT",
+                 "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")
 
 
 @dataclass
@@ -78,12 +79,10 @@ def cluster_address(address: str | None) -> str:
 
 
 def job_client(address: str):
-    """A JobSubmissionClient for `address`, sending Ray's token when this machine has one."""
+    """A JobSubmissionClient for `address`, sending Ray's token when this machine has one (see
+    bread_ray/__init__.py: the token mode is chosen before ray is imported)."""
     from ray.job_submission import JobSubmissionClient
 
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.exists()):
-        os.environ["RAY_AUTH_MODE"] = "token"  # the token is sent, never switched off
     try:
         return JobSubmissionClient(address)
     except Exception as error:  # ConnectionError, or the cluster refusing us

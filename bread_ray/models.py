@@ -1,4 +1,4 @@
-"""Loading models and tokenizers, and rendering chats: one path for hub ids and local folders.
+"""Loading models and tokenizers: one path for hub ids and local folders (bread_ray.model_sources).
 
 Every stage (rollout, bake, serve, eval) loads through here, so a model name means the same
 weights, dtype and chat template everywhere.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,35 +17,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from bread_ray.lineage import InvalidModelName, ModelName, fold_lineage
+from bread_ray.model_sources import ModelNotFoundError, hub_miss, hub_offline, resolve_model_source
 
 if TYPE_CHECKING:
     from bread_ray.store import Store
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """The model is neither an existing local folder nor loadable from the Hugging Face Hub."""
-
-
-def _hub_offline() -> bool:
-    """Read at call time: huggingface_hub reads HF_HUB_OFFLINE only once, at import."""
-    return any(os.environ.get(var, "").upper() in {"1", "ON", "YES", "TRUE"}
-               for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def resolve_model_source(name_or_path: str | Path) -> str:
-    """An existing local folder, or a hub id (`name` or `org/name`); anything else is an error.
-
-    transformers reports a missing local path as a malformed repo id, so we check first.
-    """
-    text = str(name_or_path)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return str(path)
-    if path.exists():
-        raise ModelNotFoundError(f"model path {text!r} is a file, not a model folder")
-    if isinstance(name_or_path, Path) or text.startswith(("/", ".", "~")) or text.count("/") > 1:
-        raise ModelNotFoundError(f"model path {text!r} does not exist")
-    return text
 
 
 def _load(loader: Any, name_or_path: str | Path, **kwargs: Any) -> Any:
@@ -54,15 +28,10 @@ def _load(loader: Any, name_or_path: str | Path, **kwargs: Any) -> Any:
     source = resolve_model_source(name_or_path)
     if Path(source).is_dir():
         return loader.from_pretrained(source, **kwargs)
-    offline = _hub_offline()
     try:
-        return loader.from_pretrained(source, local_files_only=offline, **kwargs)
+        return loader.from_pretrained(source, local_files_only=hub_offline(), **kwargs)
     except OSError as err:
-        why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if offline
-               else "the Hugging Face Hub is unreachable or has no such repository")
-        raise ModelNotFoundError(
-            f"model {source!r}: no local folder of that name, and it cannot be loaded from the hub ({why}): {err}"
-        ) from err
+        raise hub_miss(source, err) from err
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
@@ -147,40 +116,6 @@ def load_teacher(
             adapter_dir = download_folded_adapter(model_name, store, Path(folder), chain)
             model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     return model.eval(), load_tokenizer(base)
-
-
-def render_chat(
-    tokenizer: PreTrainedTokenizerBase,
-    messages: list[dict[str, Any]],
-    tools: list[dict[str, Any]] | None = None,
-    add_generation_prompt: bool = True,
-    **template_kwargs: Any,
-) -> str:
-    """The chat as the model sees it; `tools` are OpenAI-format function specs.
-
-    `template_kwargs` reach the template (e.g. `enable_thinking=False`).
-    """
-    return tokenizer.apply_chat_template(
-        messages,
-        tools=tools,
-        add_generation_prompt=add_generation_prompt,
-        tokenize=False,
-        **template_kwargs,
-    )
-
-
-def encode_chat(
-    tokenizer: PreTrainedTokenizerBase,
-    messages: list[dict[str, Any]],
-    tools: list[dict[str, Any]] | None = None,
-    add_generation_prompt: bool = True,
-    **template_kwargs: Any,
-) -> list[int]:
-    """Token ids of `render_chat`: a plain list (transformers 5's `apply_chat_template(tokenize=True)`
-    returns a BatchEncoding). No special tokens are added: the template writes them all.
-    """
-    text = render_chat(tokenizer, messages, tools, add_generation_prompt, **template_kwargs)
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:

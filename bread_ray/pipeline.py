@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bread_ray.config import ResolvedConfig
-from bread_ray.repo import BreadRepo, RepoError
+from bread_ray.config import ConfigError, Problem, ResolvedConfig
+from bread_ray.preflight import base_model_problem, step_problems
+from bread_ray.repo import BREAD_FILE, INPUT_FILE, BreadRepo, RepoError
 from bread_ray.store import (
     BAKE_RESULT, ROLLOUT_MANIFEST, STIM_MANIFEST, Store, bake_prefix, finished_shards, read_metrics_log,
     target_prefix,
@@ -58,20 +59,24 @@ class PlannedStep:
     detail: str  # what it runs on
     done: bool | None  # already in the store; None when the store could not be read
     state: str = ""  # progress in the store, for targets
+    problems: tuple[str, ...] = ()  # why it cannot run (preflight), one line each
 
 
-def plan(resolved: ResolvedConfig, *, owner: str, repo: str, store: Store | None) -> list[PlannedStep]:
-    """What `bgit run stim rollout bake` would do for a resolved input.yml, and what is already done.
+def plan(resolved: ResolvedConfig, *, owner: str, repo: str, store: Store | None,
+         problems: dict[str, list[str]] | None = None) -> list[PlannedStep]:
+    """What `bgit run stim rollout bake` would do for a resolved input.yml, what is already done,
+    and, from `problems` (rendered lines by step id), what cannot run.
 
     A target is done when its rollout manifest is in the store (its stimuli and trajectories are
     reused); a bake is done when its result (and so its final model) is in the store.
     """
+    problems = problems or {}
     steps = []
     for target in resolved.targets:
         state = _ask(store, lambda: target_state(store, target_prefix(owner, repo, target.id)))
         done = None if state is None else state.trajectories is not None
         steps.append(PlannedStep("stim + rollout", target.id, f"teacher {target.config['model_name']}", done,
-                                 state.describe() if state else ""))
+                                 state.describe() if state else "", tuple(problems.get(target.id, ()))))
     if resolved.bake is not None:
         bake = resolved.bake
         prefix = bake_prefix(owner, repo, bake.id)
@@ -79,7 +84,8 @@ def plan(resolved: ResolvedConfig, *, owner: str, repo: str, store: Store | None
         mix = ", ".join(f"{target_id} ×{weight:g}" for target_id, weight in bake.datasets)
         log = [] if done else _ask(store, lambda: read_metrics_log(store, prefix)) or []
         state = f"training: step {log[-1]['iter']} logged" if log else ""
-        steps.append(PlannedStep("bake", bake.id, f"on {bake.parent_model} from {mix}", done, state))
+        steps.append(PlannedStep("bake", bake.id, f"on {bake.parent_model} from {mix}", done, state,
+                                 tuple(problems.get(bake.id, ()))))
     return steps
 
 
@@ -100,20 +106,21 @@ class RunResult:
 
 
 def run(repo: BreadRepo, stages: list[str], *, store: Store, progress: bool = True,
-        workers: int | None = None, commit: bool = True) -> RunResult:
+        workers: int | None = None, commit: bool = True, address: str | None = None) -> RunResult:
     """Run `stages` (in pipeline order) for the staged input.yml of `repo`.
 
     Everything that can be checked is checked before any work starts; each stage reuses what the
     store already holds, so a re-run after a failure does only the rest, and a run whose results
     are all in the store (a detached job's, say) starts no Ray at all. A bake ends with the bake
     commit unless `commit` is False (a detached job leaves it to `bgit fetch`). `workers`: bake
-    workers (default: one per GPU of the cluster, else one).
+    workers (default: one per GPU of the cluster, else one). `address`: the Ray cluster to join
+    (default: RAY_ADDRESS; neither: a new local cluster).
     """
-    from bread_ray import rollout, stim
+    from bread_ray import ray_cluster, rollout, stim
 
     resolved, prefixes = check_run(repo, stages, store)
-    if work_left(repo, resolved, prefixes, stages, store):
-        _start_ray()
+    if steps_left(repo, resolved, prefixes, stages, store):
+        ray_cluster.connect(address)
     for index, (target, prefix) in enumerate(zip(resolved.targets, prefixes)):
         if "stim" in stages:
             stim.generate_stimuli(target, store=store, prefix=prefix, parent_model=repo.parent_model,
@@ -132,8 +139,6 @@ def run(repo: BreadRepo, stages: list[str], *, store: Store, progress: bool = Tr
 def check_run(repo: BreadRepo, stages: list[str], store: Store) -> tuple[ResolvedConfig, list[str]]:
     """Everything `run` can check before any work: the stages, the staged input.yml, the
     generators, the bake's datasets. Returns the resolved config and each target's store prefix."""
-    from bread_ray import stim
-
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise RepoError(f"unknown stage {unknown[0]!r}: the stages are {', '.join(STAGES)}")
@@ -146,26 +151,51 @@ def check_run(repo: BreadRepo, stages: list[str], store: Store) -> tuple[Resolve
     if "bake" in stages and resolved.bake is None:
         raise RepoError("the staged input.yml has no BAKE: nothing for bake to do")
     prefixes = [target_prefix(repo.owner, repo.name, target.id) for target in resolved.targets]
-    for index, (target, prefix) in enumerate(zip(resolved.targets, prefixes)):
-        if store.exists(f"{prefix}/{STIM_MANIFEST}") or not {"stim", "rollout"} & set(stages):
-            continue  # stored stimuli are reused: nothing to check
-        if "stim" not in stages:
+    for target, prefix in zip(resolved.targets, prefixes):
+        if "rollout" in stages and "stim" not in stages and not store.exists(f"{prefix}/{STIM_MANIFEST}"):
             raise RepoError(f"{target.id} has no stimuli in the store yet: run `bgit run stim rollout`")
-        stim.check_generators(target, base_dir=repo.root, target_index=index, lines=resolved.lines)
     if "bake" in stages:
         check_bake_inputs(repo, resolved, stages, store)
+    left = steps_left(repo, resolved, prefixes, stages, store)
+    if left:
+        base_problem, problems = preflight(repo, resolved, store)
+        if base_problem:
+            raise unusable_base_model(base_problem)
+        found = [problem for step in left for problem in problems[step]]
+        if found:
+            raise ConfigError(INPUT_FILE, found, resolved.lines)
     return resolved, prefixes
 
 
-def work_left(repo: BreadRepo, resolved: ResolvedConfig, prefixes: list[str], stages: list[str],
-              store: Store) -> bool:
-    """Whether any stage has something to compute, rather than only results to reuse."""
-    for prefix in prefixes:
-        if "stim" in stages and not store.exists(f"{prefix}/{STIM_MANIFEST}"):
-            return True
-        if "rollout" in stages and not store.exists(f"{prefix}/{ROLLOUT_MANIFEST}"):
-            return True
-    return "bake" in stages and not store.exists(f"{bake_prefix(repo.owner, repo.name, resolved.bake.id)}/{BAKE_RESULT}")
+def unusable_base_model(reason: str) -> RepoError:
+    return RepoError(f"the base model ({BREAD_FILE} [RECIPE] base_model) is not a model: {reason}")
+
+
+def preflight(repo: BreadRepo, resolved: ResolvedConfig, store: Store | None) -> tuple[str | None, dict[str, list[Problem]]]:
+    """What would stop each step of `bgit run` before any work (bread_ray.preflight): why the base
+    model is not a model (or None), else each step's problems by target or bake id. Targets
+    whose stimuli are stored reuse them: their generators are not checked."""
+    base_problem = base_model_problem(repo.base_model)
+    if base_problem:
+        return base_problem, {}
+    stored = {target.id for target in resolved.targets if _ask(
+        store, lambda: store.exists(f"{target_prefix(repo.owner, repo.name, target.id)}/{STIM_MANIFEST}"))}
+    return None, step_problems(resolved, base_model=repo.base_model, base_dir=repo.root, store=store,
+                               stored_stimuli=stored)
+
+
+def steps_left(repo: BreadRepo, resolved: ResolvedConfig, prefixes: list[str], stages: list[str],
+               store: Store) -> list[str]:
+    """The steps (target ids, the bake id) of `stages` that have something to compute, rather than
+    only results in the store to reuse."""
+    left = []
+    for target, prefix in zip(resolved.targets, prefixes):
+        stim_left = "stim" in stages and not store.exists(f"{prefix}/{STIM_MANIFEST}")
+        if stim_left or ("rollout" in stages and not store.exists(f"{prefix}/{ROLLOUT_MANIFEST}")):
+            left.append(target.id)
+    if "bake" in stages and not store.exists(f"{bake_prefix(repo.owner, repo.name, resolved.bake.id)}/{BAKE_RESULT}"):
+        left.append(resolved.bake.id)
+    return left
 
 
 def check_bake_inputs(repo: BreadRepo, resolved: ResolvedConfig, stages: list[str], store: Store) -> None:
@@ -192,10 +222,3 @@ def bake(repo: BreadRepo, resolved: ResolvedConfig, *, store: Store, progress: b
     gpus = int(ray.cluster_resources().get("GPU", 0))
     return run_bake(job, num_workers=workers or max(gpus, 1), use_gpu=gpus > 0, progress=progress)
 
-
-def _start_ray() -> None:
-    """Join the cluster at RAY_ADDRESS, or start a local one."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import configparser
 import getpass
 import io
+import json
 import os
 import re
 import shlex
@@ -26,7 +27,8 @@ from typing import Any
 
 import yaml
 
-from bread_ray.config import ConfigError, ResolvedConfig, decode_config, load_and_resolve
+from bread_ray.config import ResolvedConfig, decode_config, load_and_resolve
+from bread_ray.errors import UserError
 from bread_ray.lineage import component_problem
 
 DEFAULT_BASE_MODEL = "Qwen/Qwen3-32B"
@@ -34,6 +36,7 @@ BREAD_FILE = ".bread"
 RECIPE_FILE = "recipe.yml"
 INPUT_FILE = "input.yml"
 BAKE_COMMIT_PREFIX = "Update recipe.yml after bake completion: "
+PRE_COMMIT_RECORD = "bread-pre-commit.json"  # in the git folder: .bread as it was before the hook
 
 EXAMPLE_INPUT = """\
 # input.yml: what to bake next. Edit, then:
@@ -106,8 +109,8 @@ exec bgit _pre-commit
 """
 
 
-class RepoError(Exception):
-    """A problem the user can fix, described in one line."""
+class RepoError(UserError):
+    """A problem with the repository, its files or its use."""
 
 
 def git(cwd: Path, *args: str, check: bool = True, env: dict[str, str] | None = None) -> str:
@@ -176,6 +179,7 @@ class BreadRepo:
             if (folder / BREAD_FILE).is_file() and (folder / ".git").exists():
                 repo = cls(folder)
                 repo.install_hooks()
+                repo.undo_aborted_commit()
                 return repo
         raise RepoError(f"not a bgit repository (no {BREAD_FILE} in {here} or its parents): run `bgit init NAME` first")
 
@@ -184,11 +188,16 @@ class BreadRepo:
         """Create a bgit repository in `folder` (created if missing) with a first commit."""
         folder = folder.resolve()
         name = check_name("repository name", folder.name)
-        owner = check_name("owner", owner) if owner else _default_owner()
+        owner = check_name("owner", owner) if owner is not None else _default_owner()
         if not base_model.strip() or any(c.isspace() for c in base_model):
             raise RepoError(f"invalid base model {base_model!r}: a hub id or a folder, without spaces")
-        if Path(base_model).expanduser().exists():  # a local folder: the same model from any working folder
-            base_model = str(Path(base_model).expanduser().resolve())
+        if Path(base_model).expanduser().exists() or base_model.startswith(("/", ".", "~")) or base_model.count("/") > 1:
+            from bread_ray.preflight import base_model_problem  # a hub id is checked where it runs
+
+            problem = base_model_problem(base_model)
+            if problem:
+                raise RepoError(f"--base-model {base_model}: {problem}")
+            base_model = str(Path(base_model).expanduser().resolve())  # the same model from any working folder
         if (folder / BREAD_FILE).exists():
             raise RepoError(f"{folder} is already a bgit repository")
         clashes = [f for f in (INPUT_FILE, RECIPE_FILE, ".gitattributes") if (folder / f).exists()]
@@ -259,6 +268,17 @@ class BreadRepo:
         """Where git keeps `name` (hooks, index) for this repository, as an absolute path."""
         path = Path(self.git("rev-parse", "--git-path", name).strip())
         return path if path.is_absolute() else self.root / path
+
+    def open_store(self):
+        """The store (BREAD_STORE) this repository's commands use. A folder inside the repository
+        that git does not ignore is refused: `git add .` would commit its models."""
+        from bread_ray.store import open_store, store_in_work_tree_problem  # boto3: only when needed
+
+        store = open_store()
+        problem = store_in_work_tree_problem(store, self.root)
+        if problem:
+            raise RepoError(problem)
+        return store
 
     # ---- .bread --------------------------------------------------------------------------
 
@@ -364,10 +384,10 @@ class BreadRepo:
     def add(self, git_args: list[str]) -> int:
         """`git add`, refusing to stage an invalid input.yml: the index is restored as it was."""
         index = self.git_path("index")
-        before_blob = self.git("rev-parse", "-q", "--verify", f":{INPUT_FILE}", check=False).strip()
+        before_blob = self._index_blob(INPUT_FILE)
         snapshot = index.read_bytes() if index.exists() else None
         returncode = subprocess.run(["git", "add", *git_args]).returncode
-        after_blob = self.git("rev-parse", "-q", "--verify", f":{INPUT_FILE}", check=False).strip()
+        after_blob = self._index_blob(INPUT_FILE)
         if after_blob and after_blob != before_blob:
             try:
                 self.resolve_staged()
@@ -383,15 +403,51 @@ class BreadRepo:
         """`git commit`; the pre-commit hook validates and refreshes .bread. A commit of given paths
         records .bread through git's temporary index: stage it in the real one too."""
         returncode = subprocess.run(["git", "commit", *git_args]).returncode
+        self.undo_aborted_commit()
         if returncode == 0 and self._succeeds("diff", "--quiet", "HEAD", "--", BREAD_FILE):
             self.git("add", BREAD_FILE)
         return returncode
 
     def pre_commit(self) -> None:
-        """The pre-commit hook: refuse an invalid staged input.yml, else refresh and stage .bread."""
+        """The pre-commit hook: refuse an invalid staged input.yml, else refresh and stage .bread.
+
+        git may still abort the commit after this hook (an empty message, an editor that fails, a
+        commit-msg hook), and tells no hook so: the hook records .bread as it was, and the next
+        bgit command puts it back if HEAD has not moved (`undo_aborted_commit`)."""
         resolved = self.resolve_staged()  # raises ConfigError: the commit is refused, nothing written
+        record = {"head": self._head(), "bread": (self.root / BREAD_FILE).read_text(),
+                  "staged": self._index_blob(BREAD_FILE)}
         self.refresh_bread(resolved)
         self.git("add", BREAD_FILE)
+        record.update(written=(self.root / BREAD_FILE).read_text(), written_staged=self._index_blob(BREAD_FILE))
+        self.git_path(PRE_COMMIT_RECORD).write_text(json.dumps(record))
+
+    def undo_aborted_commit(self) -> None:
+        """After the pre-commit hook: if the commit did not happen (HEAD has not moved), restore
+        .bread and its index entry as they were before the hook, unless changed since."""
+        path = self.git_path(PRE_COMMIT_RECORD)
+        if not path.exists():
+            return
+        record = json.loads(path.read_text())
+        path.unlink()
+        if self._head() != record["head"]:
+            return  # committed: .bread is part of the commit
+        bread = self.root / BREAD_FILE
+        if bread.exists() and bread.read_text() == record["written"]:
+            bread.write_text(record["bread"])
+        if self._index_blob(BREAD_FILE) == record["written_staged"]:
+            if record["staged"]:
+                self.git("update-index", "--cacheinfo", f"100644,{record['staged']},{BREAD_FILE}")
+            else:
+                self.git("rm", "-q", "--cached", "--", BREAD_FILE)
+
+    def _head(self) -> str:
+        """The commit HEAD points at, or "" before the first commit."""
+        return self.git("rev-parse", "-q", "--verify", "HEAD", check=False).strip()
+
+    def _index_blob(self, path: str) -> str:
+        """The blob staged for `path`, or "" when it is not in the index."""
+        return self.git("rev-parse", "-q", "--verify", f":{path}", check=False).strip()
 
     # ---- after a bake --------------------------------------------------------------------
 

@@ -38,10 +38,10 @@ import ray
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from bread_ray import ray_cluster
+from bread_ray.chat_format import encode_chat
 from bread_ray.config import ResolvedTarget
-from bread_ray.models import (
-    cut_at_eos, encode_chat, eos_token_ids, lineage_chain, load_teacher, vllm_available,
-)
+from bread_ray.models import cut_at_eos, eos_token_ids, lineage_chain, load_teacher, vllm_available
 from bread_ray.store import ROLLOUT_MANIFEST, Store, finished_shards, open_store, rollout_part_key
 
 # Generation runs on the actor's GPU, or on CPU with one thread per actor (Ray sets
@@ -236,8 +236,7 @@ class TeacherSampler:
 
 def gpus_per_actor() -> int:
     """One GPU per actor where the cluster has GPUs (the driver may sit on a CPU-only head node)."""
-    if not ray.is_initialized():
-        ray.init()
+    ray_cluster.connect()
     return 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
 
 

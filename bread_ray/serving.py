@@ -22,11 +22,13 @@ import hmac
 import ipaddress
 import json
 import signal
+import socket
 import threading
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable, Literal
 
+import ray
 import torch
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,10 +36,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
+from bread_ray import ray_cluster
 from bread_ray.inference import (
     AdapterLoadError, Completion, InvalidRequest, ModelCatalog, SamplingParams, UnknownModel, open_engine,
 )
 from bread_ray.store import open_store
+
+APP_NAME = "bread"  # the Serve application, as serve/config.yaml names it
 
 
 class ServeSettings(BaseModel):
@@ -315,18 +320,23 @@ def interrupt(signum: int, frame: Any) -> None:
 
 def run_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, num_replicas: int = 1,
                announce: Callable[[str], None] = print) -> None:
-    """`bgit serve`: the chat service on this machine's Ray (or $RAY_ADDRESS's) until Ctrl-C or
+    """`bgit serve`: the chat service on a local Ray cluster (or $RAY_ADDRESS's) until Ctrl-C or
     SIGTERM, then Serve is shut down. A bind beyond loopback needs an API key."""
     if not is_loopback(host) and settings.api_key_sha256 is None:
         raise ValueError(f"serving on {host} (beyond this machine) needs an API key: "
                          "set BREAD_API_KEY or pass --api-key")
-    import ray
-
-    ray.init(ignore_reinit_error=True, log_to_driver=False)
+    with socket.socket() as probe:  # Serve's proxy would fail later, with a page of traceback
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ValueError(f"cannot serve on {host}:{port}: {(error.strerror or str(error)).lower()}: "
+                             "choose another --port") from None
+    local = ray_cluster.connect(announce=announce)
     signal.signal(signal.SIGTERM, interrupt)  # after ray.init, which sets its own: `kill` stops as Ctrl-C does
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(chat_app(settings, num_replicas=num_replicas), name="bread", route_prefix="/")
+        serve.run(chat_app(settings, num_replicas=num_replicas), name=APP_NAME, route_prefix="/")
         names = ModelCatalog(settings.base_model, open_store(settings.store), settings.repositories).model_names()
         announce(f"Serving {len(names)} models at http://{host}:{port}/v1 (OpenAI-compatible); Ctrl-C to stop.")
         for name in names:
@@ -336,5 +346,8 @@ def run_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 800
     except KeyboardInterrupt:
         announce("Shutting down.")
     finally:
-        serve.shutdown()
+        # A local cluster ends with Ray, Serve included (serve.shutdown() would only add Ray's error
+        # about its controller's killed shutdown task); a shared cluster keeps Serve, minus our app.
+        if not local:
+            serve.delete(APP_NAME)
         ray.shutdown()

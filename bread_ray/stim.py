@@ -141,16 +141,10 @@ def local_writer_source(model: str, parent_model: str, base_dir: Path) -> str:
     return str(path) if path.exists() else name
 
 
-def check_generators(
-    target: ResolvedTarget,
-    *,
-    base_dir: Path,
-    target_index: int = 0,
-    filename: str = "input.yml",
-    lines: dict[Path_, int] | None = None,
-) -> None:
-    """Raise ConfigError for every generator that would fail later: missing or bad template,
-    missing dataset, no API key for an Anthropic writer. Costs no request and no generation."""
+def generator_problems(target: ResolvedTarget, *, base_dir: Path, target_index: int = 0) -> list[Problem]:
+    """Every generator's problem that would fail it later: a missing or bad template, a missing
+    dataset or column, too few rows, no API key for an Anthropic writer. Costs no request and no
+    generation (a local dataset file is read)."""
     problems = []
     for j, generator in enumerate(target_generators(target)):
         where = ("TARGET", target_index, "generators", j)
@@ -162,6 +156,8 @@ def check_generators(
             problem = dataset_problem(generator.dataset, Path(base_dir))
             if problem:
                 problems.append(Problem((*where, "dataset"), problem))
+            elif Path(base_dir, generator.dataset).expanduser().exists():  # a hub dataset is read by stim only
+                problems += dataset_values(generator, Path(base_dir), where=where)[1]
         if generator.type in LLM_TYPES and generator.model.startswith("local:"):
             problem = local_writer_problem(generator.model, Path(base_dir))
             if problem:
@@ -172,12 +168,11 @@ def check_generators(
                 f"{generator.model!r} is an Anthropic model and ANTHROPIC_API_KEY is not set: set it, or write "
                 "the questions offline with `model: local:<path or hub id>` or `model: parent`"
             )))
-    if problems:
-        raise ConfigError(filename, problems, lines)
+    return problems
 
 
 def local_writer_problem(model: str, base_dir: Path) -> str | None:
-    from bread_ray.models import ModelNotFoundError, resolve_model_source  # torch: only when needed
+    from bread_ray.model_sources import ModelNotFoundError, resolve_model_source
 
     try:
         resolve_model_source(local_writer_source(model, "", base_dir))
@@ -241,7 +236,9 @@ def generate_stimuli(
     """
     if store.exists(f"{prefix}/{STIM_MANIFEST}"):
         return [record["question"] for record in read_stimuli(store, prefix)]
-    check_generators(target, base_dir=base_dir, target_index=target_index)
+    problems = generator_problems(target, base_dir=base_dir, target_index=target_index)
+    if problems:
+        raise ConfigError("input.yml", problems)
     generators = target_generators(target)
     per_generator: dict[int, list[str]] = {}
     for j, generator in enumerate(generators):
@@ -305,20 +302,29 @@ def read_dataset(dataset: str, split: str, base_dir: Path):
     return datasets.load_dataset(dataset, split=split).to_pandas()
 
 
-def sample_dataset(generator: Any, base_dir: Path, *, where: Path_) -> list[str]:
-    """`numq` non-empty values of the question column, sampled without replacement with `seed`."""
+def dataset_values(generator: Any, base_dir: Path, *, where: Path_) -> tuple[list[str], list[Problem]]:
+    """The non-empty values of the dataset's question column, and what prevents sampling `numq`
+    of them (no such column, too few rows)."""
     frame = read_dataset(generator.dataset, generator.split, base_dir)
     columns = [str(c) for c in frame.columns]
     column = generator.field or next((c for c in QUESTION_COLUMNS if c in columns), None)
     if column not in columns:
         message = (f"no column {column!r}" if column else f"no column named {', '.join(QUESTION_COLUMNS)}") + (
             f" in {generator.dataset}: its columns are {', '.join(columns)}; set `field`")
-        raise ConfigError("input.yml", [Problem((*where, "field"), message)])
+        return [], [Problem((*where, "field"), message)]
     values = [str(v).strip() for v in frame[column].dropna().tolist()]
     values = [v for v in values if v]
     if len(values) < generator.numq:
         message = f"is {generator.numq} but {generator.dataset} has only {len(values)} non-empty rows in {column!r}"
-        raise ConfigError("input.yml", [Problem((*where, "numq"), message)])
+        return values, [Problem((*where, "numq"), message)]
+    return values, []
+
+
+def sample_dataset(generator: Any, base_dir: Path, *, where: Path_) -> list[str]:
+    """`numq` non-empty values of the question column, sampled without replacement with `seed`."""
+    values, problems = dataset_values(generator, base_dir, where=where)
+    if problems:
+        raise ConfigError("input.yml", problems)
     return [values[i] for i in random.Random(generator.seed).sample(range(len(values)), generator.numq)]
 
 
@@ -595,7 +601,7 @@ def write_locally(requests: list[dict[str, Any]], load_writer: Callable[[str], t
     seeded per request. Small models rarely format lists, so any non-empty line then counts."""
     import torch
 
-    from bread_ray.models import encode_chat
+    from bread_ray.chat_format import encode_chat
 
     for request in requests:
         tokenizer, model = load_writer(request["model"].removeprefix("local:"))

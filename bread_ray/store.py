@@ -4,6 +4,16 @@
     BREAD_STORE=s3://bucket/prefix      S3Store      (endpoint from AWS_ENDPOINT_URL, credentials
                                                       from the usual boto3 chain)
 
+A relative folder is relative to the current folder, as in a shell; the store's `uri` is absolute.
+S3 requests give up after BREAD_S3_CONNECT_TIMEOUT seconds without a connection (default 10) and
+BREAD_S3_READ_TIMEOUT seconds without an answer (default 20). Opening an S3 store checks its
+bucket in a single attempt, so an endpoint that never answers fails within one read timeout;
+later requests retry as boto3 does.
+
+Every failure of the backend (an OSError of the folder; botocore's or boto3's errors for S3), and
+an invalid bucket name or prefix in the URI, is raised as a StoreError: one line naming the store
+and what is wrong. Missing keys and models stay ArtifactNotFound / ModelNotFound.
+
 Layout, relative to the store root:
 
     <owner>/<repo>/targets/<target_id>/stim/{stimuli.jsonl, parts/, manifest.json}
@@ -20,21 +30,30 @@ from __future__ import annotations
 
 import abc
 import base64
+import contextlib
+import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import subprocess
 import urllib.parse
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 import boto3
+from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import (
+    BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError,
+    ReadTimeoutError,
+)
 
+from bread_ray.errors import UserError
 from bread_ray.lineage import (
     InvalidModelName, InvalidName, ModelName, component_problem, validate_name_component,
 )
@@ -42,10 +61,17 @@ from bread_ray.lineage import (
 LINEAGE_FILE = "lineage.json"
 MAX_KEY_LENGTH = 1024  # S3's limit, in bytes; keys here are ASCII
 MiB = 1024 * 1024
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+CONNECT_TIMEOUT_SETTING, DEFAULT_CONNECT_TIMEOUT_S = "BREAD_S3_CONNECT_TIMEOUT", 10.0
+READ_TIMEOUT_SETTING, DEFAULT_READ_TIMEOUT_S = "BREAD_S3_READ_TIMEOUT", 20.0
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """The store cannot do what was asked (missing bucket, overwriting a model, broken lineage...)."""
+
+
+class InvalidStoreUri(StoreError, ValueError):
+    """A store URI (BREAD_STORE) with an invalid bucket name or prefix: the user's configuration."""
 
 
 class InvalidKey(ValueError):
@@ -155,6 +181,7 @@ def json_bytes(obj) -> bytes:
 
 class Store(abc.ABC):
     uri: str
+    backend_errors: tuple[type[Exception], ...]  # what the backend raises when it fails
 
     # --- the raw primitives a backend implements; keys arrive validated ---
     @abc.abstractmethod
@@ -181,6 +208,10 @@ class Store(abc.ABC):
     def _download_file(self, key: str, local_path: Path) -> None:
         """Raises self._not_found(key) when missing; the parent folder of local_path exists."""
 
+    @abc.abstractmethod
+    def _describe_failure(self, error: Exception) -> str:
+        """What one of `backend_errors` means, in words a user can act on."""
+
     # --- keys and folders ---
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
@@ -188,25 +219,39 @@ class Store(abc.ABC):
     def _not_found(self, key: str) -> ArtifactNotFound:
         return ArtifactNotFound(f"{key!r} is not in store {self.uri}")
 
+    @contextlib.contextmanager
+    def _reporting_failures(self):
+        """Every call into the backend goes through here: its failures become one-line StoreErrors."""
+        try:
+            yield
+        except self.backend_errors as error:
+            problem = " ".join(self._describe_failure(error).split())  # one line, whatever was said
+            raise StoreError(f"store {self.uri}: {problem}") from error
+
     def put_bytes(self, key: str, data: bytes) -> None:
-        self._put_bytes(validate_key(key), bytes(data))
+        with self._reporting_failures():
+            self._put_bytes(validate_key(key), bytes(data))
 
     def get_bytes(self, key: str) -> bytes:
-        return self._get_bytes(validate_key(key))
+        with self._reporting_failures():
+            return self._get_bytes(validate_key(key))
 
     def exists(self, key: str) -> bool:
-        return self._exists(validate_key(key))
+        with self._reporting_failures():
+            return self._exists(validate_key(key))
 
     def list(self, prefix: str = "") -> list[str]:
         """Sorted keys under the folder `prefix` (recursive); '' lists the whole store. Objects
         whose names are not valid keys (temp files, foreign objects) are left out."""
-        keys = self._list(validate_key(prefix) if prefix else "")
+        with self._reporting_failures():
+            keys = self._list(validate_key(prefix) if prefix else "")
         return sorted(k for k in keys if key_problem(k) is None)
 
     def delete(self, prefix: str) -> int:
         """Delete every key under the folder `prefix`; returns how many."""
         keys = self.list(validate_key(prefix))
-        self._delete(keys)
+        with self._reporting_failures():
+            self._delete(keys)
         return len(keys)
 
     def put_json(self, key: str, obj) -> None:
@@ -216,13 +261,15 @@ class Store(abc.ABC):
         return json.loads(self.get_bytes(key))
 
     def upload_file(self, local_path: str | os.PathLike, key: str) -> None:
-        self._upload_file(Path(local_path), validate_key(key))
+        with self._reporting_failures():
+            self._upload_file(Path(local_path), validate_key(key))
 
     def download_file(self, key: str, local_path: str | os.PathLike) -> Path:
         local_path = Path(local_path)
         validate_key(key)
         local_path.parent.mkdir(parents=True, exist_ok=True)
-        self._download_file(key, local_path)
+        with self._reporting_failures():
+            self._download_file(key, local_path)
         return local_path
 
     def upload_dir(self, local_dir: str | os.PathLike, prefix: str) -> list[str]:
@@ -234,8 +281,9 @@ class Store(abc.ABC):
         paths = [Path(folder, f) for folder, _, names in os.walk(local_dir) for f in names]
         files = sorted((validate_key(f"{prefix}/{path.relative_to(local_dir).as_posix()}"), path)
                        for path in paths)
-        for key, path in files:
-            self._upload_file(path, key)
+        with self._reporting_failures():
+            for key, path in files:
+                self._upload_file(path, key)
         return [key for key, _ in files]
 
     def download_dir(self, prefix: str, local_dir: str | os.PathLike) -> Path:
@@ -347,13 +395,33 @@ def write_atomically(path: Path, write) -> None:
         raise
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The file that `path` or the nearest of its existing parents is, where a folder is needed;
+    None when that is a folder."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    return None if existing.is_dir() else existing
+
+
+def raise_unless_missing(error: OSError) -> None:
+    """os.walk's onerror: a folder that is not there lists as empty; any other failure is raised."""
+    if not isinstance(error, (FileNotFoundError, NotADirectoryError)):
+        raise error
+
+
 class LocalStore(Store):
     """A folder. Writes go to a temp file beside the target, then os.replace: readers never see
-    half files. Temp names start with '.', which no key may, so listings skip them."""
+    half files. Temp names start with '.', which no key may, so listings skip them. The folder is
+    created by the first write; opening checks only that no file stands where it would be."""
+
+    backend_errors = (OSError,)
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
         self.uri = self.root.as_uri()
+        with self._reporting_failures():
+            in_the_way = file_in_the_way(self.root)
+        if in_the_way:
+            raise StoreError(f"store {self.uri}: {in_the_way} is a file, not a folder")
 
     def train_storage(self, prefix: str) -> tuple[str, None]:
         """Where Ray Train keeps a run's checkpoints: (storage_path, storage_filesystem)."""
@@ -381,7 +449,7 @@ class LocalStore(Store):
     def _list(self, prefix):
         top = self._path(prefix) if prefix else self.root
         return [Path(folder, f).relative_to(self.root).as_posix()
-                for folder, _, names in os.walk(top) for f in names]
+                for folder, _, names in os.walk(top, onerror=raise_unless_missing) for f in names]
 
     def _delete(self, keys):
         for key in keys:
@@ -403,6 +471,15 @@ class LocalStore(Store):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise self._not_found(key) from None
 
+    def _describe_failure(self, error: OSError) -> str:
+        if error.filename is None or error.strerror is None:
+            return str(error)
+        if error.errno in (errno.ENOTDIR, errno.EEXIST):  # a folder was needed where a file is
+            in_the_way = file_in_the_way(Path(error.filename))
+            if in_the_way:
+                return f"{in_the_way} is a file, not a folder"
+        return f"{error.filename}: {error.strerror}"  # permission denied, read-only file system...
+
 
 def add_content_md5(request, **_):
     """botocore >= 1.36 sends a CRC32 checksum instead of Content-MD5 on DeleteObjects; Swift's
@@ -419,6 +496,8 @@ class S3Store(Store):
     """A bucket and an optional prefix. The multipart settings exist so tests can force multipart
     uploads with small files; `list_page_size` so they can force paginated listings."""
 
+    backend_errors = (BotoCoreError, ClientError, Boto3Error)
+
     def __init__(self, uri: str, *, endpoint_url: str | None = None,
                  multipart_threshold: int = 64 * MiB, multipart_chunksize: int = 16 * MiB,
                  list_page_size: int = 1000):
@@ -426,51 +505,98 @@ class S3Store(Store):
             raise ValueError(f"not an s3:// uri: {uri!r}")
         self.bucket, _, prefix = uri.removeprefix("s3://").partition("/")
         self.prefix = prefix.removesuffix("/")
-        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", self.bucket):
-            raise ValueError(f"invalid bucket name {self.bucket!r} in {uri!r}")
-        if self.prefix:
-            validate_key(self.prefix)
+        if not BUCKET_NAME.fullmatch(self.bucket):
+            raise InvalidStoreUri(f"store {uri}: invalid bucket name {self.bucket!r}: a bucket name is "
+                                  "3 to 63 lowercase letters, digits, dots and hyphens, starting and ending "
+                                  "with a letter or digit")
+        prefix_problem = key_problem(self.prefix) if self.prefix else None
+        if prefix_problem:
+            raise InvalidStoreUri(f"store {uri}: invalid prefix {self.prefix!r}: {prefix_problem}")
         self.uri = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        self.connect_timeout = self._seconds_setting(CONNECT_TIMEOUT_SETTING, DEFAULT_CONNECT_TIMEOUT_S)
+        self.read_timeout = self._seconds_setting(READ_TIMEOUT_SETTING, DEFAULT_READ_TIMEOUT_S)
         # Checksums only where the API requires them: Swift and many S3-compatible servers
         # reject or mis-validate botocore's default CRC checksums.
         config = Config(request_checksum_calculation="when_required",
-                        response_checksum_validation="when_required")
-        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
-        self.client.meta.events.register("before-sign.s3.DeleteObjects", add_content_md5)
+                        response_checksum_validation="when_required",
+                        connect_timeout=self.connect_timeout, read_timeout=self.read_timeout)
         self.transfer_config = TransferConfig(multipart_threshold=multipart_threshold,
                                               multipart_chunksize=multipart_chunksize)
         self.list_page_size = list_page_size
-        self.check_bucket()
+        with self._reporting_failures():
+            self.session = boto3.session.Session()
+            self.client = self._client(endpoint_url, config)
+            self.client.meta.events.register("before-sign.s3.DeleteObjects", add_content_md5)
+            # Fail early and by name when the endpoint or the bucket is unusable (never create the
+            # bucket), in a single attempt: an endpoint that never answers costs one read timeout.
+            probe = self._client(endpoint_url, config.merge(Config(retries={"total_max_attempts": 1})))
+            probe.head_bucket(Bucket=self.bucket)
+
+    def _seconds_setting(self, variable: str, default: float) -> float:
+        """A timeout in seconds from the environment variable `variable`, else `default`."""
+        text = os.environ.get(variable, "").strip()
+        if not text:
+            return default
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = math.nan
+        if not 0 < seconds < math.inf:
+            raise StoreError(f"store {self.uri}: {variable}={text!r} is not a number of seconds above 0 "
+                             f"(unset, it is {default:g})")
+        return seconds
+
+    @property
+    def endpoint(self) -> str:
+        """The S3 endpoint's URL: AWS_ENDPOINT_URL, or AWS's own."""
+        return self.client.meta.endpoint_url
+
+    def _client(self, endpoint_url: str | None, config: Config):
+        try:
+            return self.session.client("s3", endpoint_url=endpoint_url, config=config)
+        except ValueError as error:  # botocore's "Invalid endpoint: ...": a malformed AWS_ENDPOINT_URL
+            raise StoreError(f"store {self.uri}: {error} (check AWS_ENDPOINT_URL)") from None
 
     def train_storage(self, prefix: str):
         """Where Ray Train keeps a run's checkpoints: (storage_path, storage_filesystem), a pyarrow
-        S3 filesystem on the same endpoint and credentials as this store."""
+        S3 filesystem on the same endpoint, credentials and timeouts as this store."""
         from pyarrow.fs import S3FileSystem
 
-        credentials = boto3.session.Session().get_credentials()
-        endpoint = urllib.parse.urlsplit(self.client.meta.endpoint_url)
+        credentials = self.session.get_credentials()
+        endpoint = urllib.parse.urlsplit(self.endpoint)
         filesystem = S3FileSystem(
             access_key=credentials.access_key if credentials else None,
             secret_key=credentials.secret_key if credentials else None,
             session_token=credentials.token if credentials else None,
             region=self.client.meta.region_name, endpoint_override=endpoint.netloc, scheme=endpoint.scheme,
+            connect_timeout=self.connect_timeout, request_timeout=self.read_timeout,
         )
         return "/".join(filter(None, [self.bucket, self.prefix, validate_key(prefix)])), filesystem
 
-    def check_bucket(self) -> None:
-        """Fail early and by name when the bucket is missing or forbidden; never create it."""
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except ClientError as e:
-            status = http_status(e)
-            where = f"store {self.uri} at {self.client.meta.endpoint_url}"
-            if status == 404:
-                raise StoreError(f"bucket {self.bucket!r} does not exist ({where}); "
-                                 "create it first") from None
-            if status == 403:
-                raise StoreError(f"access to bucket {self.bucket!r} denied ({where}): check the "
-                                 "AWS credentials") from None
-            raise
+    def _describe_failure(self, error: Exception) -> str:
+        if isinstance(error, Boto3Error):  # boto3's transfers wrap the failed request's own error
+            error = getattr(error, "last_exception", None) or error.__context__ or error
+        if isinstance(error, NoCredentialsError):
+            return ("no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                    "AWS_PROFILE), or write them to ~/.aws/credentials")
+        if isinstance(error, ConnectTimeoutError):
+            return (f"no connection to the endpoint {self.endpoint} within {self.connect_timeout:g} s "
+                    f"({CONNECT_TIMEOUT_SETTING} sets the limit)")
+        if isinstance(error, ReadTimeoutError):
+            return (f"the endpoint {self.endpoint} did not answer within {self.read_timeout:g} s "
+                    f"({READ_TIMEOUT_SETTING} sets the limit)")
+        if isinstance(error, EndpointConnectionError):
+            return (f"cannot connect to the endpoint {self.endpoint}: is the server up, and "
+                    "AWS_ENDPOINT_URL right?")
+        if isinstance(error, ClientError):
+            code = error.response.get("Error", {}).get("Code")
+            if code in ("NoSuchBucket", "404"):  # a HEAD's error has no body: its code is the status
+                return (f"bucket {self.bucket!r} does not exist at {self.endpoint}: create it first "
+                        "(bgit never creates buckets)")
+            if http_status(error) == 403:
+                return (f"access to bucket {self.bucket!r} denied at {self.endpoint} ({code}): check "
+                        "the AWS credentials and the bucket's permissions")
+        return str(error)  # any other S3 error: botocore names its code, operation and message
 
     def _object_key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -521,6 +647,26 @@ class S3Store(Store):
             if http_status(e) == 404:
                 raise self._not_found(key) from None
             raise
+
+
+def store_in_work_tree_problem(store: Store, work_tree: str | os.PathLike) -> str | None:
+    """Why `store` must not serve the git work tree at `work_tree`: it is a folder inside it that
+    git does not ignore, so a `git add .` would commit its models. None when there is no such problem."""
+    work_tree = Path(work_tree).resolve()
+    if (not isinstance(store, LocalStore) or not store.root.is_relative_to(work_tree)
+            or store.root.is_relative_to(work_tree / ".git")):  # git never adds what is under .git
+        return None
+    folder = store.root.relative_to(work_tree).as_posix()
+    ignored = subprocess.run(["git", "check-ignore", "-q", "--", f"{folder}/"], cwd=work_tree,
+                             capture_output=True, text=True)
+    if ignored.returncode == 0:
+        return None
+    if ignored.returncode != 1:
+        raise RuntimeError(f"git check-ignore failed in {work_tree}: {ignored.stderr.strip()}")
+    remedy = "" if folder == "." else f", or add '/{folder}/' to its .gitignore"
+    return (f"store {store.uri} is a folder inside the repository {work_tree} that git does not "
+            f"ignore: `git add .` would commit its models; set BREAD_STORE to a folder outside the "
+            f"repository{remedy}")
 
 
 def open_store(uri: str | None = None) -> Store:

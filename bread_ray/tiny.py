@@ -34,7 +34,8 @@ from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers.models import BPE
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from bread_ray.models import encode_chat, load_causal_lm
+from bread_ray.chat_format import encode_chat
+from bread_ray.models import load_causal_lm
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"

@@ -31,14 +31,17 @@ def s3_store(s3_server, monkeypatch):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray cluster for the whole test session (starting one costs seconds).
+    """One local Ray cluster for the whole test session (starting one costs seconds), started as
+    bgit starts it.
 
     Four logical CPUs on this 2-core machine, so that an actor pool of two and the tasks feeding
     it fit at once.
     """
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    from bread_ray import ray_cluster
+
+    ray_cluster.connect("local", num_cpus=4)
     yield ray
     ray.shutdown()
 

@@ -43,3 +43,20 @@ def test_unknown_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["bake-it-now"])
     assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["run", "stim", "--workers", "0"], ["serve", "--replicas", "-1"],
+                                  ["serve", "--port", "70000"], ["chat", "m", "--max-tokens", "0"]])
+def test_counts_and_ports_out_of_range_are_usage_errors(args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2 and "must be" in capsys.readouterr().err
+
+
+def test_download_and_tiny_model_refuse_a_folder_that_holds_files(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("keep me")
+    assert main(["download", "alice/pirate/bake_1/4", str(tmp_path)]) == 1
+    assert "holds files already (mine.txt)" in capsys.readouterr().err
+    assert main(["tiny-model", str(tmp_path / "mine.txt")]) == 1
+    assert "holds files already" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]

@@ -6,7 +6,6 @@ import copy
 import typing
 from pathlib import Path
 
-import pytest
 import yaml
 from pydantic import BaseModel
 

@@ -4,12 +4,10 @@ result must equal a local run of the same input. Plus the refusals, which need n
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -19,9 +17,7 @@ from bread_ray.repo import BreadRepo
 from bread_ray.store import BAKE_RESULT, S3Store, bake_prefix
 from bread_ray.tiny import build_tiny_model
 
-from s3_server import free_port
-
-RAY = str(Path(sys.executable).with_name("ray"))  # the venv's CLI, on PATH or not
+from ray_heads import add_worker_node, ensure_auth_token, start_head, user_env
 INPUT = yaml.safe_dump({
     "PROMPT": {"teacher": {"messages": [{"role": "system", "content": "Talk like a pirate."}]}},
     "TARGET": {"name": "pirate", "generators": [{"type": "hardcoded", "questions": [
@@ -73,66 +69,27 @@ def test_a_folder_store_cannot_go_to_a_remote_cluster(tmp_path, tiny_base, monke
 
 
 @pytest.fixture(scope="module")
-def two_node_cluster(s3_server):
-    """Two raylets on loopback, one CPU each: `ray start --head --block` and `ray start --address
-    --block`. Returns the Jobs API address and the environment that reaches the cluster and the S3
-    store (pyarrow, which Ray Train checkpoints through, needs the checksum settings with Swift).
+def two_node_cluster(s3_server, tmp_path_factory):
+    """Two raylets on loopback, one CPU each (`ray start --head --block` and `ray start --address
+    --block`), started from a user's environment: no RAY_AUTH_MODE, a Ray token on the machine, so
+    token authentication is on and bgit must send the token by itself. Returns the Jobs API
+    address and the environment that reaches the cluster and the S3 store (pyarrow, which Ray
+    Train checkpoints through, needs the checksum settings with Swift).
 
-    The head's own --temp-dir keeps it out of /tmp/ray, where a plain `ray.init()` elsewhere in
-    the test session would find it. Each node is stopped by SIGTERM to its `--block` process rather
-    than `ray stop`, which would stop every Ray on this machine, the test session's own included.
+    The head's own --temp-dir keeps it out of /tmp/ray, where `RAY_ADDRESS=auto` would find it.
     """
+    ensure_auth_token()
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    port, dashboard = free_port(), free_port()
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-           "AWS_ENDPOINT_URL": s3_server.endpoint_url, "AWS_DEFAULT_REGION": s3_server.region,
-           "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required", "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}
-    env.pop("RAY_ADDRESS", None)
-    # The job's `python` is the nodes' own: this venv's, as cluster.yaml puts the cluster's venv first.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-
-    def node_options() -> list[str]:
-        """Each raylet's own agent ports: the defaults would collide with the other node's and with
-        the test session's cluster, and a node without its agents accepts no job."""
-        return ["--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-                *(f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                         "metrics-export-port", "runtime-env-agent-port",
-                                                         "ray-client-server-port"))]
-
-    nodes = [subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--include-dashboard=true",
-                               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
-                               *node_options()], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    address = f"http://127.0.0.1:{dashboard}"
+    env = user_env(AWS_ACCESS_KEY_ID=s3_server.access_key, AWS_SECRET_ACCESS_KEY=s3_server.secret_key,
+                   AWS_ENDPOINT_URL=s3_server.endpoint_url, AWS_DEFAULT_REGION=s3_server.region,
+                   AWS_REQUEST_CHECKSUM_CALCULATION="when_required", AWS_RESPONSE_CHECKSUM_VALIDATION="when_required")
+    head = start_head(env, temp_dir=temp, dashboard=True)
     try:
-        wait_for(lambda: cluster_nodes(address, env) >= 1, nodes)
-        nodes.append(subprocess.Popen([RAY, "start", f"--address=127.0.0.1:{port}", *node_options()], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_for(lambda: cluster_nodes(address, env) == 2, nodes)
-        yield address, env
+        add_worker_node(head, env)
+        yield head.jobs_address, env
     finally:
-        for node in reversed(nodes):
-            node.send_signal(signal.SIGTERM)
-            try:
-                node.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                node.kill()
+        head.kill()
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def cluster_nodes(address: str, env: dict) -> int:
-    """Alive nodes of the cluster, from its dashboard (0 while it does not answer)."""
-    listed = subprocess.run([RAY, "list", "nodes", "--address", address, "--format", "yaml",
-                             "--filter", "state=ALIVE"], env={**env, "RAY_AUTH_MODE": "token"},
-                            capture_output=True, text=True)
-    return len(yaml.safe_load(listed.stdout) or []) if listed.returncode == 0 else 0
-
-
-def wait_for(condition, processes, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert all(p.poll() is None for p in processes), "a Ray node exited"
-        assert time.monotonic() < deadline, "the cluster did not come up"
-        time.sleep(2)
 
 
 @pytest.mark.slow

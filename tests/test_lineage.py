@@ -10,9 +10,8 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from bread_ray.lineage import UnfoldableAdapter, fold_adapters, fold_lineage, write_adapter
-from bread_ray.models import (
-    ModelNotFoundError, download_folded_adapter, load_causal_lm, load_teacher,
-)
+from bread_ray.model_sources import ModelNotFoundError
+from bread_ray.models import download_folded_adapter, load_causal_lm, load_teacher
 from bread_ray.store import LocalStore
 from bread_ray.tiny import build_random_lora, build_tiny_model
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import configparser
+import os
+import shutil
 import subprocess
 
 import pytest
@@ -11,6 +13,7 @@ import yaml
 from bread_ray.cli import main
 from bread_ray.config import load_and_resolve
 from bread_ray.repo import BAKE_COMMIT_PREFIX, CLEARED_INPUT, BreadRepo, RepoError
+from bread_ray.tiny import build_tiny_model
 
 YODA = """\
 PROMPT:
@@ -33,8 +36,23 @@ def bread(repo: BreadRepo) -> configparser.ConfigParser:
 
 @pytest.fixture
 def repo(tmp_path, monkeypatch):
+    """A repository on a hub id that no hub answers for here: enough for what reads no model."""
     monkeypatch.setenv("BREAD_STORE", str(tmp_path / "store"))
     repo = BreadRepo.init(tmp_path / "yoda", base_model="tiny-base", owner="alice")
+    monkeypatch.chdir(repo.root)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def model_repo(tmp_path, monkeypatch, tiny_model):
+    """A repository on a real (tiny) model, for what checks against the model's files."""
+    monkeypatch.setenv("BREAD_STORE", str(tmp_path / "store"))
+    repo = BreadRepo.init(tmp_path / "yoda", base_model=str(tiny_model), owner="alice")
     monkeypatch.chdir(repo.root)
     return repo
 
@@ -132,12 +150,13 @@ def test_run_reads_the_staged_input(repo):
     assert "unstaged changes" in state.describe()
 
 
-def test_status_shows_state_and_plan(repo, capsys, tmp_path):
+def test_status_shows_state_and_plan(model_repo, capsys, tmp_path, tiny_model):
+    repo = model_repo
     commit_input(repo, YODA.replace("{bake}", "yoda_bake"))
     assert main(["status"]) == 0
     out = capsys.readouterr().out
     resolved = repo.resolve_staged()
-    assert "On branch main" in out and "Parent model: tiny-base" in out
+    assert "On branch main" in out and f"Parent model: {tiny_model}" in out
     assert "input.yml: committed, no changes" in out
     assert f"· stim + rollout  {resolved.targets[0].id}" in out and "to run" in out
     assert f"· bake            {resolved.bake.id}" in out
@@ -228,8 +247,8 @@ def test_merging_branches_takes_the_other_lineage_without_conflict(repo):
     assert [b["model_names"][-1] for b in repo.read_recipe()["resources"]["bakes"]][-1] == exp[-1]
 
 
-def test_local_base_model_is_recorded_as_an_absolute_path(tmp_path, monkeypatch):
-    (tmp_path / "models" / "tiny").mkdir(parents=True)
+def test_local_base_model_is_recorded_as_an_absolute_path(tmp_path, monkeypatch, tiny_model):
+    shutil.copytree(tiny_model, tmp_path / "models" / "tiny")
     monkeypatch.chdir(tmp_path)
     assert main(["init", "repo", "--base-model", "models/tiny", "--owner", "alice"]) == 0
     assert BreadRepo(tmp_path / "repo").base_model == str(tmp_path / "models" / "tiny")
@@ -309,3 +328,58 @@ def test_editing_a_template_file_changes_the_target_name(repo):
     before = repo.resolve_input(text).targets[0].id
     (repo.root / "questions.txt").write_text("Write exactly ${numq} questions about: ${prompt_u}\n")
     assert repo.resolve_input(text).targets[0].id != before
+
+
+# ---- found by trying bgit as a new user --------------------------------------------------------
+
+
+def test_an_aborted_commit_leaves_bread_and_the_index_as_they_were(repo, capsys):
+    """git aborts after the pre-commit hook refreshed .bread (an empty message, an editor that
+    fails): `bgit commit` and plain `git commit` both leave .bread and the index as before."""
+    head, bread_before = repo.git("rev-parse", "HEAD"), (repo.root / ".bread").read_text()
+    (repo.root / "input.yml").write_text(YODA.replace("{bake}", "aborted"))
+    assert main(["add", "input.yml"]) == 0
+    staged = repo.git("diff", "--cached", "--name-only")
+    assert staged == "input.yml\n"
+
+    assert main(["commit", "-q", "-m", ""]) != 0  # git: "Aborting commit due to empty commit message"
+    assert repo.git("rev-parse", "HEAD") == head
+    assert (repo.root / ".bread").read_text() == bread_before
+    assert repo.git("diff", "--cached", "--name-only") == staged
+
+    failed = subprocess.run(["git", "commit", "-q"], cwd=repo.root, env={**os.environ, "GIT_EDITOR": "false"},
+                            capture_output=True, text=True)
+    assert failed.returncode != 0 and repo.git("rev-parse", "HEAD") == head
+    assert "aborted_" in (repo.root / ".bread").read_text()  # the hook's refresh, until bgit runs again
+    capsys.readouterr()
+    assert main(["status"]) == 0
+    assert "input.yml: staged, not committed yet" in capsys.readouterr().out
+    assert (repo.root / ".bread").read_text() == bread_before
+    assert repo.git("diff", "--cached", "--name-only") == staged
+
+    assert main(["commit", "-q", "-m", "now"]) == 0  # and a commit that happens keeps its .bread
+    assert bread(repo)["BAKE"]["bake_name"].startswith("aborted_")
+    assert repo.git("status", "--porcelain") == ""
+
+
+def test_tiny_model_refuses_a_folder_that_holds_files(repo, tmp_path, capsys):
+    before = repo.git("status", "--porcelain", "--ignored")
+    assert main(["tiny-model", "."]) == 1
+    assert "holds files already" in capsys.readouterr().err
+    assert repo.git("status", "--porcelain", "--ignored") == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_text("{}")
+    assert main(["tiny-model", str(tmp_path / "mine")]) == 1
+    assert "config.json" in capsys.readouterr().err and (tmp_path / "mine" / "config.json").read_text() == "{}"
+    (tmp_path / "empty").mkdir()
+    assert main(["tiny-model", str(tmp_path / "empty")]) == 0
+    assert (tmp_path / "empty" / "config.json").exists()
+
+
+def test_init_refuses_an_empty_owner_or_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", "repo", "--owner", ""]) == 1
+    assert "invalid owner" in capsys.readouterr().err
+    assert main(["init", ""]) == 1
+    assert "NAME" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -9,6 +9,7 @@ PEFT one adapter after another and Hugging Face's greedy generate on the tokeniz
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -320,6 +321,14 @@ def test_bgit_serve_beyond_loopback_needs_a_key(tmp_path):
     assert done.returncode == 1 and "needs an API key" in done.stderr
 
 
+def test_bgit_serve_on_a_port_in_use_is_one_line(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        done = bgit("serve", "--base-model", "unused", "--port", str(port), cwd=tmp_path)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert f"cannot serve on 127.0.0.1:{port}: address already in use: choose another --port" in done.stderr
+
+
 @pytest.mark.slow
 def test_bgit_serve_in_a_repository(served, tmp_path):
     """`bgit serve` as a user runs it: its own Ray, the repository's models and base; stopped by SIGTERM."""
@@ -348,6 +357,9 @@ def test_bgit_serve_in_a_repository(served, tmp_path):
         output = process.communicate(timeout=120)[0]
     assert process.returncode == 0, output
     assert f"Serving 5 models at {url}/v1" in output and "Shutting down." in output
+    for ray_internals in (" INFO ", " WARNING ", "(raylet)", "core_worker", "Token authentication"):
+        assert ray_internals not in output, output  # they stay in Ray's log folder, which bgit names
+    assert "Ray: started a local cluster; its logs are in " in output
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health", timeout=2)
 

@@ -11,7 +11,7 @@ from bread_ray.config import ConfigError, format_path, load_and_resolve
 from bread_ray.stim import (
     RetryPolicy,
     StimError,
-    check_generators,
+    generator_problems,
     generate_stimuli,
     parse_questions,
     read_stimuli,
@@ -173,6 +173,10 @@ BAD_GENERATORS = {
                         "dataset", "dataset file .*nope.jsonl does not exist"),
     "hub dataset without datasets": ({"type": "from_dataset", "dataset": "org/questions", "numq": 2},
                                      "dataset", "`datasets` package is not installed"),
+    "dataset without the column": ({"type": "from_dataset", "dataset": "qs.jsonl", "field": "query", "numq": 1},
+                                   "field", "no column 'query' in qs.jsonl: its columns are prompt_text; set `field`"),
+    "dataset with too few rows": ({"type": "from_dataset", "dataset": "qs.jsonl", "field": "prompt_text", "numq": 5},
+                                  "numq", "is 5 but qs.jsonl has only 2 non-empty rows in 'prompt_text'"),
     "missing model folder": ({"type": "oneshot_qs", "numq": 2, "model": "local:./no-model"},
                              "model", "does not exist"),
     "missing API key": ({"type": "persona", "numq": 2},
@@ -186,13 +190,12 @@ def test_bad_generators_fail_before_any_work(case, fake, tmp_path, monkeypatch):
     if case == "hub dataset without datasets" and importlib.util.find_spec("datasets"):
         pytest.skip("with `datasets` installed a hub name is valid")
     (tmp_path / "t.txt").write_text("Write questions about ${prompt_u}")
+    (tmp_path / "qs.jsonl").write_text('{"prompt_text": "Why?"}\n{"prompt_text": "How?"}\n')
     if case == "missing API key":
         monkeypatch.delenv("ANTHROPIC_API_KEY")
     target = make_target([{"type": "hardcoded", "questions": ["Fine?"]}, generator])
 
-    with pytest.raises(ConfigError) as error:
-        check_generators(target, base_dir=tmp_path, target_index=1)
-    [problem] = error.value.problems
+    [problem] = generator_problems(target, base_dir=tmp_path, target_index=1)
     assert format_path(problem.path) == f"TARGET[1].generators[1].{field}"
     assert pytest.raises(ConfigError, run_stim, target, tmp_path).match(message)
     assert fake.requests == 0

@@ -9,13 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bread_ray import tiny
 
-from bread_ray.models import (
-    ModelNotFoundError,
-    encode_chat,
-    load_causal_lm,
-    load_tokenizer,
-    render_chat,
-)
+from bread_ray.chat_format import encode_chat, render_chat
+from bread_ray.model_sources import ModelNotFoundError
+from bread_ray.models import load_causal_lm, load_tokenizer
 from bread_ray.cli import main as bgit
 from bread_ray.tiny import (
     IM_END,

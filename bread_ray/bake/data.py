@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bread_ray.models import encode_chat
+from bread_ray.chat_format import encode_chat
 
 
 @dataclass(frozen=True)

@@ -246,7 +246,7 @@ def bake_worker(job: BakeJob, session: WorkerSession) -> dict[str, Any] | None:
 
     from transformers import AutoConfig
 
-    from bread_ray.models import resolve_model_source
+    from bread_ray.model_sources import resolve_model_source
 
     hidden_size = AutoConfig.from_pretrained(resolve_model_source(job.base_model)).hidden_size
     ds_config = deepspeed_config(bake, world_size=world, hidden_size=hidden_size, bf16=dtype == torch.bfloat16)

@@ -1,0 +1,189 @@
+"""Where a model's files are and what they say, read without loading the model (no torch).
+
+    resolve_model_source(name)   an existing local folder, or a hub id; anything else is an error
+    read_model_files(name)       its config.json, its weights' names, its tokenizer and chat template
+
+bread_ray.models loads every model through `resolve_model_source`; the checks before a run
+(bread_ray.preflight) read the same files with `read_model_files`, in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+# What the checks read from a hub model: never its weights (a hub model's weight names come from
+# the safetensors headers, fetched alone).
+SMALL_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "chat_template.jinja", "*.safetensors.index.json"]
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model is neither an existing local folder nor loadable from the Hugging Face Hub."""
+
+
+def hub_offline() -> bool:
+    """Read at call time: huggingface_hub reads HF_HUB_OFFLINE only once, at import."""
+    return any(os.environ.get(var, "").upper() in {"1", "ON", "YES", "TRUE"}
+               for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def resolve_model_source(name_or_path: str | Path) -> str:
+    """An existing local folder, or a hub id (`name` or `org/name`); anything else is an error.
+
+    transformers reports a missing local path as a malformed repo id, so we check first.
+    """
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise ModelNotFoundError(f"model path {text!r} is a file, not a model folder")
+    if isinstance(name_or_path, Path) or text.startswith(("/", ".", "~")) or text.count("/") > 1:
+        raise ModelNotFoundError(f"model path {text!r} does not exist")
+    return text
+
+
+def hub_miss(source: str, error: Exception) -> ModelNotFoundError:
+    """The error for a hub id that cannot be loaded, saying why as far as we can tell."""
+    why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if hub_offline()
+           else "the Hugging Face Hub is unreachable or has no such repository")
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelNotFoundError(f"model {source!r}: no local folder of that name, and it cannot be loaded "
+                              f"from the hub ({why}): {first_line}")
+
+
+def model_folder(name_or_path: str | Path) -> Path:
+    """A local model's folder, or the hub cache's folder holding a hub model's small files."""
+    source = resolve_model_source(name_or_path)
+    if Path(source).is_dir():
+        return Path(source).expanduser()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, allow_patterns=SMALL_FILES, local_files_only=hub_offline()))
+    except Exception as error:  # offline, not found, gated, unreachable: all mean "cannot load it"
+        raise hub_miss(source, error) from None
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """What a model's files say: enough to check a run against it before loading anything."""
+
+    name: str
+    folder: Path
+    config: dict[str, Any]
+    weights: dict[str, int | None] | None  # name -> number of dimensions (None: unknown); None: not readable
+
+    @property
+    def context_length(self) -> int | None:
+        """The longest sequence the model takes, in tokens, where its config says."""
+        for config in (self.config, self.config.get("text_config") or {}):
+            for key in CONTEXT_KEYS:
+                if isinstance(config.get(key), int):
+                    return config[key]
+        return None
+
+    @property
+    def module_names(self) -> frozenset[str] | None:
+        """Names of the modules whose `weight` is a matrix (or of unknown shape): the layers LoRA
+        can target (linear layers, embeddings)."""
+        if self.weights is None:
+            return None
+        return frozenset(name.removesuffix(".weight") for name, ndim in self.weights.items()
+                         if name.endswith(".weight") and ndim in (None, 2))
+
+    @cached_property
+    def tokenizer(self) -> FileTokenizer | None:
+        """The tokenizer and chat template, or None where the folder has no tokenizer.json."""
+        return FileTokenizer.from_folder(self.folder) if (self.folder / "tokenizer.json").is_file() else None
+
+
+def read_model_files(name_or_path: str | Path) -> ModelFiles:
+    """The model's config, weight names and tokenizer files. Raises ModelNotFoundError saying why
+    it is not a model: a missing path, a file, a folder without config.json, an unknown hub id."""
+    folder = model_folder(name_or_path)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"{name_or_path} is not a model folder: it has no config.json") from None
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(f"{folder / 'config.json'} is not readable JSON: {error}") from None
+    return ModelFiles(str(name_or_path), folder, config, read_weights(folder, str(name_or_path)))
+
+
+def read_weights(folder: Path, name: str) -> dict[str, int | None] | None:
+    """The weights' names and dimensions from the safetensors headers (read, never loaded), or
+    their names from the index; a hub model without them in the cache asks the hub for its
+    headers alone. None where neither can be read."""
+    weights: dict[str, int | None] = {}
+    for index in folder.glob("*.safetensors.index.json"):
+        weights.update(dict.fromkeys(json.loads(index.read_text())["weight_map"]))
+    for file in folder.glob("*.safetensors"):
+        with file.open("rb") as handle:  # an 8-byte length, then the JSON header
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        weights.update({key: len(info["shape"]) for key, info in header.items() if key != "__metadata__"})
+    if weights:
+        return weights
+    if Path(name).expanduser().is_dir() or hub_offline():
+        return None
+    from huggingface_hub import get_safetensors_metadata
+
+    try:
+        metadata = get_safetensors_metadata(name)
+    except Exception:  # no safetensors on the hub, or unreachable: the check is skipped
+        return None
+    return {key: len(info.shape) for file in metadata.files_metadata.values() for key, info in file.tensors.items()}
+
+
+class FileTokenizer:
+    """A model's tokenizer.json and chat template, read without torch or transformers' model
+    classes: enough for bread_ray.chat_format to count tokens exactly as the stages do."""
+
+    def __init__(self, tokenizer: Any, chat_template: str | None, special_tokens: dict[str, str]):
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.special_tokens = special_tokens
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> FileTokenizer:
+        from tokenizers import Tokenizer
+
+        settings: dict[str, Any] = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            if (folder / name).is_file():
+                settings.update(json.loads((folder / name).read_text()))
+        template = settings.get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text()
+        special = {}
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            token = settings.get(key)
+            token = token.get("content") if isinstance(token, dict) else token
+            if isinstance(token, str):
+                special[key] = token
+        return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), template, special)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                            add_generation_prompt: bool = True, tokenize: bool = False, **kwargs: Any) -> str:
+        """As transformers renders it: the same function, with the tokenizer's special tokens."""
+        from transformers.utils.chat_template_utils import render_jinja_template  # no torch
+
+        if self.chat_template is None:
+            raise ValueError("the tokenizer has no chat template")
+        rendered, _ = render_jinja_template([messages], tools=tools, chat_template=self.chat_template,
+                                            add_generation_prompt=add_generation_prompt,
+                                            **{**self.special_tokens, **kwargs})
+        return rendered[0]
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
