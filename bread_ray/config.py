@@ -38,7 +38,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from bread_ray.fingerprints import file_fingerprint
 from bread_ray.lineage import component_problem
+from bread_ray.model_sources import model_identity
 
 DEFAULT_QUESTION_MODEL = "claude-sonnet-4-5-20250929"
 
@@ -255,8 +257,8 @@ class FunctionSpec(Section):
 class Tool(Section):
     """A tool in OpenAI's function format, rendered into the prompt by the chat template."""
 
-    type: Literal["function"] = "function"
-    function: FunctionSpec
+    type: Literal["function"] = Field("function", description="Always `function` (OpenAI's format).")
+    function: FunctionSpec = Field(description="The function the model may call.")
 
 
 class TeacherPrompt(Section):
@@ -274,20 +276,21 @@ class StudentPrompt(Section):
 
 
 class Prompt(Section):
-    teacher: TeacherPrompt
-    student: StudentPrompt = Field(default_factory=StudentPrompt)
+    teacher: TeacherPrompt = Field(description="What the teacher sees: the prompt whose behaviour is baked in.")
+    student: StudentPrompt = Field(default_factory=StudentPrompt,
+                                   description="What the baked model sees instead (default: nothing).")
 
 
 class OneshotQuestions(Section):
     """An LLM writes `numq` questions for the teacher prompt."""
 
-    type: Literal["oneshot_qs"]
+    type: Literal["oneshot_qs"] = Field(description="An LLM writes the questions in one request per batch.")
     model: str = Field(
         DEFAULT_QUESTION_MODEL,
         description="Anthropic model id, or `local:<path or hub id>` / `parent` for an offline local writer.",
     )
     numq: PositiveInt = Field(description="How many questions.")
-    temperature: SamplingTemperature = 1.0
+    temperature: SamplingTemperature = Field(1.0, description="The writer's sampling temperature, 0 to 2.")
     template_path: str | None = Field(
         None, description="A string.Template file with ${numq} and ${prompt_u}; a built-in template otherwise."
     )
@@ -296,7 +299,7 @@ class OneshotQuestions(Section):
 class HardcodedQuestions(Section):
     """Questions written out in input.yml."""
 
-    type: Literal["hardcoded"]
+    type: Literal["hardcoded"] = Field(description="Questions written out here.")
     questions: list[NonBlank] = Field(min_length=1, description="The questions.")
     numq: PositiveInt | None = Field(None, description="Use the first numq questions; all of them by default.")
 
@@ -312,22 +315,22 @@ class HardcodedQuestions(Section):
 class DatasetQuestions(Section):
     """Questions sampled from a dataset: a local JSONL / Parquet / CSV file or folder, or a hub dataset."""
 
-    type: Literal["from_dataset"]
+    type: Literal["from_dataset"] = Field(description="Questions sampled from a dataset's column.")
     dataset: NonBlank = Field(description="Path of a local file or folder, or a Hugging Face dataset name.")
     field: str | None = Field(None, description="The column holding the question; guessed when omitted.")
     split: str = Field("train", description="The split, for hub datasets.")
     numq: PositiveInt = Field(description="How many questions to sample.")
-    seed: Seed = 42
+    seed: Seed = Field(42, description="Seeds the sample: the same seed picks the same questions.")
 
 
 class PersonaQuestions(Section):
     """Questions that probe a persona, written by an LLM from a built-in persona template."""
 
-    type: Literal["persona"]
+    type: Literal["persona"] = Field(description="An LLM writes questions that probe the persona.")
     model: str = Field(DEFAULT_QUESTION_MODEL, description="As for oneshot_qs.")
-    numq: PositiveInt
-    seed: Seed = 42
-    temperature: SamplingTemperature = 1.0
+    numq: PositiveInt = Field(description="How many questions.")
+    seed: Seed = Field(42, description="Seeds the writer's requests.")
+    temperature: SamplingTemperature = Field(1.0, description="The writer's sampling temperature, 0 to 2.")
 
 
 Generator = Annotated[
@@ -396,11 +399,13 @@ class Dataset(Section):
 class AdapterConfig(Section):
     """The LoRA adapter trained by the bake (PEFT LoraConfig fields)."""
 
-    r: PositiveInt = 8
-    lora_alpha: float = Field(16, gt=0)
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    bias: Literal["none", "all", "lora_only"] = "none"
-    target_modules: Literal["all-linear"] | Annotated[list[NonBlank], Field(min_length=1)] = "all-linear"
+    r: PositiveInt = Field(8, description="LoRA rank: the adapter's capacity (and size).")
+    lora_alpha: float = Field(16, gt=0, description="LoRA scaling: the update is scaled by lora_alpha / r.")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input while training.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train too (PEFT's `bias`).")
+    target_modules: Literal["all-linear"] | Annotated[list[NonBlank], Field(min_length=1)] = Field(
+        "all-linear", description="The layers that get an adapter: `all-linear` (every linear layer but the output "
+                                  "head), or layer names such as [q_proj, v_proj] (a name matches a module ending in it).")
 
     @field_validator("target_modules")
     @classmethod
@@ -409,17 +414,17 @@ class AdapterConfig(Section):
 
 
 class BakeModel(Section):
-    baked_adapter_config: AdapterConfig = Field(default_factory=AdapterConfig)
+    baked_adapter_config: AdapterConfig = Field(default_factory=AdapterConfig, description="The LoRA adapter trained.")
     disable_activation_checkpoint: Flag = Field(
         False, description="Turn gradient (activation) checkpointing off: faster, more memory."
     )
 
 
 class Optimizer(Section):
-    type: Literal["adamw", "adam", "sgd"] = "adamw"
-    learning_rate: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    type: Literal["adamw", "adam", "sgd"] = Field("adamw", description="The optimizer of the adapter's weights.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate, after warm-up.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay (decoupled for adamw).")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="Adam's (beta1, beta2); unused by sgd.")
 
 
 class Scheduler(Section):
@@ -430,13 +435,14 @@ class Scheduler(Section):
 
 
 class Offload(Section):
-    device: Literal["none", "cpu"] = "none"
+    device: Literal["none", "cpu"] = Field("none", description="`cpu` keeps these tensors in CPU memory: less GPU "
+                                                              "memory, slower steps.")
 
 
 class ZeroOptimization(Section):
     stage: Literal[0, 1, 2, 3] = Field(3, description="DeepSpeed ZeRO stage: 3 shards parameters too.")
-    offload_optimizer: Offload = Field(default_factory=Offload)
-    offload_param: Offload = Field(default_factory=Offload)
+    offload_optimizer: Offload = Field(default_factory=Offload, description="Where the optimizer state lives.")
+    offload_param: Offload = Field(default_factory=Offload, description="Where the parameters live (stage 3 only).")
 
     @model_validator(mode="after")
     def _param_offload_needs_stage3(self) -> ZeroOptimization:
@@ -446,13 +452,15 @@ class ZeroOptimization(Section):
 
 
 class DeepSpeed(Section):
-    zero_optimization: ZeroOptimization = Field(default_factory=ZeroOptimization)
+    zero_optimization: ZeroOptimization = Field(default_factory=ZeroOptimization,
+                                                description="How DeepSpeed shards training across the workers.")
 
 
 class Checkpoint(Section):
-    type: Literal["huggingface"] = "huggingface"
+    type: Literal["huggingface"] = Field("huggingface", description="Checkpoints are PEFT adapter folders (the only format).")
     save_every_n_steps: PositiveInt | None = Field(None, description="Publish a checkpoint every N steps.")
-    save_end_of_training: Flag = True
+    save_end_of_training: Flag = Field(True, description="Publish the model at the end of training (Bread's field; "
+                                                          "the final model is always published, as the next parent).")
     auto_resume: Flag = Field(True, description="Resume a failed run from its last checkpoint.")
 
 
@@ -484,17 +492,18 @@ class Bake(Section):
 
     name: Name = Field(description="Short name; the model id is `<name>_<hash16>`.")
     datasets: list[Dataset] = Field(min_length=1, description="Targets to train on, sampled by weight.")
-    epochs: PositiveInt = 1
-    micro_batch_size: PositiveInt = 2
-    gradient_accumulation_steps: PositiveInt = 1
+    epochs: PositiveInt = Field(1, description="Passes over the training trajectories.")
+    micro_batch_size: PositiveInt = Field(2, description="Trajectories per worker per forward pass.")
+    gradient_accumulation_steps: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
     total_trajectories: PositiveInt | None = Field(None, description="Cap on trajectories used; all by default.")
-    seed: Seed = 42
-    model: BakeModel = Field(default_factory=BakeModel)
-    optimizer: Optimizer = Field(default_factory=Optimizer)
-    scheduler: Scheduler = Field(default_factory=Scheduler)
-    deepspeed: DeepSpeed = Field(default_factory=DeepSpeed)
-    checkpoint: list[Checkpoint] = Field(default_factory=lambda: [Checkpoint()])
-    data: Data = Field(default_factory=Data)
+    seed: Seed = Field(42, description="Seeds the data order, the held-out split and the adapter's initialisation.")
+    model: BakeModel = Field(default_factory=BakeModel, description="The adapter and how the model is trained.")
+    optimizer: Optimizer = Field(default_factory=Optimizer, description="The optimizer.")
+    scheduler: Scheduler = Field(default_factory=Scheduler, description="The learning-rate schedule.")
+    deepspeed: DeepSpeed = Field(default_factory=DeepSpeed, description="DeepSpeed ZeRO settings.")
+    checkpoint: list[Checkpoint] = Field(default_factory=lambda: [Checkpoint()], description="When to save and publish "
+                                         "checkpoints, and whether a failed bake resumes: one mapping or a list.")
+    data: Data = Field(default_factory=Data, description="Sequence length and the held-out split.")
     eval_interval: Annotated[int, Strict()] = Field(0, ge=0, description="Held-out KL every N steps; 0: before and after training only.")
     kl_top_k: PositiveInt | None = Field(
         None, description="KL to the teacher's top-k tokens only (renormalised; Bread's Tinker bakes use 20); "
@@ -507,9 +516,9 @@ class Bake(Section):
 class InputConfig(Section):
     """The whole of input.yml. Every section is optional: an empty file is valid and runs nothing."""
 
-    PROMPT: Prompt | None = None
+    PROMPT: Prompt | None = Field(None, description="The teacher and student prompts, for every target without its own.")
     TARGET: list[Target] = Field(default_factory=list, description="One target mapping, or a list of them.")
-    BAKE: Bake | None = None
+    BAKE: Bake | None = Field(None, description="The bake: a LoRA trained on a weighted mix of targets.")
 
     _wrap_target = field_validator("TARGET", mode="before")(_one_or_many)
 
@@ -620,7 +629,8 @@ class ResolvedTarget:
     hash: str
     teacher: ResolvedPrompt
     student: ResolvedPrompt
-    config: dict[str, Any]  # what the hash covers, as recorded in recipe.yml
+    teacher_model: str  # the model that writes the trajectories, as the stages load it (a hub id, path or lineage name)
+    config: dict[str, Any]  # what the hash covers, as recorded in recipe.yml (models by identity)
 
 
 @dataclass(frozen=True)
@@ -628,9 +638,9 @@ class ResolvedBake:
     name: str
     id: str  # <name>_<hash16>
     hash: str
-    parent_model: str
+    parent_model: str  # as the stages load it (a hub id, path or lineage name)
     datasets: tuple[tuple[str, float], ...]  # (target id, weight), sorted by target id
-    config: dict[str, Any]
+    config: dict[str, Any]  # what the hash covers, as recorded in recipe.yml (models by identity)
 
 
 @dataclass(frozen=True)
@@ -666,31 +676,23 @@ def resolve_prompt(messages: list[Message], tools: list[Tool] | None = None) -> 
     return ResolvedPrompt(name=f"prompt_{digest[:16]}", hash=digest, content=content)
 
 
-def file_fingerprint(path: Path) -> str:
-    """sha256 over a file's bytes, or over a folder's files (names and bytes) in sorted order."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
-        digest.update(str(file.relative_to(path) if file != path else "").encode() + b"\0")
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def resolve_target(target: Target, prompt: Prompt, parent_model: str, base_dir: Path | None = None) -> ResolvedTarget:
+def resolve_target(target: Target, prompt: Prompt, parent_model: str, parent_identity: str | None = None,
+                   base_dir: Path | None = None) -> ResolvedTarget:
     """Resolve a target. Its identity covers the parent model (rollouts and `model: parent` question
     writers depend on it) and the contents of the local files it reads (templates, datasets), so
-    editing such a file makes a new target instead of reusing stale stimuli."""
+    editing such a file makes a new target instead of reusing stale stimuli. Models enter by their
+    identity (`model_identity`: a local model by its content), so names do not depend on paths."""
     teacher = resolve_prompt(prompt.teacher.messages, prompt.teacher.tools)
     student = resolve_prompt(prompt.student.messages)
     settings = target.model_dump(mode="json", exclude={"name", "prompt", "max_concurrency"})
-    settings["model_name"] = target.model_name or parent_model
+    parent_identity = parent_identity or model_identity(parent_model)
+    settings["model_name"] = model_identity(target.model_name) if target.model_name else parent_identity
     if base_dir is not None:
         for generator in settings["generators"]:
             local = generator.get("template_path") or (generator["dataset"] if generator["type"] == "from_dataset" else None)
             if local and (base_dir / local).exists():
                 generator["file_sha256"] = file_fingerprint(base_dir / local)
-    config = {"u": teacher.name, "v": student.name, "parent_model": parent_model, **settings}
+    config = {"u": teacher.name, "v": student.name, "parent_model": parent_identity, **settings}
     digest = content_hash(config)
     return ResolvedTarget(
         name=target.name,
@@ -698,6 +700,7 @@ def resolve_target(target: Target, prompt: Prompt, parent_model: str, base_dir: 
         hash=digest,
         teacher=teacher,
         student=student,
+        teacher_model=target.model_name or parent_model,
         config={**config, "max_concurrency": target.max_concurrency},
     )
 
@@ -720,6 +723,7 @@ def resolve(
     """
     problems: list[Problem] = []
     targets: list[ResolvedTarget] = []
+    parent_identity = model_identity(parent_model)
     for index, target in enumerate(config.TARGET):
         prompt = target.prompt or config.PROMPT
         if prompt is None:
@@ -728,7 +732,7 @@ def resolve(
         if any(t.name == target.name for t in targets):
             problems.append(Problem(("TARGET", index, "name"), f"duplicate target name {target.name!r}"))
             continue
-        targets.append(resolve_target(target, prompt, parent_model, base_dir))
+        targets.append(resolve_target(target, prompt, parent_model, parent_identity, base_dir=base_dir))
 
     bake = None
     if config.BAKE is not None:
@@ -751,7 +755,7 @@ def resolve(
             else:
                 datasets[target_id] = dataset.weight
         if not problems:
-            bake = resolve_bake(config.BAKE, datasets, parent_model)
+            bake = resolve_bake(config.BAKE, datasets, parent_model, parent_identity)
 
     if problems:
         raise ConfigError(filename, problems, lines)
@@ -777,11 +781,11 @@ def resolve(
                           lines=lines, warnings=tuple(warnings.values()))
 
 
-def resolve_bake(bake: Bake, datasets: dict[str, float], parent_model: str) -> ResolvedBake:
+def resolve_bake(bake: Bake, datasets: dict[str, float], parent_model: str, parent_identity: str) -> ResolvedBake:
     ordered = tuple(sorted(datasets.items()))  # dataset order does not change what is trained on
     settings = bake.model_dump(mode="json", exclude={"name", "datasets"})
     config = {
-        "parent_model": parent_model,
+        "parent_model": parent_identity,
         "datasets": [{"target": target_id, "weight": weight} for target_id, weight in ordered],
         **settings,
     }

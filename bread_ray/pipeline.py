@@ -75,7 +75,7 @@ def plan(resolved: ResolvedConfig, *, owner: str, repo: str, store: Store | None
     for target in resolved.targets:
         state = _ask(store, lambda: target_state(store, target_prefix(owner, repo, target.id)))
         done = None if state is None else state.trajectories is not None
-        steps.append(PlannedStep("stim + rollout", target.id, f"teacher {target.config['model_name']}", done,
+        steps.append(PlannedStep("stim + rollout", target.id, f"teacher {target.teacher_model}", done,
                                  state.describe() if state else "", tuple(problems.get(target.id, ()))))
     if resolved.bake is not None:
         bake = resolved.bake
@@ -96,6 +96,20 @@ def _ask(store: Store | None, question):
         return question()
     except Exception:  # an unreachable store must not stop `bgit status`
         return None
+
+
+def describe_bake(result: dict[str, Any]) -> list[str]:
+    """A bake's result (bake.train.run_bake's) as the lines bgit prints: models, losses, held-out KL."""
+    loss, kl = result["loss"], result["held_out_kl"]
+    lines = [f"Baked {result['bake_id']} in {result['steps']} steps.",
+             f"  models: {', '.join(result['model_names'])}",
+             f"  loss: latest {loss['latest']:.4g}, final {loss['final']:.4g}, min {loss['min']:.4g}, max {loss['max']:.4g}"]
+    if kl["before"] is not None:
+        ratio = f" ({kl['before'] / kl['after']:.1f}x lower)" if kl["after"] else ""
+        lines.append(f"  held-out KL(teacher ‖ student): {kl['before']:.4g} -> {kl['after']:.4g} nats/token{ratio}")
+    else:
+        lines.append("  held-out KL: no held-out questions (BAKE.data.train_eval_split holds none out)")
+    return lines
 
 
 @dataclass

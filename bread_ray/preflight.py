@@ -86,7 +86,7 @@ class ModelReader:
 def target_problems(index: int, target: ResolvedTarget, models: ModelReader, base_dir: Path, *,
                     check_generators: bool = True) -> list[Problem]:
     problems = generator_problems(target, base_dir=base_dir, target_index=index) if check_generators else []
-    teacher = target.config["model_name"]
+    teacher = target.teacher_model
     files = models.files(teacher)
     if isinstance(files, str):
         problems.append(Problem(("TARGET", index, "model_name"), f"the teacher {teacher}: {files}"))

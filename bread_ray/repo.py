@@ -191,12 +191,16 @@ class BreadRepo:
         owner = check_name("owner", owner) if owner is not None else _default_owner()
         if not base_model.strip() or any(c.isspace() for c in base_model):
             raise RepoError(f"invalid base model {base_model!r}: a hub id or a folder, without spaces")
-        if Path(base_model).expanduser().exists() or base_model.startswith(("/", ".", "~")) or base_model.count("/") > 1:
-            from bread_ray.preflight import base_model_problem  # a hub id is checked where it runs
+        from bread_ray.model_sources import PACKAGED_MODELS
+
+        local = Path(base_model).expanduser().exists() or base_model.startswith(("/", ".", "~")) or base_model.count("/") > 1
+        if local or base_model in PACKAGED_MODELS:  # a hub id is checked where it runs
+            from bread_ray.preflight import base_model_problem
 
             problem = base_model_problem(base_model)
             if problem:
                 raise RepoError(f"--base-model {base_model}: {problem}")
+        if local:
             base_model = str(Path(base_model).expanduser().resolve())  # the same model from any working folder
         if (folder / BREAD_FILE).exists():
             raise RepoError(f"{folder} is already a bgit repository")

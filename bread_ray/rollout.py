@@ -41,6 +41,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from bread_ray import ray_cluster
 from bread_ray.chat_format import encode_chat
 from bread_ray.config import ResolvedTarget
+from bread_ray.model_sources import resolve_model_source
 from bread_ray.models import cut_at_eos, eos_token_ids, lineage_chain, load_teacher, vllm_available
 from bread_ray.store import ROLLOUT_MANIFEST, Store, finished_shards, open_store, rollout_part_key
 
@@ -127,7 +128,7 @@ def load_vllm_engine(model_name: str, store: Store) -> Any:
     """
     from vllm import LLM
 
-    source = model_name
+    source = resolve_model_source(model_name)  # a .gguf or packaged model: its converted folder
     if lineage_chain(model_name, store):
         model, tokenizer = load_teacher(model_name, store, device="cpu", dtype=torch.bfloat16)
         source = tempfile.mkdtemp(prefix="bread-teacher-")
@@ -172,7 +173,7 @@ def shard_records(target: ResolvedTarget, start: int, stimuli: list[str], respon
                 "teacher_tools": json.dumps(target.teacher.content["tools"]),
                 "response": tokenizer.decode(token_ids, skip_special_tokens=True),
                 "response_token_ids": token_ids,
-                "model_name": target.config["model_name"],
+                "model_name": target.teacher_model,
                 "sampling": json.dumps(sampling_settings(target)),
             })
     return records
@@ -197,7 +198,7 @@ class TeacherSampler:
         # Reopened from its URI: an S3 client cannot be pickled into the actor.
         self.store = open_store(store_uri)
         self.sampling = sampling_settings(target)
-        model_name = target.config["model_name"]
+        model_name = target.teacher_model
         if vllm_available():
             self.engine = load_vllm_engine(model_name, self.store)
             self.tokenizer = self.engine.get_tokenizer()
@@ -311,7 +312,7 @@ def run_rollout(target: ResolvedTarget, stimuli: list[str], *, store: Store, pre
         "shards_generated": len(todo),  # by the run that completed it; the rest were resumed
         "shard_size": shard_size,
         "num_traj_per_stimulus": num_traj,
-        "model": target.config["model_name"],
+        "model": target.teacher_model,
         "sampling": sampling_settings(target),
         "seconds": round(time.monotonic() - started, 3),
     }

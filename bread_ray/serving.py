@@ -50,7 +50,8 @@ class ServeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base_model: str = Field(description="The base model every replica loads: a hub id or a local folder, "
+    base_model: str = Field(description="The base model every replica loads: a hub id, a local folder, a .gguf file "
+                                        "or smollm2-135m-instruct, "
                                         "exactly as the bakes' lineage.json name it.")
     store: str | None = Field(None, description="Store URI (a folder or s3://bucket/prefix); "
                                                 "default: $BREAD_STORE, else ~/.bread/store.")

