@@ -89,9 +89,11 @@ def start_head(env: dict[str, str], *, temp_dir: str | None = None, dashboard: b
 
 
 def add_worker_node(head: RayNode, env: dict[str, str]) -> None:
-    head.processes.append(subprocess.Popen([RAY, "start", f"--address={head.address}", *node_options()], env=env,
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                           start_new_session=True))
+    """`ray start --address=HEAD` joins with the token only in token mode, as Ray's docs set it up
+    on every node of a cluster (bgit, a client, needs no such setting)."""
+    head.processes.append(subprocess.Popen([RAY, "start", f"--address={head.address}", *node_options()],
+                                           env={**env, "RAY_AUTH_MODE": "token"}, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL, start_new_session=True))
     wait_for(lambda: alive_nodes(head, env) == 1 + len(head.processes), [head.process, *head.processes])
 
 
