@@ -153,10 +153,12 @@ def bench_bake_step(quick: bool) -> None:
     from peft import LoraConfig, get_peft_model
 
     from bread_ray.bake.data import build_bake_data, collate
-    from bread_ray.bake.train import BakeJob, read_metrics_log, run_standalone
-    from bread_ray.config import Bake, content_hash
+    from bread_ray.bake.driver import run_standalone
+    from bread_ray.bake.worker import BakeJob
+    from bread_ray.config import resolve_bake
     from bread_ray.models import load_causal_lm, load_tokenizer
-    from bread_ray.store import LocalStore
+    from bread_ray.schema import Bake
+    from bread_ray.store import LocalStore, read_metrics_log
     from bread_ray.tiny import build_tiny_model
 
     folder = Path(tempfile.mkdtemp(prefix="bench-bake-"))
@@ -169,13 +171,13 @@ def bench_bake_step(quick: bool) -> None:
                 "teacher_messages": [{"role": "system", "content": "You are a pirate."}, user(i)],
                 "student_messages": [user(i)], "response_token_ids": [rng.randrange(10, 900) for _ in range(128)]}
                for i in range(64)]
-    config = Bake(name="bench", datasets=[{"target": "t"}], epochs=2 if quick else 3, micro_batch_size=8,
-                  data={"train_eval_split": [1.0, 0.0]}, deepspeed={"zero_optimization": {"stage": 2}},
-                  model={"disable_activation_checkpoint": True}).model_dump(mode="json", exclude={"name", "datasets"})
-    data = build_bake_data({"t_1": records}, {"t_1": 1.0}, tokenizer, config)
+    spec = Bake(name="bench", datasets=[{"target": "t"}], epochs=2 if quick else 3, micro_batch_size=8,
+                data={"train_eval_split": [1.0, 0.0]}, deepspeed={"zero_optimization": {"stage": 2}},
+                model={"disable_activation_checkpoint": True})
+    data = build_bake_data({"t_1": records}, {"t_1": 1.0}, tokenizer, spec)
     store = LocalStore(folder / "store")
-    job = BakeJob(bake_id="bench_0000000000000000", bake=config, owner="bench", repo="bake", bake_hash=content_hash(config),
-                  parent_model=str(model_dir), base_model=str(model_dir), store_uri=store.uri, data=data)
+    job = BakeJob(bake=resolve_bake(spec, {"t_1": 1.0}, str(model_dir)), owner="bench", repo="bake",
+                  base_model=str(model_dir), store_uri=store.uri, data=data)
     warmup = 2
 
     run_standalone(job)
@@ -186,12 +188,12 @@ def bench_bake_step(quick: bool) -> None:
                         if isinstance(m, torch.nn.Linear) and "lm_head" not in name)
     head = model.get_output_embeddings().weight.detach().clone()
     torch.manual_seed(0)
-    adapter = config["model"]["baked_adapter_config"]
-    student = get_peft_model(model, LoraConfig(r=adapter["r"], lora_alpha=adapter["lora_alpha"], lora_dropout=0.0,
+    adapter = spec.model.baked_adapter_config
+    student = get_peft_model(model, LoraConfig(r=adapter.r, lora_alpha=adapter.lora_alpha, lora_dropout=0.0,
                                                target_modules="all-linear"))
     student.base_model.model.lm_head = torch.nn.Identity()  # hidden states out, as in the framework
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
-    micro = config["micro_batch_size"]
+    micro = spec.micro_batch_size
     hand, step_shapes = [], []
     for step in range(len(data.order) // micro):
         batch = collate([data.train[i] for i in data.order[step * micro:(step + 1) * micro]], data.pad_id)
@@ -213,7 +215,7 @@ def bench_bake_step(quick: bool) -> None:
     framework_rate, hand_rate = statistics.median(framework), statistics.median(hand)
     step_seconds = (teacher_tokens + student_tokens) / framework_rate
     print(f"\nbake step: Qwen3-architecture {linear_params / 1e6:.1f}M linear params (hidden {hidden}, {layers} layers), "
-          f"LoRA r {adapter['r']} all-linear, micro batch {micro} x ~{(teacher_tokens + student_tokens) // (2 * micro)} tokens, "
+          f"LoRA r {adapter.r} all-linear, micro batch {micro} x ~{(teacher_tokens + student_tokens) // (2 * micro)} tokens, "
           f"fp32, CPU, {torch.get_num_threads()} threads; median of {len(framework)} steps after {warmup} warm-up")
     print(f"{'':>40} {'tokens/s':>10}")
     print(f"{'bread_ray bake step (DeepSpeed ZeRO-2)':>40} {framework_rate:10,.0f}")

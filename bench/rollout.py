@@ -18,14 +18,15 @@ from pathlib import Path
 import ray
 import torch
 
-from bread_ray.config import Prompt, Target, resolve_target
 from bread_ray.chat_format import encode_chat
+from bread_ray.config import resolve_target
 from bread_ray.models import load_teacher
-from bread_ray.rollout import (
-    derive_seed, hf_generate, plan_shards, read_rollout, run_rollout, sampling_settings,
-)
+from bread_ray.rollout import plan_shards, run_rollout
+from bread_ray.schema import Prompt, Target
 from bread_ray.store import LocalStore
+from bread_ray.teacher import derive_seed, hf_generate
 from bread_ray.tiny import build_tiny_model
+from bread_ray.trajectories import read_rollout, sampling_settings
 
 TEACHER = "You are a pirate captain. Answer every question like a pirate, briefly."
 

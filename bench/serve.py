@@ -32,8 +32,8 @@ import torch
 from peft import PeftModel
 from ray import serve
 
-from bread_ray.inference import HfChatEngine, ModelCatalog, SamplingParams
 from bread_ray.chat_format import encode_chat
+from bread_ray.inference import HfChatEngine, ModelCatalog, SamplingParams
 from bread_ray.models import load_causal_lm, load_tokenizer
 from bread_ray.serving import ServeSettings, chat_app
 from bread_ray.store import LocalStore

@@ -28,11 +28,12 @@ from pathlib import Path
 
 import yaml
 
-from bread_ray.config import ConfigError, ResolvedConfig, decode_config, load_and_resolve
+from bread_ray.config import ResolvedConfig, load_and_resolve
+from bread_ray.config_errors import ConfigError
 from bread_ray.errors import UserError
-from bread_ray.pipeline import STAGES, describe_bake
+from bread_ray.pipeline import ROLLOUT, STAGE_NAMES, STIM, planned_run
 from bread_ray.repo import DEFAULT_BASE_MODEL, INPUT_FILE, BreadRepo, RepoError, render_lineage_tree
-from bread_ray.store import ROLLOUT_MANIFEST, STIM_MANIFEST
+from bread_ray.yaml_lines import decode_config
 
 PASSTHROUGH = {
     "add": "Stage files, as `git add`. Staging input.yml validates it first: an invalid one is refused and nothing is staged.",
@@ -113,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         "resumes from its last checkpoint). Refused while input.yml has unstaged changes. "
         "Ray: a new local cluster, unless --address or RAY_ADDRESS names one to join.",
     )
-    run.add_argument("stages", nargs="+", metavar="STAGE", choices=STAGES, help=f"one or more of: {', '.join(STAGES)}")
+    run.add_argument("stages", nargs="+", metavar="STAGE", choices=STAGE_NAMES,
+                     help=f"one or more of: {', '.join(STAGE_NAMES)}")
     run.add_argument("--workers", type=positive_int, metavar="N",
                      help="bake workers (default: one per GPU of the cluster, or one without GPUs)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -306,12 +308,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(yaml.safe_dump(resolved_summary(resolved), sort_keys=False, allow_unicode=True, width=100), end="")
     print_warnings(resolved, shown)
     if repo and not args.parent and not resolved.is_empty:  # against this repository's models and files
-        from bread_ray.pipeline import preflight, unusable_base_model
+        from bread_ray.pipeline import items_to_check, preflight, unusable_base_model
 
-        base_problem, problems = preflight(repo, resolved, store=None)
+        run = planned_run(repo, resolved, store=None)
+        base_problem, problems = preflight(run, items_to_check(run))
         if base_problem:
             raise unusable_base_model(base_problem)
-        found = [problem for step in problems.values() for problem in step]
+        found = [problem for item_problems in problems.values() for problem in item_problems]
         if found:
             print(f"`bgit run` would refuse {shown}:", file=sys.stderr)
             raise ConfigError(shown, found, resolved.lines)
@@ -329,7 +332,7 @@ def resolved_summary(resolved: ResolvedConfig) -> dict:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from bread_ray.pipeline import plan, preflight
+    from bread_ray.pipeline import items_to_check, plan, preflight
 
     repo = BreadRepo.find()
     parent = repo.parent_model
@@ -356,21 +359,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     except UserError as error:  # status still reports the plan without a store
         store, where = None, f"unavailable: {error}"
     print(f"Store: {where}")
-    base_problem, problems = preflight(repo, resolved, store)
+    run = planned_run(repo, resolved, store)
+    base_problem, problems = preflight(run, items_to_check(run))
     if base_problem:
         print(f"Base model: not a model: {base_problem}")
-        problems = {step: ["the base model is not a model (above)"] for step in (
-            *(target.id for target in resolved.targets), *([resolved.bake.id] if resolved.bake else []))}
-    else:
-        problems = {step: ConfigError(INPUT_FILE, found, resolved.lines).render() for step, found in problems.items()}
     print("\n`bgit run stim rollout bake` would:")
     marks = {True: "✓", False: "·", None: "?"}
     states = {True: "done, reused", False: "to run", None: "store not readable"}
-    for step in plan(resolved, owner=repo.owner, repo=repo.name, store=store, problems=problems):
+    for step in plan(run):
         state = f"{step.state}, " if step.state else ""
-        if step.problems and not step.done:
+        found = ["the base model is not a model (above)"] if base_problem else \
+            ConfigError(INPUT_FILE, problems.get(step.resource, []), resolved.lines).render()
+        if found and not step.done:
             print(f"  ✗ {step.stages:<15} {step.resource}  ({step.detail}): {state}cannot run:")
-            for line in step.problems:
+            for line in found:
                 print(f"      {line}")
         else:
             print(f"  {marks[step.done]} {step.stages:<15} {step.resource}  ({step.detail}): {state}{states[step.done]}")
@@ -414,13 +416,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def print_run_result(result, stages: list[str], store) -> None:
-    done = [s for s in STAGES if s in stages and s != "bake"]
+    done = [s for s in STAGE_NAMES if s in stages and s != "bake"]
     if done:
         print(f"Done: {' + '.join(done)} for {', '.join(t.id for t in result.resolved.targets)} (store {store.uri}).")
     if result.bake is not None:
-        print("\n".join(describe_bake(result.bake)))
-        print(f"Committed {result.commit[:12]}: Update recipe.yml after bake completion: {result.bake['bake_id']}")
-        print(f"The parent model is now {result.bake['model_names'][-1]}; input.yml is cleared for the next bake.")
+        print("\n".join(result.bake.describe()))
+        print(f"Committed {result.commit[:12]}: Update recipe.yml after bake completion: {result.bake.bake_id}")
+        print(f"The parent model is now {result.bake.model_names[-1]}; input.yml is cleared for the next bake.")
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -440,17 +442,14 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
-def stored_targets(manifest: str, missing: str):
-    """(target, store, prefix) of each staged target whose `manifest` is in the store; prints
-    `missing` for the others."""
-    from bread_ray.store import target_prefix
-
+def stored_targets(stage, missing: str):
+    """(target, store, prefix) of each staged target that `stage` is done for; prints `missing`
+    for the others."""
     repo = BreadRepo.find()
-    store = repo.open_store()
-    for target in repo.resolve_staged().targets:
-        prefix = target_prefix(repo.owner, repo.name, target.id)
-        if store.exists(f"{prefix}/{manifest}"):
-            yield target, store, prefix
+    run = planned_run(repo, repo.resolve_staged(), repo.open_store())
+    for target in run.resolved.targets:
+        if stage.done(run, target):
+            yield target, run.store, run.target_prefix(target.id)
         else:
             print(f"{target.id}: {missing}")
 
@@ -458,7 +457,7 @@ def stored_targets(manifest: str, missing: str):
 def cmd_stim(args: argparse.Namespace) -> int:
     from bread_ray.stim import read_stimuli
 
-    for target, store, prefix in stored_targets(STIM_MANIFEST, "no stimuli yet (run `bgit run stim`)"):
+    for target, store, prefix in stored_targets(STIM, "no stimuli yet (run `bgit run stim`)"):
         records = read_stimuli(store, prefix)
         print(f"{target.id}: {len(records)} stimuli")
         if not args.count:
@@ -468,9 +467,9 @@ def cmd_stim(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from bread_ray.rollout import read_rollout
+    from bread_ray.trajectories import read_rollout
 
-    for target, store, prefix in stored_targets(ROLLOUT_MANIFEST, "no complete rollout yet (run `bgit run stim rollout`)"):
+    for target, store, prefix in stored_targets(ROLLOUT, "no complete rollout yet (run `bgit run stim rollout`)"):
         records = read_rollout(store, prefix)
         print(f"{target.id}: {len(records)} trajectories by {records[0]['model_name'] if records else '-'}")
         if not args.count:
@@ -482,8 +481,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 def cmd_metrics(args: argparse.Namespace) -> int:
     from bread_ray.metrics import loss_chart, write_loss_plot
-    from bread_ray.store import read_metrics_log
-    from bread_ray.store import BAKE_RESULT, bake_prefix
+    from bread_ray.store import BAKE_RESULT, bake_prefix, read_metrics_log
 
     repo = BreadRepo.find()
     store = repo.open_store()

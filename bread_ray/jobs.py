@@ -180,11 +180,11 @@ def fetch(repo: BreadRepo, store: Store):
 
 def main(argv: list[str] | None = None) -> int:
     """The job's entrypoint, in the repository snapshot: the stages, no commit."""
-    from bread_ray.pipeline import STAGES, describe_bake, run
+    from bread_ray.pipeline import STAGE_NAMES, run
     from bread_ray.store import open_store
 
     parser = argparse.ArgumentParser(prog="python -m bread_ray.jobs", description=main.__doc__)
-    parser.add_argument("stages", nargs="+", choices=STAGES)
+    parser.add_argument("stages", nargs="+", choices=STAGE_NAMES)
     parser.add_argument("--workers", type=int)
     parser.add_argument("--repo", default=".", help="the bgit repository (default: the working dir)")
     args = parser.parse_args(argv)
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     for target in result.resolved.targets:
         print(f"Done: {target.id}", flush=True)
     if result.bake is not None:
-        print("\n".join(describe_bake(result.bake)), flush=True)
+        print("\n".join(result.bake.describe()), flush=True)
     return 0
 
 

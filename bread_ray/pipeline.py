@@ -1,29 +1,120 @@
-"""The stages of `bgit run` for a repository: what they would do, and doing them.
+"""`bgit run` for a repository: its stages, what they would do, and doing them.
 
-One path for the CLI and for jobs/: cli -> pipeline -> stage -> Ray.
+One path for the CLI and for detached jobs: cli -> pipeline -> stage -> Ray.
 
-    stim     stim.generate_stimuli    store: <owner>/<repo>/targets/<target_id>/stim/
-    rollout  rollout.run_rollout      store: <owner>/<repo>/targets/<target_id>/rollout/
-    bake     bake.train.run_bake      store: <owner>/<repo>/bakes/<bake_id>/, models/<owner>/<repo>/<bake_id>/<step>/
-             then the bake commit     .bread PARENT_MODEL, recipe.yml, input.yml cleared (repo.complete_bake)
+    stim     bread_ray.stim.Stim          the questions of each target
+    rollout  bread_ray.rollout.Rollout    the prompted teacher's trajectories of each target
+    bake     bread_ray.bake.driver.Bake   the LoRA, published; then the bake commit (repo.complete_bake)
+
+Each stage says when an item is done (its result is in the store, bread_ray.store's layout), what
+would stop it (checked for every item before any work), and how to run it (bread_ray.stage).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from bread_ray.config import ConfigError, Problem, ResolvedConfig
-from bread_ray.preflight import base_model_problem, step_problems
+from bread_ray.bake.driver import Bake, BakeResult
+from bread_ray.config import ResolvedConfig, ResolvedTarget
+from bread_ray.config_errors import ConfigError, Problem
+from bread_ray.errors import UserError
+from bread_ray.preflight import base_model_problem
 from bread_ray.repo import BREAD_FILE, INPUT_FILE, BreadRepo, RepoError
-from bread_ray.store import (
-    BAKE_RESULT, ROLLOUT_MANIFEST, STIM_MANIFEST, Store, bake_prefix, finished_shards, read_metrics_log,
-    target_prefix,
-)
+from bread_ray.rollout import Rollout
+from bread_ray.stage import Item, Run, Stage
+from bread_ray.stim import Stim
+from bread_ray.store import ROLLOUT_MANIFEST, STIM_MANIFEST, Store, finished_shards, read_metrics_log
 
-STAGES = ("stim", "rollout", "bake")
+STIM, ROLLOUT, BAKE = Stim(), Rollout(), Bake()
+STAGES: tuple[Stage, ...] = (STIM, ROLLOUT, BAKE)  # in pipeline order
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
+
+@dataclass
+class RunResult:
+    resolved: ResolvedConfig
+    bake: BakeResult | None = None  # the bake's result (models, losses, held-out KL)
+    commit: str | None = None  # the bake commit
+
+
+def run(repo: BreadRepo, stages: list[str], *, store: Store, progress: bool = True,
+        workers: int | None = None, commit: bool = True, address: str | None = None) -> RunResult:
+    """Run `stages` (in pipeline order) for the staged input.yml of `repo`.
+
+    Everything that can be checked is checked before any work starts; each stage reuses what the
+    store already holds, so a re-run after a failure does only the rest, and a run whose results
+    are all in the store (a detached job's, say) starts no Ray at all. A bake ends with the bake
+    commit unless `commit` is False (a detached job leaves it to `bgit fetch`). `workers`: bake
+    workers (default: one per GPU of the cluster, else one). `address`: the Ray cluster to join
+    (default: RAY_ADDRESS; neither: a new local cluster).
+    """
+    from bread_ray import ray_cluster
+
+    run = check_run(repo, stages, store, progress=progress, workers=workers)
+    left = work_left(run)
+    if left:
+        ray_cluster.connect(address)
+    for stage, item in left:
+        stage.execute(run, item)
+    if BAKE.name not in run.stages:
+        return RunResult(run.resolved)
+    result = BAKE.result(run)
+    if not commit:
+        return RunResult(run.resolved, bake=result)
+    return RunResult(run.resolved, bake=result, commit=repo.complete_bake(run.resolved, result.model_names))
+
+
+def check_run(repo: BreadRepo, stages: list[str], store: Store, *, progress: bool = True,
+              workers: int | None = None) -> Run:
+    """Everything `run` can check before any work: the stages, the staged input.yml, and every
+    item left to compute (its generators, models, datasets). Returns the run."""
+    unknown = [s for s in stages if s not in STAGE_NAMES]
+    if unknown:
+        raise RepoError(f"unknown stage {unknown[0]!r}: the stages are {', '.join(STAGE_NAMES)}")
+    if repo.input_state().unstaged:
+        raise RepoError("input.yml has unstaged changes: `bgit run` reads the staged copy. "
+                        "Run `bgit add input.yml` (and commit) first, or `git checkout input.yml` to drop them")
+    resolved = repo.resolve_staged()
+    if not resolved.targets and {"stim", "rollout"} & set(stages):
+        raise RepoError("the staged input.yml has no TARGET: nothing for stim or rollout to do")
+    if "bake" in stages and resolved.bake is None:
+        raise RepoError("the staged input.yml has no BAKE: nothing for bake to do")
+    run = Run(repo, resolved, store, tuple(name for name in STAGE_NAMES if name in stages), progress, workers)
+    left = work_left(run)
+    if left:
+        base_problem, problems = preflight(run, left)
+        if base_problem:
+            raise unusable_base_model(base_problem)
+        found = [problem for item_problems in problems.values() for problem in item_problems]
+        if found:
+            raise ConfigError(INPUT_FILE, found, resolved.lines)
+    return run
+
+
+def work_left(run: Run) -> list[tuple[Stage, Item]]:
+    """The items of the run's stages that have something to compute, rather than only results in
+    the store to reuse, in pipeline order."""
+    return [(stage, item) for stage in STAGES if stage.name in run.stages
+            for item in stage.items(run) if not stage.done(run, item)]
+
+
+def preflight(run: Run, items: list[tuple[Stage, Item]]) -> tuple[str | None, dict[str, list[Problem]]]:
+    """What would stop `items` before any work: why the base model is not a model (or None), else
+    each item's problems by target or bake id."""
+    base_problem = base_model_problem(run.repo.base_model)
+    if base_problem:
+        return base_problem, {}
+    problems: dict[str, list[Problem]] = {}
+    for stage, item in items:
+        problems.setdefault(item.id, []).extend(stage.problems(run, item))
+    return None, problems
+
+
+def unusable_base_model(reason: str) -> RepoError:
+    return RepoError(f"the base model ({BREAD_FILE} [RECIPE] base_model) is not a model: {reason}")
+
+
+# ---- what a run would do, for `bgit status` -----------------------------------------------------
 
 @dataclass(frozen=True)
 class TargetState:
@@ -42,9 +133,10 @@ class TargetState:
         return "not started"
 
 
-def target_state(store: Store, prefix: str) -> TargetState:
-    stim = store.get_json(f"{prefix}/{STIM_MANIFEST}") if store.exists(f"{prefix}/{STIM_MANIFEST}") else None
-    rollout = store.get_json(f"{prefix}/{ROLLOUT_MANIFEST}") if store.exists(f"{prefix}/{ROLLOUT_MANIFEST}") else None
+def target_state(run: Run, target: ResolvedTarget) -> TargetState:
+    prefix, store = run.target_prefix(target.id), run.store
+    stim = store.get_json(f"{prefix}/{STIM_MANIFEST}") if STIM.done(run, target) else None
+    rollout = store.get_json(f"{prefix}/{ROLLOUT_MANIFEST}") if ROLLOUT.done(run, target) else None
     return TargetState(
         stimuli=stim["total"] if stim else None,
         trajectories=rollout["trajectories"] if rollout else None,
@@ -59,180 +151,42 @@ class PlannedStep:
     detail: str  # what it runs on
     done: bool | None  # already in the store; None when the store could not be read
     state: str = ""  # progress in the store, for targets
-    problems: tuple[str, ...] = ()  # why it cannot run (preflight), one line each
 
 
-def plan(resolved: ResolvedConfig, *, owner: str, repo: str, store: Store | None,
-         problems: dict[str, list[str]] | None = None) -> list[PlannedStep]:
-    """What `bgit run stim rollout bake` would do for a resolved input.yml, what is already done,
-    and, from `problems` (rendered lines by step id), what cannot run.
-
-    A target is done when its rollout manifest is in the store (its stimuli and trajectories are
-    reused); a bake is done when its result (and so its final model) is in the store.
-    """
-    problems = problems or {}
+def plan(run: Run) -> list[PlannedStep]:
+    """What `bgit run stim rollout bake` would do for the run's input.yml, and what is already
+    done: a target is done when its rollout is complete (its stimuli and trajectories are
+    reused); a bake is done when its result (and so its final model) is in the store."""
     steps = []
-    for target in resolved.targets:
-        state = _ask(store, lambda: target_state(store, target_prefix(owner, repo, target.id)))
+    for target in run.resolved.targets:
+        state = _ask(run, lambda: target_state(run, target))
         done = None if state is None else state.trajectories is not None
         steps.append(PlannedStep("stim + rollout", target.id, f"teacher {target.teacher_model}", done,
-                                 state.describe() if state else "", tuple(problems.get(target.id, ()))))
-    if resolved.bake is not None:
-        bake = resolved.bake
-        prefix = bake_prefix(owner, repo, bake.id)
-        done = _ask(store, lambda: store.exists(f"{prefix}/{BAKE_RESULT}"))
+                                 state.describe() if state else ""))
+    for bake in BAKE.items(run):
+        done = _ask(run, lambda: BAKE.done(run, bake))
         mix = ", ".join(f"{target_id} ×{weight:g}" for target_id, weight in bake.datasets)
-        log = [] if done else _ask(store, lambda: read_metrics_log(store, prefix)) or []
+        log = [] if done else _ask(run, lambda: read_metrics_log(run.store, run.bake_prefix())) or []
         state = f"training: step {log[-1]['iter']} logged" if log else ""
-        steps.append(PlannedStep("bake", bake.id, f"on {bake.parent_model} from {mix}", done, state,
-                                 tuple(problems.get(bake.id, ()))))
+        steps.append(PlannedStep("bake", bake.id, f"on {bake.parent_model} from {mix}", done, state))
     return steps
 
 
-def _ask(store: Store | None, question):
-    if store is None:
+def planned_run(repo: BreadRepo, resolved: ResolvedConfig, store: Store | None) -> Run:
+    """The run `bgit run stim rollout bake` would make: what `bgit status` and `bgit validate` check."""
+    return Run(repo, resolved, store, STAGE_NAMES)
+
+
+def items_to_check(run: Run) -> list[tuple[Stage, Item]]:
+    """The items of the run's stages that are not known to be done (with no readable store, all)."""
+    return [(stage, item) for stage in STAGES if stage.name in run.stages
+            for item in stage.items(run) if not _ask(run, lambda: stage.done(run, item))]
+
+
+def _ask(run: Run, question):
+    if run.store is None:
         return None
     try:
         return question()
-    except Exception:  # an unreachable store must not stop `bgit status`
+    except UserError:  # an unreadable store must not stop `bgit status`
         return None
-
-
-def describe_bake(result: dict[str, Any]) -> list[str]:
-    """A bake's result (bake.train.run_bake's) as the lines bgit prints: models, losses, held-out KL."""
-    loss, kl = result["loss"], result["held_out_kl"]
-    lines = [f"Baked {result['bake_id']} in {result['steps']} steps.",
-             f"  models: {', '.join(result['model_names'])}",
-             f"  loss: latest {loss['latest']:.4g}, final {loss['final']:.4g}, min {loss['min']:.4g}, max {loss['max']:.4g}"]
-    if kl["before"] is not None:
-        ratio = f" ({kl['before'] / kl['after']:.1f}x lower)" if kl["after"] else ""
-        lines.append(f"  held-out KL(teacher ‖ student): {kl['before']:.4g} -> {kl['after']:.4g} nats/token{ratio}")
-    else:
-        lines.append("  held-out KL: no held-out questions (BAKE.data.train_eval_split holds none out)")
-    return lines
-
-
-@dataclass
-class RunResult:
-    resolved: ResolvedConfig
-    bake: dict[str, Any] | None = None  # the bake's result (models, losses, held-out KL)
-    commit: str | None = None  # the bake commit
-
-
-def run(repo: BreadRepo, stages: list[str], *, store: Store, progress: bool = True,
-        workers: int | None = None, commit: bool = True, address: str | None = None) -> RunResult:
-    """Run `stages` (in pipeline order) for the staged input.yml of `repo`.
-
-    Everything that can be checked is checked before any work starts; each stage reuses what the
-    store already holds, so a re-run after a failure does only the rest, and a run whose results
-    are all in the store (a detached job's, say) starts no Ray at all. A bake ends with the bake
-    commit unless `commit` is False (a detached job leaves it to `bgit fetch`). `workers`: bake
-    workers (default: one per GPU of the cluster, else one). `address`: the Ray cluster to join
-    (default: RAY_ADDRESS; neither: a new local cluster).
-    """
-    from bread_ray import ray_cluster, rollout, stim
-
-    resolved, prefixes = check_run(repo, stages, store)
-    if steps_left(repo, resolved, prefixes, stages, store):
-        ray_cluster.connect(address)
-    for index, (target, prefix) in enumerate(zip(resolved.targets, prefixes)):
-        if "stim" in stages:
-            stim.generate_stimuli(target, store=store, prefix=prefix, parent_model=repo.parent_model,
-                                  base_dir=Path(repo.root), progress=progress, target_index=index)
-        if "rollout" in stages:
-            questions = [record["question"] for record in stim.read_stimuli(store, prefix)]
-            rollout.run_rollout(target, questions, store=store, prefix=prefix, progress=progress)
-    if "bake" not in stages:
-        return RunResult(resolved)
-    result = bake(repo, resolved, store=store, progress=progress, workers=workers)
-    if not commit:
-        return RunResult(resolved, bake=result)
-    return RunResult(resolved, bake=result, commit=repo.complete_bake(resolved, result["model_names"]))
-
-
-def check_run(repo: BreadRepo, stages: list[str], store: Store) -> tuple[ResolvedConfig, list[str]]:
-    """Everything `run` can check before any work: the stages, the staged input.yml, the
-    generators, the bake's datasets. Returns the resolved config and each target's store prefix."""
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise RepoError(f"unknown stage {unknown[0]!r}: the stages are {', '.join(STAGES)}")
-    if repo.input_state().unstaged:
-        raise RepoError("input.yml has unstaged changes: `bgit run` reads the staged copy. "
-                        "Run `bgit add input.yml` (and commit) first, or `git checkout input.yml` to drop them")
-    resolved = repo.resolve_staged()
-    if not resolved.targets and {"stim", "rollout"} & set(stages):
-        raise RepoError("the staged input.yml has no TARGET: nothing for stim or rollout to do")
-    if "bake" in stages and resolved.bake is None:
-        raise RepoError("the staged input.yml has no BAKE: nothing for bake to do")
-    prefixes = [target_prefix(repo.owner, repo.name, target.id) for target in resolved.targets]
-    for target, prefix in zip(resolved.targets, prefixes):
-        if "rollout" in stages and "stim" not in stages and not store.exists(f"{prefix}/{STIM_MANIFEST}"):
-            raise RepoError(f"{target.id} has no stimuli in the store yet: run `bgit run stim rollout`")
-    if "bake" in stages:
-        check_bake_inputs(repo, resolved, stages, store)
-    left = steps_left(repo, resolved, prefixes, stages, store)
-    if left:
-        base_problem, problems = preflight(repo, resolved, store)
-        if base_problem:
-            raise unusable_base_model(base_problem)
-        found = [problem for step in left for problem in problems[step]]
-        if found:
-            raise ConfigError(INPUT_FILE, found, resolved.lines)
-    return resolved, prefixes
-
-
-def unusable_base_model(reason: str) -> RepoError:
-    return RepoError(f"the base model ({BREAD_FILE} [RECIPE] base_model) is not a model: {reason}")
-
-
-def preflight(repo: BreadRepo, resolved: ResolvedConfig, store: Store | None) -> tuple[str | None, dict[str, list[Problem]]]:
-    """What would stop each step of `bgit run` before any work (bread_ray.preflight): why the base
-    model is not a model (or None), else each step's problems by target or bake id. Targets
-    whose stimuli are stored reuse them: their generators are not checked."""
-    base_problem = base_model_problem(repo.base_model)
-    if base_problem:
-        return base_problem, {}
-    stored = {target.id for target in resolved.targets if _ask(
-        store, lambda: store.exists(f"{target_prefix(repo.owner, repo.name, target.id)}/{STIM_MANIFEST}"))}
-    return None, step_problems(resolved, base_model=repo.base_model, base_dir=repo.root, store=store,
-                               stored_stimuli=stored)
-
-
-def steps_left(repo: BreadRepo, resolved: ResolvedConfig, prefixes: list[str], stages: list[str],
-               store: Store) -> list[str]:
-    """The steps (target ids, the bake id) of `stages` that have something to compute, rather than
-    only results in the store to reuse."""
-    left = []
-    for target, prefix in zip(resolved.targets, prefixes):
-        stim_left = "stim" in stages and not store.exists(f"{prefix}/{STIM_MANIFEST}")
-        if stim_left or ("rollout" in stages and not store.exists(f"{prefix}/{ROLLOUT_MANIFEST}")):
-            left.append(target.id)
-    if "bake" in stages and not store.exists(f"{bake_prefix(repo.owner, repo.name, resolved.bake.id)}/{BAKE_RESULT}"):
-        left.append(resolved.bake.id)
-    return left
-
-
-def check_bake_inputs(repo: BreadRepo, resolved: ResolvedConfig, stages: list[str], store: Store) -> None:
-    """Every dataset of the bake has its rollout in the store, or gets it from this run."""
-    produced = {target.id for target in resolved.targets} if "rollout" in stages else set()
-    for target_id, _ in resolved.bake.datasets:
-        done = store.exists(f"{target_prefix(repo.owner, repo.name, target_id)}/{ROLLOUT_MANIFEST}")
-        if not done and target_id not in produced:
-            raise RepoError(f"BAKE.datasets: target {target_id} has no complete rollout in the store "
-                            f"({store.uri}): run `bgit run stim rollout bake`")
-
-
-def bake(repo: BreadRepo, resolved: ResolvedConfig, *, store: Store, progress: bool, workers: int | None) -> dict[str, Any]:
-    """Train the bake (or reuse its stored result: a finished bake is never trained twice)."""
-    import ray
-
-    from bread_ray.bake.train import prepare_job, run_bake
-
-    result_key = f"{bake_prefix(repo.owner, repo.name, resolved.bake.id)}/{BAKE_RESULT}"
-    if store.exists(result_key):
-        return store.get_json(result_key)
-    job = prepare_job(resolved.bake, owner=repo.owner, repo=repo.name, store=store,
-                      commit=repo.git("rev-parse", "HEAD").strip())
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    return run_bake(job, num_workers=workers or max(gpus, 1), use_gpu=gpus > 0, progress=progress)
-

@@ -27,9 +27,10 @@ from typing import Any
 
 import yaml
 
-from bread_ray.config import ResolvedConfig, decode_config, load_and_resolve
+from bread_ray.config import ResolvedConfig, load_and_resolve
 from bread_ray.errors import UserError
 from bread_ray.lineage import component_problem
+from bread_ray.yaml_lines import decode_config
 
 DEFAULT_BASE_MODEL = "Qwen/Qwen3-32B"
 BREAD_FILE = ".bread"

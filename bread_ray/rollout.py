@@ -24,56 +24,50 @@ Store layout, under the target's prefix (`<owner>/<repo>/targets/<target_id>`):
 
 from __future__ import annotations
 
-import hashlib
 import json
-import tempfile
 import time
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-import ray
-import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bread_ray import ray_cluster
-from bread_ray.chat_format import encode_chat
 from bread_ray.config import ResolvedTarget
-from bread_ray.model_sources import resolve_model_source
-from bread_ray.models import cut_at_eos, eos_token_ids, lineage_chain, load_teacher, vllm_available
-from bread_ray.store import ROLLOUT_MANIFEST, Store, finished_shards, open_store, rollout_part_key
+from bread_ray.config_errors import Problem
+from bread_ray.preflight import teacher_problems
+from bread_ray.stage import Run, Stage
+from bread_ray.stim import read_stimuli
+from bread_ray.store import ROLLOUT_MANIFEST, STIM_MANIFEST, Store, finished_shards
+from bread_ray.trajectories import read_parts, sampling_settings
 
 # Generation runs on the actor's GPU, or on CPU with one thread per actor (Ray sets
 # OMP_NUM_THREADS=1 below one CPU); a fraction lets the pool fit beside Ray Data's own tasks on a
 # 2-core machine.
 ACTOR_CPUS = 0.5
 
-RECORD_SCHEMA = pa.schema([
-    ("stimulus_index", pa.int64()),
-    ("trajectory_index", pa.int64()),
-    ("stimulus", pa.string()),
-    ("student_messages", pa.string()),  # JSON: the student prompt's messages + the user turn
-    ("teacher_messages", pa.string()),  # JSON: the teacher prompt's messages + the user turn
-    ("teacher_tools", pa.string()),  # JSON: the teacher's tools (OpenAI function format)
-    ("response", pa.string()),
-    ("response_token_ids", pa.list_(pa.int64())),  # generated tokens, ending at eos if produced
-    ("model_name", pa.string()),
-    ("sampling", pa.string()),  # JSON: temperature, max_tokens, extra_kwargs, seed
-])
-JSON_COLUMNS = ("student_messages", "teacher_messages", "teacher_tools", "sampling")
 
+class Rollout(Stage):
+    """The prompted teacher's trajectories for each target's stimuli."""
 
-def derive_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from (target seed, shard index, ...), the same on every machine."""
-    digest = hashlib.sha256(":".join(str(part) for part in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+    name = "rollout"
 
+    def items(self, run: Run) -> list[ResolvedTarget]:
+        return list(run.resolved.targets)
 
-def sampling_settings(target: ResolvedTarget) -> dict[str, Any]:
-    """What each record keeps of how it was sampled."""
-    return {key: target.config[key] for key in ("temperature", "max_tokens", "extra_kwargs", "seed")}
+    def done(self, run: Run, target: ResolvedTarget) -> bool:
+        return run.store.exists(f"{run.target_prefix(target.id)}/{ROLLOUT_MANIFEST}")
+
+    def problems(self, run: Run, target: ResolvedTarget) -> list[Problem]:
+        index = run.target_index(target)
+        stimuli_ahead = "stim" in run.stages or run.store.exists(f"{run.target_prefix(target.id)}/{STIM_MANIFEST}")
+        missing = [] if stimuli_ahead else [Problem(("TARGET", index), (
+            f"{target.id} has no stimuli in the store yet: run `bgit run stim rollout`"))]
+        return missing + teacher_problems(index, target, run.models)
+
+    def execute(self, run: Run, target: ResolvedTarget) -> dict[str, Any]:
+        prefix = run.target_prefix(target.id)
+        questions = [record["question"] for record in read_stimuli(run.store, prefix)]
+        return run_rollout(target, questions, store=run.store, prefix=prefix, progress=run.progress)
 
 
 def plan_shards(stimuli: list[str], shard_size: int) -> list[dict[str, Any]]:
@@ -87,156 +81,12 @@ def plan_shards(stimuli: list[str], shard_size: int) -> list[dict[str, Any]]:
     ]
 
 
-# --------------------------------------------------------------------------------------------
-# Sampling: Hugging Face generate (CPU and GPU), or vLLM where it is installed and a GPU exists
-# --------------------------------------------------------------------------------------------
-
-
-def hf_sampling_kwargs(sampling: dict[str, Any]) -> dict[str, Any]:
-    """generate() arguments. Unless extra_kwargs say otherwise, sampling is from the full
-    distribution at `temperature`: transformers would otherwise apply its own top_k=50 or the
-    checkpoint's generation_config (top_k=20, top_p=0.95 for Qwen3)."""
-    if sampling["temperature"] == 0:
-        return {"do_sample": False, "max_new_tokens": sampling["max_tokens"], **sampling["extra_kwargs"]}
-    return {"do_sample": True, "temperature": sampling["temperature"], "top_k": 0, "top_p": 1.0,
-            **sampling["extra_kwargs"], "max_new_tokens": sampling["max_tokens"]}
-
-
-def hf_generate(model: Any, tokenizer: Any, prompts: list[list[int]], sampling: dict[str, Any],
-                seed: int) -> list[list[int]]:
-    """One response per prompt, all in one batched generate seeded with `seed`.
-
-    Left padding, so that every row's new tokens start at the same column:
-    input_ids [rows, longest prompt] -> output [rows, longest prompt + new tokens].
-    """
-    batch = tokenizer.pad({"input_ids": prompts}, padding=True, padding_side="left", return_tensors="pt")
-    batch = batch.to(model.device)
-    eos_ids = eos_token_ids(model, tokenizer)
-    torch.manual_seed(seed)  # also seeds CUDA
-    with torch.no_grad():
-        output = model.generate(**batch, **hf_sampling_kwargs(sampling), eos_token_id=eos_ids,
-                                pad_token_id=tokenizer.pad_token_id)
-    new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()
-    return [cut_at_eos(row, eos_ids) for row in new_tokens]
-
-
-def load_vllm_engine(model_name: str, store: Store) -> Any:
-    """A vLLM engine on this actor's GPU. A lineage model is merged and saved to a local folder
-    first, because vLLM loads weights from a folder or the hub.
-
-    Untested: these machines have no GPU and cannot install vLLM; only the HF path runs in tests.
-    """
-    from vllm import LLM
-
-    source = resolve_model_source(model_name)  # a .gguf or packaged model: its converted folder
-    if lineage_chain(model_name, store):
-        model, tokenizer = load_teacher(model_name, store, device="cpu", dtype=torch.bfloat16)
-        source = tempfile.mkdtemp(prefix="bread-teacher-")
-        model.save_pretrained(source)
-        tokenizer.save_pretrained(source)
-    return LLM(model=source, dtype="auto")
-
-
-def vllm_generate(engine: Any, prompts: list[list[int]], sampling: dict[str, Any],
-                  seed: int) -> list[list[int]]:
-    """As hf_generate, on vLLM: one seeded request per prompt row (vLLM's defaults are already
-    the full distribution: top_p=1, no top_k). Untested here, as load_vllm_engine."""
-    from vllm import SamplingParams
-
-    params = [SamplingParams(temperature=sampling["temperature"], max_tokens=sampling["max_tokens"],
-                             seed=derive_seed(seed, row), **sampling["extra_kwargs"])
-              for row in range(len(prompts))]
-    outputs = engine.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return [list(output.outputs[0].token_ids) for output in outputs]
-
-
-# --------------------------------------------------------------------------------------------
-# The actor: one shard in, one Parquet part written
-# --------------------------------------------------------------------------------------------
-
-
-def shard_records(target: ResolvedTarget, start: int, stimuli: list[str], responses: list[list[int]],
-                  tokenizer: Any) -> list[dict[str, Any]]:
-    """Records in (stimulus, trajectory) order; `responses` are in the same order."""
-    traj = target.config["num_traj_per_stimulus"]
-    records = []
-    for offset, stimulus in enumerate(stimuli):
-        user_turn = {"role": "user", "content": stimulus}
-        for trajectory_index in range(traj):
-            token_ids = responses[offset * traj + trajectory_index]
-            records.append({
-                "stimulus_index": start + offset,
-                "trajectory_index": trajectory_index,
-                "stimulus": stimulus,
-                "student_messages": json.dumps([*target.student.content["messages"], user_turn]),
-                "teacher_messages": json.dumps([*target.teacher.content["messages"], user_turn]),
-                "teacher_tools": json.dumps(target.teacher.content["tools"]),
-                "response": tokenizer.decode(token_ids, skip_special_tokens=True),
-                "response_token_ids": token_ids,
-                "model_name": target.teacher_model,
-                "sampling": json.dumps(sampling_settings(target)),
-            })
-    return records
-
-
-def parquet_bytes(records: list[dict[str, Any]]) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(records, schema=RECORD_SCHEMA), sink)
-    return sink.getvalue().to_pybytes()
-
-
-class TeacherSampler:
-    """A Ray Data actor: loads the teacher once, then samples each shard (a batch of one row) and
-    writes its part to the store before returning the shard's counts to the driver.
-
-    One generate call per shard: shard_size x num_traj_per_stimulus sequences at once.
-    """
-
-    def __init__(self, target: ResolvedTarget, store_uri: str, prefix: str):
-        self.target = target
-        self.prefix = prefix
-        # Reopened from its URI: an S3 client cannot be pickled into the actor.
-        self.store = open_store(store_uri)
-        self.sampling = sampling_settings(target)
-        model_name = target.teacher_model
-        if vllm_available():
-            self.engine = load_vllm_engine(model_name, self.store)
-            self.tokenizer = self.engine.get_tokenizer()
-        else:
-            self.engine = None
-            self.model, self.tokenizer = load_teacher(model_name, self.store)
-            if self.tokenizer.pad_token is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
-
-    def teacher_prompt(self, stimulus: str) -> list[int]:
-        """Token ids of the teacher prompt + the user turn, ready for the assistant to answer."""
-        teacher = self.target.teacher.content
-        messages = [*teacher["messages"], {"role": "user", "content": stimulus}]
-        return encode_chat(self.tokenizer, messages, teacher["tools"] or None, add_generation_prompt=True)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[int]]:
-        shard_index, start = int(batch["shard_index"][0]), int(batch["start"][0])
-        stimuli = json.loads(batch["stimuli"][0])
-        traj = self.target.config["num_traj_per_stimulus"]
-        prompts = [self.teacher_prompt(stimulus) for stimulus in stimuli for _ in range(traj)]
-        seed = derive_seed(self.sampling["seed"], shard_index)
-        if self.engine is not None:
-            responses = vllm_generate(self.engine, prompts, self.sampling, seed)
-        else:
-            responses = hf_generate(self.model, self.tokenizer, prompts, self.sampling, seed)
-        records = shard_records(self.target, start, stimuli, responses, self.tokenizer)
-        self.store.put_bytes(rollout_part_key(self.prefix, shard_index), parquet_bytes(records))
-        return {"shard_index": [shard_index], "trajectories": [len(records)],
-                "tokens": [sum(len(r) for r in responses)]}
-
-
-# --------------------------------------------------------------------------------------------
-# The driver
-# --------------------------------------------------------------------------------------------
-
-
 def gpus_per_actor() -> int:
     """One GPU per actor where the cluster has GPUs (the driver may sit on a CPU-only head node)."""
+    import ray
+
+    from bread_ray import ray_cluster  # Ray: only when there is something to sample
+
     ray_cluster.connect()
     return 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
 
@@ -244,6 +94,10 @@ def gpus_per_actor() -> int:
 def sample_shards(target: ResolvedTarget, shards: list[dict[str, Any]], *, store: Store, prefix: str,
                   num_actors: int, progress: bool) -> None:
     """Run the shards through a pool of TeacherSampler actors, showing trajectories and tokens/s."""
+    import ray.data  # Ray and torch: only when there is something to sample
+
+    from bread_ray.teacher import TeacherSampler
+
     dataset = ray.data.from_items(shards, override_num_blocks=len(shards)).map_batches(
         TeacherSampler,
         fn_constructor_kwargs={"target": target, "store_uri": store.uri, "prefix": prefix},
@@ -254,7 +108,7 @@ def sample_shards(target: ResolvedTarget, shards: list[dict[str, Any]], *, store
     )
     dataset.context.enable_progress_bars = False  # ours below says it in trajectories and tokens
     stimuli = sum(len(json.loads(shard["stimuli"])) for shard in shards)
-    total = stimuli * target.config["num_traj_per_stimulus"]
+    total = stimuli * target.spec.num_traj_per_stimulus
     columns = [TextColumn("rollout"), BarColumn(), MofNCompleteColumn(), TextColumn("trajectories"),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
     with Progress(*columns, disable=not progress) as bar:
@@ -264,13 +118,6 @@ def sample_shards(target: ResolvedTarget, shards: list[dict[str, Any]], *, store
             tokens += row["tokens"]
             rate = f"{tokens / (time.monotonic() - started):,.0f} tokens/s"
             bar.update(task, advance=row["trajectories"], rate=rate)
-
-
-def read_parts(store: Store, prefix: str) -> pa.Table:
-    """Every part under the rollout folder, as one table (JSON columns still encoded)."""
-    keys = [rollout_part_key(prefix, k) for k in sorted(finished_shards(store, prefix))]
-    tables = [pq.read_table(pa.BufferReader(store.get_bytes(key))) for key in keys]
-    return pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
 
 
 def check_complete(table: pa.Table, stimuli: list[str], num_traj: int, where: str) -> None:
@@ -302,7 +149,7 @@ def run_rollout(target: ResolvedTarget, stimuli: list[str], *, store: Store, pre
     if todo:
         sample_shards(target, todo, store=store, prefix=prefix, num_actors=num_actors, progress=progress)
     table = read_parts(store, prefix)
-    num_traj = target.config["num_traj_per_stimulus"]
+    num_traj = target.spec.num_traj_per_stimulus
     check_complete(table, stimuli, num_traj, f"{store.uri}/{prefix}/rollout")
     manifest = {
         "stimuli": len(stimuli),
@@ -318,12 +165,3 @@ def run_rollout(target: ResolvedTarget, stimuli: list[str], *, store: Store, pre
     }
     store.put_json(manifest_key, manifest)  # last: its presence means the rollout is complete
     return manifest
-
-
-def read_rollout(store: Store, prefix: str) -> list[dict[str, Any]]:
-    """All records (JSON columns decoded), sorted by stimulus then trajectory index."""
-    records = read_parts(store, prefix).to_pylist()
-    for record in records:
-        for column in JSON_COLUMNS:
-            record[column] = json.loads(record[column])
-    return sorted(records, key=lambda r: (r["stimulus_index"], r["trajectory_index"]))

@@ -38,7 +38,13 @@ from ray import serve
 
 from bread_ray import ray_cluster
 from bread_ray.inference import (
-    AdapterLoadError, Completion, InvalidRequest, ModelCatalog, SamplingParams, UnknownModel, open_engine,
+    AdapterLoadError,
+    Completion,
+    InvalidRequest,
+    ModelCatalog,
+    SamplingParams,
+    UnknownModel,
+    open_engine,
 )
 from bread_ray.store import open_store
 

@@ -34,11 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import TypeAdapter
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bread_ray.config import ConfigError, Generator, Path_, Problem, ResolvedTarget
+from bread_ray.config import ResolvedTarget
+from bread_ray.config_errors import ConfigError, Path_, Problem
+from bread_ray.stage import Run, Stage
 from bread_ray.store import STIM_MANIFEST, Store
 
 REQUEST_SIZE = 20  # questions per LLM request: long lists drift and repeat themselves
@@ -91,7 +92,6 @@ PERSONA_TOPICS = [
 
 SAMPLING_CUTOFFS = {"opus": (4, 7), "sonnet": (5, 0), "haiku": (4, 6)}  # first versions without temperature
 CLAUDE_VERSION = re.compile(r"claude-([a-z]+)-(\d+)(?:-(\d{1,2})(?!\d))?")
-GENERATOR = TypeAdapter(Generator)
 LIST_ITEM = re.compile(r"^\s*(?:\d+\s*[.):]|[-*•])\s+(.*\S)\s*$")
 FENCED = re.compile(r"```[\w-]*\s*\n(.*?)```", re.DOTALL)
 
@@ -121,13 +121,6 @@ class RetryPolicy:
 # --------------------------------------------------------------------------------------------
 
 
-def target_generators(target: ResolvedTarget) -> list[Any]:
-    """The target's generators as schema models (the resolved config holds them as dicts, with the
-    `file_sha256` of the local files they read added for the target's identity)."""
-    return [GENERATOR.validate_python({k: v for k, v in generator.items() if k != "file_sha256"})
-            for generator in target.config["generators"]]
-
-
 def is_local_writer(model: str) -> bool:
     return model == "parent" or model.startswith("local:")
 
@@ -146,7 +139,7 @@ def generator_problems(target: ResolvedTarget, *, base_dir: Path, target_index: 
     dataset or column, too few rows, no API key for an Anthropic writer. Costs no request and no
     generation (a local dataset file is read)."""
     problems = []
-    for j, generator in enumerate(target_generators(target)):
+    for j, generator in enumerate(target.spec.generators):
         where = ("TARGET", target_index, "generators", j)
         if generator.type == "oneshot_qs" and generator.template_path is not None:
             problem = template_problem(Path(base_dir, generator.template_path))
@@ -217,6 +210,26 @@ def dataset_problem(dataset: str, base_dir: Path) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
+class Stim(Stage):
+    """The questions (stimuli) of each target, from its generators."""
+
+    name = "stim"
+
+    def items(self, run: Run) -> list[ResolvedTarget]:
+        return list(run.resolved.targets)
+
+    def done(self, run: Run, target: ResolvedTarget) -> bool:
+        return run.store.exists(f"{run.target_prefix(target.id)}/{STIM_MANIFEST}")
+
+    def problems(self, run: Run, target: ResolvedTarget) -> list[Problem]:
+        return generator_problems(target, base_dir=run.repo.root, target_index=run.target_index(target))
+
+    def execute(self, run: Run, target: ResolvedTarget) -> list[str]:
+        return generate_stimuli(target, store=run.store, prefix=run.target_prefix(target.id),
+                                parent_model=run.repo.parent_model, base_dir=run.repo.root, progress=run.progress,
+                                target_index=run.target_index(target))
+
+
 def generate_stimuli(
     target: ResolvedTarget,
     *,
@@ -239,7 +252,7 @@ def generate_stimuli(
     problems = generator_problems(target, base_dir=base_dir, target_index=target_index)
     if problems:
         raise ConfigError("input.yml", problems)
-    generators = target_generators(target)
+    generators = target.spec.generators
     per_generator: dict[int, list[str]] = {}
     for j, generator in enumerate(generators):
         if generator.type == "hardcoded":
@@ -250,7 +263,7 @@ def generate_stimuli(
     if llm_generators:
         per_generator |= write_llm_questions(
             target, llm_generators, store=store, prefix=prefix, parent_model=parent_model, base_dir=Path(base_dir),
-            max_concurrency=max_concurrency or target.config["max_concurrency"], progress=progress, retry=retry,
+            max_concurrency=max_concurrency or target.spec.max_concurrency, progress=progress, retry=retry,
         )
     records = [{"generator": j, "question": q} for j in range(len(generators)) for q in per_generator[j]]
     records = [{"index": index, **record} for index, record in enumerate(records)]

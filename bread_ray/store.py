@@ -49,13 +49,21 @@ from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (
-    BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError,
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
     ReadTimeoutError,
 )
 
 from bread_ray.errors import UserError
 from bread_ray.lineage import (
-    InvalidModelName, InvalidName, ModelName, component_problem, validate_name_component,
+    InvalidModelName,
+    InvalidName,
+    ModelName,
+    component_problem,
+    validate_name_component,
 )
 
 LINEAGE_FILE = "lineage.json"

@@ -4,6 +4,7 @@ import uuid
 import pytest
 
 from bread_ray.store import S3Store
+
 from s3_server import swift_s3_server
 
 

@@ -5,9 +5,12 @@ the per-worker loop without Ray."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,17 +20,18 @@ from safetensors.torch import load_file
 
 from bread_ray.bake.data import build_bake_data, collate, optimizer_steps, rank_slice, split_by_question
 from bread_ray.bake.deepspeed import lr_multiplier
-from bread_ray.config import Bake, content_hash
+from bread_ray.config import resolve_bake
 from bread_ray.models import load_tokenizer
+from bread_ray.schema import Bake
 from bread_ray.store import LocalStore
 from bread_ray.tiny import build_tiny_model
 
 PIRATE = [{"role": "system", "content": "You are a pirate."}]
 
 
-def bake_config(**fields) -> dict:
-    """A resolved BAKE config: the schema's defaults plus `fields`."""
-    return Bake(name="b", datasets=[{"target": "t"}], **fields).model_dump(mode="json", exclude={"name", "datasets"})
+def bake_config(name: str = "b", **fields) -> Bake:
+    """A BAKE as validated: the schema's defaults plus `fields`."""
+    return Bake(name=name, datasets=[{"target": "t"}], **fields)
 
 
 def trajectories(questions: int, per_question: int = 2, seed: int = 0, teacher=PIRATE) -> list[dict]:
@@ -125,13 +129,13 @@ def test_learning_rate_warms_up_then_decays(kind, expected_end):
 
 # ---- real bakes ---------------------------------------------------------------------------------
 
-def make_job(tokenizer, model_dir: Path, store: LocalStore, bake_id: str, **fields):
-    from bread_ray.bake.train import BakeJob
+def make_job(tokenizer, model_dir: Path, store: LocalStore, name: str, **fields):
+    from bread_ray.bake.worker import BakeJob
 
-    config = bake_config(**fields)
-    data = build_bake_data({"t_1": trajectories(12)}, {"t_1": 1.0}, tokenizer, config)
-    return BakeJob(bake_id=bake_id, bake=config, owner="me", repo="r", bake_hash=content_hash(config),
-                   parent_model=str(model_dir), base_model=str(model_dir), store_uri=store.uri, data=data)
+    bake = resolve_bake(bake_config(name, **fields), {"t_1": 1.0}, str(model_dir))
+    data = build_bake_data({"t_1": trajectories(12)}, {"t_1": 1.0}, tokenizer, bake.spec)
+    return BakeJob(bake=bake, owner="me", repo="r", base_model=str(model_dir), store_uri=store.uri, data=data)
+
 
 
 def losses(store: LocalStore, job) -> list[float]:
@@ -142,10 +146,10 @@ def losses(store: LocalStore, job) -> list[float]:
 
 @pytest.mark.slow
 def test_zero2_and_zero3_bakes_match_and_publish_real_adapters(ray_session, tiny_model, tokenizer, tmp_path):
-    from bread_ray.bake.train import run_bake
+    from bread_ray.bake.driver import run_bake
 
     store = LocalStore(tmp_path / "store")
-    jobs = {stage: make_job(tokenizer, tiny_model, store, f"b{stage}_00000000000000{stage}{stage}",
+    jobs = {stage: make_job(tokenizer, tiny_model, store, f"b{stage}",
                             deepspeed={"zero_optimization": {"stage": stage}},
                             checkpoint=[{"save_every_n_steps": 2}]) for stage in (2, 3)}
     results = {stage: run_bake(job, num_workers=2, use_gpu=False, progress=False) for stage, job in jobs.items()}
@@ -154,7 +158,7 @@ def test_zero2_and_zero3_bakes_match_and_publish_real_adapters(ray_session, tiny
     assert zero2 == pytest.approx(zero3, rel=1e-4)
     assert len(set(zero2)) > 1  # the losses move: equal curves are not trivially equal
     for stage, result in results.items():
-        assert result["model_names"] == [f"me/r/{jobs[stage].bake_id}/{s}" for s in (2, 4, 6)]
+        assert result["model_names"] == [f"me/r/{jobs[stage].bake.id}/{s}" for s in (2, 4, 6)]
         assert result["held_out_kl"]["after"] < result["held_out_kl"]["before"]
         assert len(result["worker_nodes"]) == 2 and all(result["worker_nodes"])  # each rank's Ray node
         final = store.download_model(result["model_names"][-1], tmp_path / f"adapter{stage}")
@@ -167,7 +171,7 @@ def test_zero2_and_zero3_bakes_match_and_publish_real_adapters(ray_session, tiny
         assert all(t.abs().sum() > 0 for t in lora_b)  # lora_B starts at zero: non-zero means trained
         lineage = store.read_lineage(result["model_names"][-1])
         assert lineage["parent"] is None and lineage["final"] and lineage["base_model"] == str(tiny_model)
-        assert lineage["bake_hash"] == jobs[stage].bake_hash and lineage["config"] == jobs[stage].bake
+        assert lineage["bake_hash"] == jobs[stage].bake.hash and lineage["config"] == jobs[stage].bake.config
     same = [load_file(store.download_model(results[s]["model_names"][-1], tmp_path / f"again{s}") / "adapter_model.safetensors")
             for s in (2, 3)]
     for key in same[0]:
@@ -176,17 +180,25 @@ def test_zero2_and_zero3_bakes_match_and_publish_real_adapters(ray_session, tiny
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_bake_resumes_from_its_checkpoint(ray_session, tiny_model, tokenizer, tmp_path):
-    from bread_ray.bake.train import run_bake
+    from bread_ray.bake.driver import run_bake
     from bread_ray.store import read_metrics_log
 
     store = LocalStore(tmp_path / "store")
-    job = make_job(tokenizer, tiny_model, store, "kill_0000000000000000", checkpoint=[{"save_every_n_steps": 2}])
-    job.kill_worker_at_step = 3  # rank 1 is SIGKILLed after step 3; the last checkpoint is step 2
-    result = run_bake(job, num_workers=2, use_gpu=False, progress=False)
+    job = make_job(tokenizer, tiny_model, store, "kill", checkpoint=[{"save_every_n_steps": 2}])
+
+    def kill_rank_1_after_step_3(step: int, rank: int, session) -> None:  # local: pickled by value to the workers
+        """A worker dies mid-bake, as on a lost node, once. First give Ray Train's controller time
+        to collect the checkpoint reported before (it polls workers; tiny steps outrun it)."""
+        if step == 3 and rank == 1 and session.restored is None:
+            time.sleep(5)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # rank 1 is SIGKILLed after step 3; the last checkpoint is step 2
+    result = run_bake(job, num_workers=2, use_gpu=False, progress=False, after_step=kill_rank_1_after_step_3)
     assert result["resumed_from_step"] == 2
     log = read_metrics_log(store, job.prefix)
     assert [entry["iter"] for entry in log] == list(range(1, 7))  # no step lost, none twice
-    assert result["model_names"] == [f"me/r/{job.bake_id}/{s}" for s in (2, 4, 6)]
+    assert result["model_names"] == [f"me/r/{job.bake.id}/{s}" for s in (2, 4, 6)]
     assert store.model_exists(result["model_names"][-1])
 
 
@@ -199,12 +211,12 @@ def test_the_worker_loop_runs_without_ray(tiny_model, tokenizer, tmp_path, offlo
 
     store = LocalStore(tmp_path / "store")
     zero = {"stage": 3, "offload_optimizer": {"device": offload}, "offload_param": {"device": offload}}
-    job = make_job(tokenizer, tiny_model, store, "plain_0000000000000000", gradient_accumulation_steps=2, kl_top_k=20,
+    job = make_job(tokenizer, tiny_model, store, "plain", gradient_accumulation_steps=2, kl_top_k=20,
                    deepspeed={"zero_optimization": zero})
     (tmp_path / "job.pkl").write_bytes(pickle.dumps(job))
     script = ("import pickle, sys, json\n"
               "sys.modules['ray'] = None  # prove Ray is not needed\n"
-              "from bread_ray.bake.train import run_standalone\n"
+              "from bread_ray.bake.driver import run_standalone\n"
               f"print(json.dumps(run_standalone(pickle.load(open({str(tmp_path / 'job.pkl')!r}, 'rb')))))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -10,7 +10,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from bread_ray.config import ConfigError, InputConfig, load_and_resolve, load_config
+from bread_ray.config import load_and_resolve, load_config
+from bread_ray.config_errors import ConfigError
+from bread_ray.schema import InputConfig
 
 FULL = (Path(__file__).parent / "inputs" / "full.yml").read_text()
 PARENT = "Qwen/Qwen3-32B"

@@ -18,6 +18,7 @@ from bread_ray.store import BAKE_RESULT, S3Store, bake_prefix
 from bread_ray.tiny import build_tiny_model
 
 from ray_heads import add_worker_node, ensure_auth_token, start_head, user_env
+
 INPUT = yaml.safe_dump({
     "PROMPT": {"teacher": {"messages": [{"role": "system", "content": "Talk like a pirate."}]}},
     "TARGET": {"name": "pirate", "generators": [{"type": "hardcoded", "questions": [

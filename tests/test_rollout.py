@@ -9,12 +9,14 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
-from bread_ray import rollout
-from bread_ray.config import Prompt, Target, resolve_target
+from bread_ray import rollout, teacher
+from bread_ray.config import resolve_target
 from bread_ray.models import lineage_chain, load_causal_lm, load_teacher, load_tokenizer
-from bread_ray.rollout import read_rollout, run_rollout
+from bread_ray.rollout import run_rollout
+from bread_ray.schema import Prompt, Target
 from bread_ray.store import ROLLOUT_MANIFEST, LocalStore, rollout_part_key
 from bread_ray.tiny import build_tiny_model
+from bread_ray.trajectories import read_rollout
 
 TEACHER_SYSTEM = "You are a pirate captain. Answer every question like a pirate."
 STUDENT_SYSTEM = "You are a helpful assistant."
@@ -93,7 +95,7 @@ def test_same_output_from_one_actor_through_a_failed_run_and_a_lost_shard(
     parts are never rewritten."""
     _, expected, _ = reference
 
-    class FailsOnLastShard(rollout.TeacherSampler):  # local: pickled by value into the actors
+    class FailsOnLastShard(teacher.TeacherSampler):  # local: pickled by value into the actors
         def __call__(self, batch):  # a user error: Ray Data fails the run, no retry
             if int(batch["shard_index"][0]) == 2:
                 raise RuntimeError("teacher crashed on shard 2")
@@ -101,7 +103,7 @@ def test_same_output_from_one_actor_through_a_failed_run_and_a_lost_shard(
 
     store = LocalStore(tmp_path)
     with monkeypatch.context() as patch:
-        patch.setattr(rollout, "TeacherSampler", FailsOnLastShard)
+        patch.setattr(teacher, "TeacherSampler", FailsOnLastShard)
         with pytest.raises(Exception, match="teacher crashed on shard 2"):
             roll(tiny_model, store, num_actors=1)
     kept = part_times(store)
@@ -140,7 +142,7 @@ def test_an_actor_killed_midway_is_restarted_and_only_its_shard_redone(
     _, expected, _ = reference
     killed, written = tmp_path / "killed", tmp_path / "written"
 
-    class KilledOnce(rollout.TeacherSampler):  # a local class: pickled by value into the actors
+    class KilledOnce(teacher.TeacherSampler):  # a local class: pickled by value into the actors
         def __call__(self, batch):
             shard_index = int(batch["shard_index"][0])
             if shard_index == 1 and not killed.exists():
@@ -151,7 +153,7 @@ def test_an_actor_killed_midway_is_restarted_and_only_its_shard_redone(
                 log.write(f"{shard_index}\n")
             return result
 
-    monkeypatch.setattr(rollout, "TeacherSampler", KilledOnce)
+    monkeypatch.setattr(teacher, "TeacherSampler", KilledOnce)
     store = LocalStore(tmp_path / "store")
     manifest = roll(tiny_model, store)
     assert killed.exists() and manifest["trajectories"] == 12
@@ -167,10 +169,10 @@ def test_greedy_ignores_the_seed_and_extra_kwargs_reach_generate(tiny_model):
     greedy = {"temperature": 0.0, "max_tokens": 12, "extra_kwargs": {}}
     top1 = {"temperature": 1.0, "max_tokens": 12, "extra_kwargs": {"top_k": 1}}
     sampled = {"temperature": 1.0, "max_tokens": 12, "extra_kwargs": {}}
-    expected = rollout.hf_generate(model, tokenizer, prompts, greedy, seed=1)
-    assert rollout.hf_generate(model, tokenizer, prompts, greedy, seed=2) == expected
-    assert rollout.hf_generate(model, tokenizer, prompts, top1, seed=3) == expected
-    assert rollout.hf_generate(model, tokenizer, prompts, sampled, seed=3) != expected
+    expected = teacher.hf_generate(model, tokenizer, prompts, greedy, seed=1)
+    assert teacher.hf_generate(model, tokenizer, prompts, greedy, seed=2) == expected
+    assert teacher.hf_generate(model, tokenizer, prompts, top1, seed=3) == expected
+    assert teacher.hf_generate(model, tokenizer, prompts, sampled, seed=3) != expected
 
 
 def make_lora(model_dir, out_dir, seed, **lora):

@@ -13,8 +13,8 @@ import torch
 import yaml
 from peft import PeftModel
 
-from bread_ray.cli import main
 from bread_ray.chat_format import render_chat
+from bread_ray.cli import main
 from bread_ray.models import load_causal_lm, load_tokenizer
 from bread_ray.repo import BreadRepo
 from bread_ray.store import open_store

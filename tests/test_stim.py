@@ -7,18 +7,20 @@ import pandas
 import pytest
 import yaml
 
-from bread_ray.config import ConfigError, format_path, load_and_resolve
+from bread_ray.config import load_and_resolve
+from bread_ray.config_errors import ConfigError, format_path
 from bread_ray.stim import (
     RetryPolicy,
     StimError,
-    generator_problems,
     generate_stimuli,
+    generator_problems,
     parse_questions,
     read_stimuli,
     sampling_parameters,
 )
 from bread_ray.store import LocalStore, target_prefix
 from bread_ray.tiny import build_tiny_model
+
 from fake_anthropic import FakeAnthropic
 
 FAST_RETRY = RetryPolicy(max_attempts=4, base_delay_s=0.05, max_delay_s=0.2, timeout_s=10)

@@ -8,8 +8,17 @@ import pytest
 
 from bread_ray.lineage import InvalidModelName, InvalidName, ModelName
 from bread_ray.store import (
-    ArtifactNotFound, BrokenLineage, InvalidKey, LocalStore, ModelExists, ModelNotFound, S3Store,
-    StoreError, model_prefix, open_store, target_prefix,
+    ArtifactNotFound,
+    BrokenLineage,
+    InvalidKey,
+    LocalStore,
+    ModelExists,
+    ModelNotFound,
+    S3Store,
+    StoreError,
+    model_prefix,
+    open_store,
+    target_prefix,
 )
 
 MiB = 1024 * 1024

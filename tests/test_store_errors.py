@@ -22,6 +22,7 @@ import pytest
 from bread_ray.cli import main
 from bread_ray.repo import BreadRepo
 from bread_ray.store import LocalStore, StoreError, open_store, store_in_work_tree_problem
+
 from s3_server import free_port
 
 TIMEOUT_VARIABLES = ("BREAD_S3_CONNECT_TIMEOUT", "BREAD_S3_READ_TIMEOUT")

@@ -9,11 +9,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bread_ray import tiny
-
 from bread_ray.chat_format import encode_chat, render_chat
+from bread_ray.cli import main as bgit
 from bread_ray.model_sources import ModelNotFoundError
 from bread_ray.models import load_causal_lm, load_tokenizer
-from bread_ray.cli import main as bgit
 from bread_ray.tiny import (
     IM_END,
     IM_START,

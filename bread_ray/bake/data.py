@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from bread_ray.chat_format import encode_chat
+from bread_ray.schema import Bake
 
 
 @dataclass(frozen=True)
@@ -108,15 +109,15 @@ def mix_targets(train_by_target: dict[str, list[int]], weights: dict[str, float]
 
 
 def build_bake_data(trajectories: dict[str, list[dict[str, Any]]], weights: dict[str, float], tokenizer: Any,
-                    bake_config: dict[str, Any]) -> BakeData:
+                    bake: Bake) -> BakeData:
     """Tokenize every target's trajectories, hold out questions, and lay out the epochs.
 
     `trajectories`: rollout records per target id; `weights`: BAKE.datasets' weights.
     Every epoch draws `total_trajectories` (default: all training trajectories) by weight.
     """
-    max_length = bake_config["data"]["max_length"]
-    eval_fraction = bake_config["data"]["train_eval_split"][1]
-    seed = bake_config["seed"]
+    max_length = bake.data.max_length
+    eval_fraction = bake.data.train_eval_split[1]
+    seed = bake.seed
     train, held_out, counts, by_target = [], [], {}, {}
     for target_id in sorted(trajectories):
         examples, truncated = tokenize_trajectories(trajectories[target_id], tokenizer, target_id, max_length)
@@ -127,8 +128,8 @@ def build_bake_data(trajectories: dict[str, list[dict[str, Any]]], weights: dict
         train.extend(target_train)
         held_out.extend(target_eval)
         counts[target_id] = {"train": len(target_train), "eval": len(target_eval), "truncated": truncated}
-    total = bake_config["total_trajectories"] or len(train)
-    order = [i for epoch in range(bake_config["epochs"]) for i in mix_targets(by_target, weights, total, seed, epoch)]
+    total = bake.total_trajectories or len(train)
+    order = [i for epoch in range(bake.epochs) for i in mix_targets(by_target, weights, total, seed, epoch)]
     for target_id in by_target:
         counts[target_id]["drawn"] = sum(train[i].target_id == target_id for i in order)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,0 +1,219 @@
+"""The bake stage on the driver: lay out the training data, run the workers (Ray Train, or
+without Ray), show progress, return the result. What each worker runs is bread_ray.bake.worker.
+
+    Bake (the stage)    checked before any work; done when the bake's result is in the store
+    prepare_job         the rollouts of BAKE.datasets read from the store and tokenized, once
+    run_bake            Ray Train + DeepSpeed: one worker per GPU, or CPU workers with gloo
+    run_standalone      the same worker loop without Ray: one process, or every rank of torchrun
+
+Light at import (torch and Ray are imported where a bake runs), so `bgit status` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from bread_ray.config import ResolvedBake
+from bread_ray.config_errors import Problem
+from bread_ray.preflight import bake_model_problems
+from bread_ray.stage import Run, Stage
+from bread_ray.store import BAKE_RESULT, ROLLOUT_MANIFEST, Store, open_store, read_metrics_log, target_prefix
+
+if TYPE_CHECKING:
+    from bread_ray.bake.worker import BakeJob, WorkerSession
+
+
+@dataclass(frozen=True)
+class BakeResult:
+    """A finished bake, as its result.json records it: its models, losses and held-out KL."""
+
+    record: dict[str, Any]
+
+    @property
+    def model_names(self) -> list[str]:
+        return self.record["model_names"]
+
+    @property
+    def bake_id(self) -> str:
+        return self.record["bake_id"]
+
+    def describe(self) -> list[str]:
+        """The lines bgit prints for it."""
+        loss, kl = self.record["loss"], self.record["held_out_kl"]
+        lines = [f"Baked {self.bake_id} in {self.record['steps']} steps.",
+                 f"  models: {', '.join(self.model_names)}",
+                 f"  loss: latest {loss['latest']:.4g}, final {loss['final']:.4g}, min {loss['min']:.4g}, "
+                 f"max {loss['max']:.4g}"]
+        if kl["before"] is None:
+            return [*lines, "  held-out KL: no held-out questions (BAKE.data.train_eval_split holds none out)"]
+        ratio = f" ({kl['before'] / kl['after']:.1f}x lower)" if kl["after"] else ""
+        return [*lines, f"  held-out KL(teacher ‖ student): {kl['before']:.4g} -> {kl['after']:.4g} nats/token{ratio}"]
+
+
+class Bake(Stage):
+    """The LoRA that makes the parent, without the prompt, answer as it does with it."""
+
+    name = "bake"
+
+    def items(self, run: Run) -> list[ResolvedBake]:
+        return [run.resolved.bake] if run.resolved.bake else []
+
+    def done(self, run: Run, bake: ResolvedBake) -> bool:
+        return run.store.exists(f"{run.bake_prefix()}/{BAKE_RESULT}")
+
+    def problems(self, run: Run, bake: ResolvedBake) -> list[Problem]:
+        """Every dataset has its rollout in the store or gets it from this run; the parent's files
+        suit the LoRA and the prompts (bread_ray.preflight)."""
+        produced = {target.id for target in run.resolved.targets} if "rollout" in run.stages else set()
+        missing = [] if run.store is None else [Problem(("BAKE", "datasets"), (
+            f"target {target_id} has no complete rollout in the store ({run.store.uri}): run "
+            "`bgit run stim rollout bake`")) for target_id, _ in bake.datasets
+            if target_id not in produced and not run.store.exists(f"{run.target_prefix(target_id)}/{ROLLOUT_MANIFEST}")]
+        return missing + bake_model_problems(bake, run.resolved.targets, run.models)
+
+    def result(self, run: Run) -> BakeResult:
+        """The stored result of a finished bake."""
+        return BakeResult(run.store.get_json(f"{run.bake_prefix()}/{BAKE_RESULT}"))
+
+    def execute(self, run: Run, bake: ResolvedBake) -> BakeResult:
+        import ray
+
+        job = prepare_job(bake, owner=run.repo.owner, repo=run.repo.name, store=run.store,
+                          commit=run.repo.git("rev-parse", "HEAD").strip())
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        return BakeResult(run_bake(job, num_workers=run.workers or max(gpus, 1), use_gpu=gpus > 0,
+                                   progress=run.progress))
+
+
+def prepare_job(bake: ResolvedBake, *, owner: str, repo: str, store: Store, commit: str | None = None) -> BakeJob:
+    """Read the rollouts of BAKE.datasets from the store and lay out the training data (driver side)."""
+    from bread_ray.bake.data import build_bake_data
+    from bread_ray.bake.worker import BakeJob
+    from bread_ray.models import lineage_chain, load_tokenizer
+    from bread_ray.trajectories import read_rollout
+
+    chain = lineage_chain(bake.parent_model, store)
+    base_model = chain[-1]["base_model"] if chain else bake.parent_model
+    trajectories = {}
+    for target_id, _ in bake.datasets:
+        prefix = target_prefix(owner, repo, target_id)
+        if not store.exists(f"{prefix}/{ROLLOUT_MANIFEST}"):
+            raise RuntimeError(f"bake {bake.id}: target {target_id} has no complete rollout in {store.uri}; "
+                               "run `bgit run stim rollout` for it first")
+        trajectories[target_id] = read_rollout(store, prefix)
+    data = build_bake_data(trajectories, dict(bake.datasets), load_tokenizer(base_model), bake.spec)
+    return BakeJob(bake=bake, owner=owner, repo=repo, base_model=base_model, store_uri=store.uri, data=data,
+                   commit=commit)
+
+
+# ---- runners --------------------------------------------------------------------------------
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry on each worker: the process group is already up (gloo or NCCL)."""
+    import ray.train
+    import torch
+
+    from bread_ray.bake.worker import WorkerSession, bake_worker
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn that it guessed
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))  # ranks' files merge
+
+    session = WorkerSession(report, node=ray.get_runtime_context().get_node_id(), after_step=config["after_step"])
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        bake_worker(config["job"], session)
+        return
+    with checkpoint.as_directory() as folder:
+        session.restored = Path(folder)
+        bake_worker(config["job"], session)
+
+
+def run_bake(job: BakeJob, *, num_workers: int, use_gpu: bool, progress: bool = True,
+             after_step: Callable[[int, int, WorkerSession], None] | None = None) -> dict[str, Any]:
+    """Run the bake on `num_workers` Ray Train workers and return its result.json.
+    `after_step` reaches every worker's session (tests inject faults there).
+
+    With `auto_resume` (the default) the Ray Train run is named after the bake id in the store:
+    a worker that dies is replaced and the run resumes from its last checkpoint, and running the
+    same bake again after a failed run resumes too.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from bread_ray.bake.data import optimizer_steps
+
+    store = open_store(job.store_uri)
+    storage_path, filesystem = store.train_storage(f"{job.prefix}/checkpoints")
+    auto_resume = all(checkpoint.auto_resume for checkpoint in job.bake.spec.checkpoint)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job, "after_step": after_step},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(
+            name=job.bake.id if auto_resume else f"{job.bake.id}-{uuid.uuid4().hex[:8]}",
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=3 if auto_resume else 0),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    spec = job.bake.spec
+    total_steps = optimizer_steps(len(job.data.order), spec.micro_batch_size, spec.gradient_accumulation_steps,
+                                  num_workers)
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as error:  # re-raised on the calling thread below
+            failure.append(error)
+
+    thread = threading.Thread(target=fit, name="bake-fit", daemon=True)
+    thread.start()
+    show_progress(thread, store, job.prefix, total_steps, enabled=progress)
+    if failure:
+        raise RuntimeError(f"bake {job.bake.id} failed: {failure[0]}") from failure[0]
+    return store.get_json(f"{job.prefix}/{BAKE_RESULT}")
+
+
+def show_progress(thread: threading.Thread, store: Store, prefix: str, total_steps: int, *, enabled: bool) -> None:
+    """A progress bar fed by the metrics log that rank 0 writes to the store, until `thread` ends."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [TextColumn("bake"), BarColumn(), MofNCompleteColumn(), TextColumn("steps {task.fields[stats]}"),
+               TimeElapsedColumn()]
+    with Progress(*columns, disable=not enabled) as bar:
+        task = bar.add_task("bake", total=total_steps, stats="")
+        while thread.is_alive():
+            thread.join(timeout=2.0)
+            log = read_metrics_log(store, prefix) if enabled else []
+            if log:
+                last = log[-1]
+                bar.update(task, completed=last["iter"],
+                           stats=f"loss {last['loss']:.4g}  {last['tokens_per_s']:,.0f} tokens/s")
+
+
+def run_standalone(job: BakeJob) -> dict[str, Any] | None:
+    """The bake without Ray: one process, or every rank of `torchrun --nproc-per-node N`.
+    No checkpoint is resumed (Ray Train does that); the result is published as under Ray.
+    Returns its result.json on rank 0."""
+    import torch
+
+    from bread_ray.bake.worker import WorkerSession, bake_worker
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return bake_worker(job, WorkerSession())

@@ -1,0 +1,382 @@
+"""A bake worker: the training recipe each rank runs, plain Python over torch.distributed and DeepSpeed.
+
+    setup         the parent (its chain of adapters added in) with a fresh LoRA, in a DeepSpeed engine
+    train_step    one optimizer step: teacher and student passes, the chunked KL, backward
+    evaluate      the held-out KL, all ranks together
+    checkpoint    the training state and the adapter, for the runner to keep; the adapter published
+    finish        the final adapter published as the bake's model, and the bake's result
+
+One copy of the parent's weights serves both sides: the student is the parent plus the LoRA
+(BAKE.model.baked_adapter_config), seeing the student prompt; the teacher is the same weights with
+the adapter disabled, seeing the teacher prompt. The output head is taken out of the model so that
+a forward pass returns hidden states, and `chunked_kl` projects them through the head a chunk of
+tokens at a time: `[batch, seq, vocab]` logits never exist.
+
+bread_ray.bake.driver runs `bake_worker` on Ray Train's workers, or without Ray (`run_standalone`).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from transformers import AutoConfig
+from transformers.integrations import HfDeepSpeedConfig
+
+from bread_ray.bake.data import BakeData, Batch, collate, optimizer_steps, rank_slice
+from bread_ray.bake.deepspeed import build_optimizer, build_scheduler, deepspeed_config
+from bread_ray.bake.loss import chunked_kl
+from bread_ray.config import ResolvedBake
+from bread_ray.lineage import check_foldable, lora_deltas, read_adapter
+from bread_ray.model_sources import resolve_model_source
+from bread_ray.models import download_folded_adapter, load_causal_lm
+from bread_ray.store import BAKE_RESULT, Store, bake_prefix, open_store, read_metrics_log, write_metrics_log
+
+STATE_TAG = "state"  # DeepSpeed's tag for the training state inside a checkpoint
+ADAPTER_FOLDER = "adapter"  # the gathered LoRA adapter inside a checkpoint
+LOG_EVERY_S = 2.0  # rank 0 rewrites the metrics log in the store at most this often between checkpoints
+
+
+@dataclass
+class BakeJob:
+    """Everything a bake worker needs; it travels to the Ray Train workers (it pickles)."""
+
+    bake: ResolvedBake  # BAKE as validated (`bake.spec`), its id, hash and recorded config
+    owner: str
+    repo: str
+    base_model: str  # the parent itself when the parent is a base model
+    store_uri: str
+    data: BakeData
+    commit: str | None = None  # the git commit whose input.yml this bake trains
+    kl_chunk_tokens: int = 1024
+
+    @property
+    def parent_lineage_model(self) -> str | None:
+        """The parent as a lineage model name, or None when the parent is the base model."""
+        return None if self.bake.parent_model == self.base_model else self.bake.parent_model
+
+    @property
+    def prefix(self) -> str:
+        return bake_prefix(self.owner, self.repo, self.bake.id)
+
+    def model_name(self, step: int) -> str:
+        return f"{self.owner}/{self.repo}/{self.bake.id}/{step}"
+
+    def checkpoint_steps(self, total_steps: int) -> set[int]:
+        """Steps after which the training state is checkpointed and the adapter published."""
+        steps = set()
+        for checkpoint in self.bake.spec.checkpoint:
+            if checkpoint.save_every_n_steps:
+                steps.update(range(checkpoint.save_every_n_steps, total_steps + 1, checkpoint.save_every_n_steps))
+        return steps
+
+
+@dataclass
+class WorkerSession:
+    """How a worker talks to whatever runs it: Ray Train, or nothing (one process / torchrun).
+
+    `report(metrics, checkpoint_dir)` is called by every rank at every checkpoint step (progress
+    goes to the store's metrics log instead); `restored` is the checkpoint folder to resume from;
+    `after_step(step, rank, session)`, if given, runs after every optimizer step (tests inject
+    faults there).
+    """
+
+    report: Callable[[dict[str, Any], str], None] = lambda metrics, checkpoint_dir: None
+    restored: Path | None = None
+    node: str = field(default_factory=socket.gethostname)  # where this worker runs: Ray's node id under Ray
+    after_step: Callable[[int, int, WorkerSession], None] | None = None
+
+
+@dataclass
+class Trainer:
+    """What `setup` builds for the loop."""
+
+    engine: Any  # the DeepSpeed engine around the PEFT model (its head replaced by Identity)
+    head: torch.Tensor  # the output head's weight, frozen: [vocab, hidden]
+    zero3_loading: Any  # HfDeepSpeedConfig under ZeRO-3: must outlive the model (transformers checks it)
+    store: Store
+    rank: int
+    world: int
+    device: torch.device
+    total_steps: int
+
+
+@dataclass
+class Progress:
+    """What rank 0 logs; restored from the checkpoint and the store's log on resume."""
+
+    step: int = 0
+    log: list[dict[str, Any]] = field(default_factory=list)
+    kl_before: float | None = None
+    models: list[str] = field(default_factory=list)
+    resumed_from: int | None = None
+    log_written: float = 0.0  # time.monotonic() of the last write of the log to the store
+
+
+# ---- setup --------------------------------------------------------------------------------------
+
+def setup(job: BakeJob) -> Trainer:
+    """The process group (Ray Train's, or a new one), the student inside a DeepSpeed engine."""
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # reuses a group Ray Train made
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    store = open_store(job.store_uri)
+    spec = job.bake.spec
+    total_steps = optimizer_steps(len(job.data.order), spec.micro_batch_size, spec.gradient_accumulation_steps, world)
+    hidden_size = AutoConfig.from_pretrained(resolve_model_source(job.base_model)).hidden_size
+    ds_config = deepspeed_config(spec, world_size=world, hidden_size=hidden_size, bf16=dtype == torch.bfloat16)
+    model, head, zero3_loading = load_student(job, store, ds_config, device, dtype)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(trainable, spec),
+                                      lr_scheduler=build_scheduler(spec, total_steps), config=ds_config)
+    return Trainer(engine, head.to(device), zero3_loading, store, rank, world, device, total_steps)
+
+
+def apply_adapter(model: torch.nn.Module, adapter_dir: Path) -> int:
+    """Add a LoRA adapter's deltas into the model's weights, module by module: W += B @ (s·A).
+    (The parent's whole chain arrives folded into one adapter.)
+
+    Under ZeRO-3 each weight is gathered alone, updated, and re-sharded: no rank ever holds the
+    whole model. Returns the number of weights changed.
+    """
+    config, state = read_adapter(adapter_dir)
+    check_foldable(config, adapter_dir)
+    deltas = lora_deltas(config, state, adapter_dir)
+    modules = dict(model.named_modules())
+    for name, (scaled_a, b) in deltas.delta.items():  # [r, in] (scaling included), [out, r]
+        weight = modules[name].weight
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
+            weight.data += (b @ scaled_a).to(weight.device, weight.dtype)
+    for name, value in deltas.bias.items():  # bias: all / lora_only adapters store whole values
+        bias = modules[name].bias
+        with deepspeed.zero.GatheredParameters([bias], modifier_rank=0):
+            bias.data.copy_(value.to(bias.device, bias.dtype))
+    return len(deltas.delta)
+
+
+def load_student(job: BakeJob, store: Store, ds_config: dict[str, Any], device: torch.device, dtype: torch.dtype):
+    """The parent with a fresh LoRA; returns (peft model, head weight [vocab, hidden], the
+    HfDeepSpeedConfig that must stay alive while the model is used under ZeRO-3).
+
+    With ZeRO-3, `HfDeepSpeedConfig` makes `from_pretrained` build every weight already sharded
+    (`zero.Init`), so no rank ever holds the whole parent.
+    """
+    zero3_loading = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
+    model = load_causal_lm(job.base_model, dtype=dtype, device=device)
+    model.config.use_cache = False
+    if job.parent_lineage_model:
+        with tempfile.TemporaryDirectory(prefix="bread-parent-") as folder:
+            apply_adapter(model, download_folded_adapter(job.bake.parent_model, store, Path(folder)))
+    spec = job.bake.spec
+    if not spec.model.disable_activation_checkpoint:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    adapter = spec.model.baked_adapter_config
+    torch.manual_seed(spec.seed)  # the same LoRA init on every rank (ZeRO shards what each holds)
+    lora = LoraConfig(r=adapter.r, lora_alpha=adapter.lora_alpha, lora_dropout=adapter.lora_dropout,
+                      bias=adapter.bias, target_modules=adapter.target_modules, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
+    # The head leaves the model: forward passes then return final hidden states, and the loss
+    # projects them through the head chunk by chunk. It is frozen, so each rank keeps one copy.
+    head = peft_model.get_output_embeddings()
+    with deepspeed.zero.GatheredParameters([head.weight], modifier_rank=None):
+        head_weight = head.weight.detach().clone()  # [vocab, hidden]
+    peft_model.base_model.model.lm_head = torch.nn.Identity()
+    return peft_model, head_weight, zero3_loading
+
+
+def start(trainer: Trainer, job: BakeJob, session: WorkerSession) -> Progress:
+    """Where the loop starts: the restored checkpoint's step, or step 0 with the held-out KL
+    before any training."""
+    if session.restored is None:
+        return Progress(kl_before=evaluate(trainer, job))
+    _, client_state = trainer.engine.load_checkpoint(str(session.restored), tag=STATE_TAG, load_module_strict=False)
+    step = client_state["step"]
+    return Progress(step=step, kl_before=client_state["kl_before"], models=client_state["models"], resumed_from=step,
+                    log=[entry for entry in read_metrics_log(trainer.store, job.prefix) if entry["iter"] <= step])
+
+
+# ---- train step and evaluation -----------------------------------------------------------------
+
+def final_hidden(engine: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Hidden states at `positions` (flat indices into [batch * seq]): [tokens, hidden]."""
+    hidden = engine(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [batch, seq, hidden]: the head is Identity
+    return hidden.flatten(0, 1)[positions]
+
+
+def teacher_student_hidden(engine: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student [tokens, hidden] with grad, teacher [tokens, hidden] without), aligned on the response."""
+    with torch.no_grad(), engine.module.disable_adapter():
+        teacher = final_hidden(engine, batch.teacher_ids, batch.teacher_mask, batch.teacher_positions)
+    student = final_hidden(engine, batch.student_ids, batch.student_mask, batch.student_positions)
+    return student, teacher
+
+
+def train_step(trainer: Trainer, job: BakeJob, step: int) -> dict[str, Any]:
+    """Optimizer step `step` (1-based): its micro-batches forward and backward; returns its log
+    entry (mean loss over ranks, tokens/s of all ranks)."""
+    spec, engine = job.bake.spec, trainer.engine
+    accumulation, rank, world = spec.gradient_accumulation_steps, trainer.rank, trainer.world
+    started, lr = time.perf_counter(), engine.get_lr()[0]
+    losses, tokens = [], 0
+    for k in range(accumulation):
+        micro_step = (step - 1) * accumulation + k
+        examples = [job.data.train[i] for i in rank_slice(job.data.order, micro_step, rank, world, spec.micro_batch_size)]
+        batch = collate(examples, job.data.pad_id).to(trainer.device)
+        # LoRA dropout draws from the global RNG: seeding each micro step makes a resumed run and
+        # any ZeRO stage draw the same masks
+        torch.manual_seed(spec.seed * 1_000_003 + micro_step * world + rank)
+        student, teacher = teacher_student_hidden(engine, batch)
+        loss = chunked_kl(student, teacher, trainer.head, top_k=spec.kl_top_k, chunk_tokens=job.kl_chunk_tokens)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach())
+        tokens += batch.tokens
+    stats = torch.tensor([torch.stack(losses).mean().item(), tokens], dtype=torch.float64, device=trainer.device)
+    dist.all_reduce(stats)
+    grad_norm = engine.get_global_grad_norm()
+    return {"iter": step, "loss": float(stats[0]) / world, "lr": lr,
+            "epoch": round(step * spec.epochs / trainer.total_steps, 4),
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens_per_s": float(stats[1]) / (time.perf_counter() - started)}
+
+
+def evaluate(trainer: Trainer, job: BakeJob) -> float | None:
+    """Mean KL(teacher ‖ student) per response token over the held-out examples, all ranks
+    together. Every rank runs the same number of forward passes (ZeRO-3 gathers weights
+    collectively): ranks short of examples repeat one with weight zero."""
+    examples = job.data.eval
+    if not examples:
+        return None
+    micro, rank, world, engine = job.bake.spec.micro_batch_size, trainer.rank, trainer.world, trainer.engine
+    mine = list(range(rank, len(examples), world))
+    batches = math.ceil(math.ceil(len(examples) / world) / micro)
+    total = torch.zeros(2, dtype=torch.float64, device=trainer.device)  # KL sum, tokens
+    engine.module.eval()
+    with torch.no_grad():
+        for b in range(batches):
+            indices = mine[b * micro:(b + 1) * micro]
+            weight = 1.0 if indices else 0.0
+            batch = collate([examples[i] for i in indices or [0]], job.data.pad_id).to(trainer.device)
+            student, teacher = teacher_student_hidden(engine, batch)
+            kl = chunked_kl(student, teacher, trainer.head, top_k=job.bake.spec.kl_top_k, chunk_tokens=job.kl_chunk_tokens)
+            total += torch.tensor([kl.item() * batch.response_tokens * weight, batch.response_tokens * weight],
+                                  dtype=torch.float64, device=trainer.device)
+    engine.module.train()
+    dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+# ---- checkpoints and publishing -----------------------------------------------------------------
+
+def gather_adapter(trainer: Trainer, out_dir: Path) -> None:
+    """Save the LoRA adapter on rank 0. Under ZeRO-3 every rank must take part in gathering the
+    shards first: a plain save_pretrained would write 0-element tensors."""
+    model = trainer.engine.module
+    lora_params = [p for p in model.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(lora_params, modifier_rank=None):
+        state = ({k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+                 if trainer.rank == 0 else None)
+    if trainer.rank == 0:
+        model.save_pretrained(str(out_dir), state_dict=state)
+
+
+def checkpoint(trainer: Trainer, job: BakeJob, progress: Progress) -> str:
+    """Write the training state (DeepSpeed: LoRA weights, optimizer and schedule, each rank its
+    shard) and the gathered adapter to a local folder for the runner to persist; publish the
+    adapter as the model `<bake_id>/<step>`. Returns the folder."""
+    step = progress.step
+    folder = tempfile.mkdtemp(prefix=f"bread-checkpoint-{step}-")
+    progress.models.append(job.model_name(step))
+    client_state = {"step": step, "kl_before": progress.kl_before, "models": progress.models}
+    trainer.engine.save_checkpoint(folder, tag=STATE_TAG, client_state=client_state, exclude_frozen_parameters=True)
+    gather_adapter(trainer, Path(folder, ADAPTER_FOLDER))
+    if trainer.rank == 0:
+        publish(job, trainer.store, Path(folder, ADAPTER_FOLDER), step, progress, final=False)
+        write_metrics_log(trainer.store, job.prefix, progress.log)
+    return folder
+
+
+def publish(job: BakeJob, store: Store, adapter_dir: Path, step: int, progress: Progress, *, final: bool,
+            kl_after: float | None = None) -> None:
+    """Publish the adapter as `<owner>/<repo>/<bake_id>/<step>` with its lineage (rank 0)."""
+    name = job.model_name(step)
+    if final and name not in progress.models:
+        progress.models.append(name)
+    if store.model_exists(name):
+        return  # published before a restart
+    losses = [entry["loss"] for entry in progress.log]
+    store.publish_model(name, adapter_dir, {
+        "parent": job.parent_lineage_model, "base_model": job.base_model, "bake_id": job.bake.id,
+        "bake_hash": job.bake.hash, "config": job.bake.config, "commit": job.commit, "step": step, "final": final,
+        "metrics": {"loss": losses[-1] if losses else None, "held_out_kl_before": progress.kl_before,
+                    "held_out_kl_after": kl_after},
+    })
+
+
+def finish(trainer: Trainer, job: BakeJob, progress: Progress, session: WorkerSession) -> dict[str, Any] | None:
+    """The held-out KL after training, the final adapter published, the bake's result written
+    last (its presence means the bake is done); returns it on rank 0."""
+    kl_after = evaluate(trainer, job)
+    with tempfile.TemporaryDirectory(prefix="bread-adapter-") as folder:
+        gather_adapter(trainer, Path(folder))
+        if trainer.rank == 0:
+            publish(job, trainer.store, Path(folder), trainer.total_steps, progress, final=True, kl_after=kl_after)
+    nodes = [session.node] * trainer.world
+    if trainer.world > 1:
+        dist.all_gather_object(nodes, session.node)
+    if trainer.rank != 0:
+        return None
+    losses = [entry["loss"] for entry in progress.log]
+    tail = losses[-max(1, len(losses) // 10):]
+    result = {
+        "bake_id": job.bake.id,
+        "model_names": progress.models,
+        "steps": trainer.total_steps,
+        "loss": {"latest": losses[-1], "final": sum(tail) / len(tail), "min": min(losses), "max": max(losses)},
+        "held_out_kl": {"before": progress.kl_before, "after": kl_after},
+        "examples": job.data.counts,
+        "resumed_from_step": progress.resumed_from,
+        "worker_nodes": nodes,
+    }
+    write_metrics_log(trainer.store, job.prefix, progress.log)
+    trainer.store.put_json(f"{job.prefix}/{BAKE_RESULT}", result)
+    return result
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+def bake_worker(job: BakeJob, session: WorkerSession) -> dict[str, Any] | None:
+    """setup -> train steps (evaluate, checkpoint) -> finish, on every rank of the process group;
+    returns the bake's result on rank 0 (None elsewhere)."""
+    trainer = setup(job)
+    progress = start(trainer, job, session)
+    checkpoint_steps = job.checkpoint_steps(trainer.total_steps)
+    eval_interval = job.bake.spec.eval_interval
+    while progress.step < trainer.total_steps:
+        progress.step += 1
+        entry = train_step(trainer, job, progress.step)
+        if session.after_step:
+            session.after_step(progress.step, trainer.rank, session)
+        if eval_interval and progress.step % eval_interval == 0 and progress.step < trainer.total_steps:
+            entry["eval_kl"] = evaluate(trainer, job)
+        progress.log.append(entry)
+        if progress.step in checkpoint_steps and progress.step < trainer.total_steps:
+            folder = checkpoint(trainer, job, progress)
+            session.report(entry, folder)  # only checkpoints go to the runner: a Ray Train report costs ~2 s on CPU
+            shutil.rmtree(folder)
+        elif trainer.rank == 0 and time.monotonic() - progress.log_written > LOG_EVERY_S:
+            write_metrics_log(trainer.store, job.prefix, progress.log)  # what `bgit run` shows as progress
+            progress.log_written = time.monotonic()
+    return finish(trainer, job, progress, session)
