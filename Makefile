@@ -7,9 +7,9 @@ demo:            ## install into .venv, then run the main job (the demo) on the 
 
 test:            ## install into .venv with the test tools and the S3-compatible server, lint, run every test
 	bash scripts/setup.sh --test
-	.venv/bin/ruff check bread_ray tests bench jobs
+	.venv/bin/ruff check bread_ray tests bench
 	.venv/bin/python -m pytest -q
 
 test-fast:       ## lint, and the tests without the slow end-to-end ones (after `make test` has installed once)
-	.venv/bin/ruff check bread_ray tests bench jobs
+	.venv/bin/ruff check bread_ray tests bench
 	.venv/bin/python -m pytest -q -m "not slow"

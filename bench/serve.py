@@ -35,9 +35,10 @@ from ray import serve
 from bread_ray.chat_format import encode_chat
 from bread_ray.inference import HfChatEngine, ModelCatalog, SamplingParams
 from bread_ray.models import load_causal_lm, load_tokenizer
+from bread_ray.prompt_sensitive import held_out_questions, prompt_sensitive_model
 from bread_ray.serving import ServeSettings, chat_app
 from bread_ray.store import LocalStore
-from bread_ray.tiny import build_random_lora, held_out_questions, prompt_sensitive_model
+from bread_ray.tiny import build_random_lora
 
 LORAS = [{"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
          {"r": 4, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]},

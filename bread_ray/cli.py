@@ -16,12 +16,15 @@
     bgit serve [--host] [--port]   an OpenAI-compatible chat API (Ray Serve) for the repository's models
     bgit chat MODEL [-m TEXT]      talk to a model through that API
 
-This module only parses arguments and calls the modules that do the work.
+This module only parses arguments and calls the modules that do the work. What needs torch, Ray,
+pyarrow or an HTTP client is imported inside the command that uses it, so that `bgit --help` and
+`bgit status` stay fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -31,8 +34,24 @@ import yaml
 from bread_ray.config import ResolvedConfig, load_and_resolve
 from bread_ray.config_errors import ConfigError
 from bread_ray.errors import UserError
-from bread_ray.pipeline import ROLLOUT, STAGE_NAMES, STIM, planned_run
+from bread_ray.jobs import fetch, job_logs, job_state, read_record, require_record, submit
+from bread_ray.lineage import InvalidModelName, ModelName
+from bread_ray.metrics import loss_chart, write_loss_plot
+from bread_ray.model_sources import ModelNotFoundError
+from bread_ray.pipeline import (
+    ROLLOUT,
+    STAGE_NAMES,
+    STIM,
+    items_to_check,
+    plan,
+    planned_run,
+    preflight,
+    run,
+    unusable_base_model,
+)
 from bread_ray.repo import DEFAULT_BASE_MODEL, INPUT_FILE, BreadRepo, RepoError, render_lineage_tree
+from bread_ray.stim import read_stimuli
+from bread_ray.store import BAKE_RESULT, bake_prefix, open_store, read_metrics_log
 from bread_ray.yaml_lines import decode_config
 
 PASSTHROUGH = {
@@ -236,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--prompt-sensitive", action="store_true",
                       help="the variant pre-trained to follow persona system prompts (about a minute): the "
-                      "sentences it follows are bread_ray.tiny.TRAITS")
+                      "sentences it follows are bread_ray.personas.TRAITS")
     tiny.set_defaults(handler=cmd_tiny_model)
 
     hook = commands.add_parser("_pre-commit")  # called by the repository's git pre-commit hook
@@ -308,8 +327,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(yaml.safe_dump(resolved_summary(resolved), sort_keys=False, allow_unicode=True, width=100), end="")
     print_warnings(resolved, shown)
     if repo and not args.parent and not resolved.is_empty:  # against this repository's models and files
-        from bread_ray.pipeline import items_to_check, preflight, unusable_base_model
-
         run = planned_run(repo, resolved, store=None)
         base_problem, problems = preflight(run, items_to_check(run))
         if base_problem:
@@ -332,8 +349,6 @@ def resolved_summary(resolved: ResolvedConfig) -> dict:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from bread_ray.pipeline import items_to_check, plan, preflight
-
     repo = BreadRepo.find()
     parent = repo.parent_model
     print(f"On branch {repo.current_branch()}")
@@ -381,8 +396,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def print_job_state(repo: BreadRepo) -> None:
     """The detached run's job, if there is one: its state, or why it cannot be read."""
-    from bread_ray.jobs import job_state, read_record
-
     job = read_record(repo)
     if job is None:
         return
@@ -397,14 +410,10 @@ def print_job_state(repo: BreadRepo) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bread_ray.pipeline import run
-
     repo = BreadRepo.find()
     store = repo.open_store()
     print_warnings(repo.resolve_staged())
     if args.detach:
-        from bread_ray.jobs import submit
-
         job = submit(repo, args.stages, store=store, address=args.address, workers=args.workers)
         print(f"Submitted job {job.submission_id} to {job.address}: {' '.join(job.stages)}.")
         print("`bgit status` shows its progress, `bgit logs` its log; `bgit fetch` makes the bake commit once it is done.")
@@ -426,8 +435,6 @@ def print_run_result(result, stages: list[str], store) -> None:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from bread_ray.jobs import fetch
-
     repo = BreadRepo.find()
     store = repo.open_store()
     job, result = fetch(repo, store)
@@ -436,8 +443,6 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from bread_ray.jobs import job_logs, require_record
-
     job_logs(require_record(BreadRepo.find()), follow=args.follow)
     return 0
 
@@ -455,8 +460,6 @@ def stored_targets(stage, missing: str):
 
 
 def cmd_stim(args: argparse.Namespace) -> int:
-    from bread_ray.stim import read_stimuli
-
     for target, store, prefix in stored_targets(STIM, "no stimuli yet (run `bgit run stim`)"):
         records = read_stimuli(store, prefix)
         print(f"{target.id}: {len(records)} stimuli")
@@ -480,9 +483,6 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from bread_ray.metrics import loss_chart, write_loss_plot
-    from bread_ray.store import BAKE_RESULT, bake_prefix, read_metrics_log
-
     repo = BreadRepo.find()
     store = repo.open_store()
     bake_ids = [bake["bake_name"] for bake in repo.read_recipe()["resources"]["bakes"]]
@@ -584,12 +584,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    import json
-
-    from bread_ray.lineage import InvalidModelName, ModelName
-    from bread_ray.model_sources import ModelNotFoundError
     from bread_ray.models import FOLDED_CHAIN_FILE, download_folded_adapter
-    from bread_ray.store import open_store
 
     try:
         name = str(ModelName.parse(args.model))
@@ -612,7 +607,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
     folder = new_folder(args.dir)
     if args.prompt_sensitive:
-        from bread_ray.tiny import build_prompt_sensitive_model
+        from bread_ray.prompt_sensitive import build_prompt_sensitive_model
 
         folder = build_prompt_sensitive_model(folder, seed=args.seed)
     else:

@@ -26,8 +26,9 @@ from pathlib import Path
 import yaml
 
 from bread_ray.cli import main as bgit
+from bread_ray.personas import persona_prompt, trait_score
+from bread_ray.prompt_sensitive import held_out_questions, prompt_sensitive_model
 from bread_ray.repo import BreadRepo
-from bread_ray.tiny import held_out_questions, persona_prompt, prompt_sensitive_model, trait_score
 
 QUESTIONS = held_out_questions(seed=0, n=73)  # none seen in the tiny model's pre-training
 TRAIN_QUESTIONS, ASKED = QUESTIONS[:72], QUESTIONS[72]  # the bakes hold out some of theirs for the KL

@@ -5,7 +5,7 @@
     bgit logs [--follow]                                 the job's log
     bgit fetch                                           a finished job's bake commit, made here
 
-The job runs `python -m bread_ray.jobs STAGES` (or `python jobs/run.py STAGES`) in a snapshot of
+The job runs `python -m bread_ray.jobs STAGES` (its one entry point: `main` below) in a snapshot of
 the repository: Ray uploads its folder, `.git` included (which Ray leaves out by default), as the
 job's working dir, so the job
 reads the staged input.yml and the history as they were at submission. It runs the same
@@ -33,8 +33,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
+from bread_ray.pipeline import STAGE_NAMES, check_run, run
 from bread_ray.repo import BreadRepo, RepoError
-from bread_ray.store import LocalStore, Store
+from bread_ray.store import LocalStore, Store, open_store
 
 JOB_RECORD = "bread-job.json"
 TERMINAL_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -94,8 +95,6 @@ def job_client(address: str):
 def submit(repo: BreadRepo, stages: list[str], *, store: Store, address: str | None,
            workers: int | None) -> DetachedJob:
     """Check the run as a local run would, then submit it as a Ray job; nothing is computed here."""
-    from bread_ray.pipeline import check_run
-
     address = cluster_address(address)
     check_run(repo, stages, store)
     if isinstance(store, LocalStore) and urlparse(address).hostname not in ("127.0.0.1", "localhost", "::1"):
@@ -158,8 +157,6 @@ def job_logs(job: DetachedJob, follow: bool, write=print) -> None:
 def fetch(repo: BreadRepo, store: Store):
     """Apply a finished job: run its stages here (each finds its output in the store) and make
     the bake commit as a local run does. Returns the job and the pipeline's RunResult."""
-    from bread_ray.pipeline import run
-
     job = require_record(repo)
     state, message = job_state(job)
     if state not in TERMINAL_STATES:
@@ -180,9 +177,6 @@ def fetch(repo: BreadRepo, store: Store):
 
 def main(argv: list[str] | None = None) -> int:
     """The job's entrypoint, in the repository snapshot: the stages, no commit."""
-    from bread_ray.pipeline import STAGE_NAMES, run
-    from bread_ray.store import open_store
-
     parser = argparse.ArgumentParser(prog="python -m bread_ray.jobs", description=main.__doc__)
     parser.add_argument("stages", nargs="+", choices=STAGE_NAMES)
     parser.add_argument("--workers", type=int)

@@ -30,6 +30,9 @@ import yaml
 from bread_ray.config import ResolvedConfig, load_and_resolve
 from bread_ray.errors import UserError
 from bread_ray.lineage import component_problem
+from bread_ray.model_sources import PACKAGED_MODELS
+from bread_ray.preflight import base_model_problem
+from bread_ray.store import open_store, store_in_work_tree_problem
 from bread_ray.yaml_lines import decode_config
 
 DEFAULT_BASE_MODEL = "Qwen/Qwen3-32B"
@@ -192,12 +195,8 @@ class BreadRepo:
         owner = check_name("owner", owner) if owner is not None else _default_owner()
         if not base_model.strip() or any(c.isspace() for c in base_model):
             raise RepoError(f"invalid base model {base_model!r}: a hub id or a folder, without spaces")
-        from bread_ray.model_sources import PACKAGED_MODELS
-
         local = Path(base_model).expanduser().exists() or base_model.startswith(("/", ".", "~")) or base_model.count("/") > 1
         if local or base_model in PACKAGED_MODELS:  # a hub id is checked where it runs
-            from bread_ray.preflight import base_model_problem
-
             problem = base_model_problem(base_model)
             if problem:
                 raise RepoError(f"--base-model {base_model}: {problem}")
@@ -277,8 +276,6 @@ class BreadRepo:
     def open_store(self):
         """The store (BREAD_STORE) this repository's commands use. A folder inside the repository
         that git does not ignore is refused: `git add .` would commit its models."""
-        from bread_ray.store import open_store, store_in_work_tree_problem  # boto3: only when needed
-
         store = open_store()
         problem = store_in_work_tree_problem(store, self.root)
         if problem:

@@ -11,13 +11,8 @@ sampled with a seed derived from (TARGET.seed, shard index): the output does not
 number of actors or on which actor runs which shard. An actor loads the teacher once and writes
 each shard's Parquet part to the store as soon as it is done, so a crash loses at most the shards
 in flight; the manifest is written last. A re-run skips the parts already written (resume), and
-returns an existing manifest without generating anything.
-
-Store layout, under the target's prefix (`<owner>/<repo>/targets/<target_id>`):
-
-    rollout/part-00000.parquet   one row per trajectory of stimuli [0, shard_size)
-    rollout/part-00001.parquet   stimuli [shard_size, 2 * shard_size), ...
-    rollout/manifest.json        counts; present only once every shard is written
+returns an existing manifest without generating anything (the layout: bread_ray.store; the
+records: bread_ray.trajectories; the actor: bread_ray.teacher).
 
     python bench/rollout.py      # throughput against a single-process generate loop
 """
@@ -26,10 +21,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bread_ray.config import ResolvedTarget
@@ -38,7 +31,9 @@ from bread_ray.preflight import teacher_problems
 from bread_ray.stage import Run, Stage
 from bread_ray.stim import read_stimuli
 from bread_ray.store import ROLLOUT_MANIFEST, STIM_MANIFEST, Store, finished_shards
-from bread_ray.trajectories import read_parts, sampling_settings
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # Generation runs on the actor's GPU, or on CPU with one thread per actor (Ray sets
 # OMP_NUM_THREADS=1 below one CPU); a fraction lets the pool fit beside Ray Data's own tasks on a
@@ -137,6 +132,10 @@ def run_rollout(target: ResolvedTarget, stimuli: list[str], *, store: Store, pre
     """Sample `num_traj_per_stimulus` teacher responses per stimulus into `<prefix>/rollout/`;
     returns the manifest. Shards already in the store are kept; a complete rollout (its manifest
     exists) is returned as is, without starting Ray."""
+    import pyarrow.compute as pc  # pyarrow, Ray and torch: only when a rollout runs
+
+    from bread_ray.trajectories import read_parts, sampling_settings
+
     manifest_key = f"{prefix}/{ROLLOUT_MANIFEST}"
     if store.exists(manifest_key):
         return store.get_json(manifest_key)

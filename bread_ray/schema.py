@@ -283,9 +283,17 @@ class DeepSpeed(Section):
 class Checkpoint(Section):
     type: Literal["huggingface"] = Field("huggingface", description="Checkpoints are PEFT adapter folders (the only format).")
     save_every_n_steps: PositiveInt | None = Field(None, description="Publish a checkpoint every N steps.")
-    save_end_of_training: Flag = Field(True, description="Publish the model at the end of training (Bread's field; "
-                                                          "the final model is always published, as the next parent).")
+    save_end_of_training: Flag = Field(True, description="Publish the model at the end of training. Always true "
+                                                          "here: the final model becomes the next bake's parent.")
     auto_resume: Flag = Field(True, description="Resume a failed run from its last checkpoint.")
+
+    @field_validator("save_end_of_training")
+    @classmethod
+    def _final_model_is_published(cls, save: bool) -> bool:
+        if not save:
+            raise ValueError("must be true: the bake's final model is always published, as the next bake's parent "
+                             "(save_every_n_steps adds checkpoints before it)")
+        return save
 
 
 class Data(Section):

@@ -10,14 +10,8 @@ run on Ray Data: an actor pool of at most `max_concurrency` actors, each with on
 each request retrying 429 / 529 / 5xx / timeouts itself with exponential backoff and jitter. The
 questions are parsed, de-duplicated, and more requests are made while a generator is short.
 A local writer (`model: local:<path or hub id>` or `model: parent`) generates in this process.
-
-Store layout under the target's prefix:
-
-    stim/parts/<generator>-<request>.json  one finished request's questions, written as it finishes:
-                                           a re-run after a failure makes only the missing requests
-    stim/stimuli.jsonl                     {"index", "generator", "question"} per line
-    stim/manifest.json                     counts; written last, so its presence means stim is done
-                                           and a re-run returns the stored questions for free
+Each finished request's questions are stored as it finishes, so a re-run after a failure makes
+only the missing requests; the manifest is written last (the layout: bread_ray.store).
 """
 
 from __future__ import annotations
@@ -37,8 +31,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from bread_ray.chat_format import encode_chat
 from bread_ray.config import ResolvedTarget
 from bread_ray.config_errors import ConfigError, Path_, Problem
+from bread_ray.model_sources import ModelNotFoundError, resolve_model_source
 from bread_ray.stage import Run, Stage
 from bread_ray.store import STIM_MANIFEST, Store
 
@@ -165,8 +161,6 @@ def generator_problems(target: ResolvedTarget, *, base_dir: Path, target_index: 
 
 
 def local_writer_problem(model: str, base_dir: Path) -> str | None:
-    from bread_ray.model_sources import ModelNotFoundError, resolve_model_source
-
     try:
         resolve_model_source(local_writer_source(model, "", base_dir))
     except ModelNotFoundError as error:
@@ -613,8 +607,6 @@ def write_locally(requests: list[dict[str, Any]], load_writer: Callable[[str], t
     """Requests answered by a local model in this process: sampled at the generator's temperature,
     seeded per request. Small models rarely format lists, so any non-empty line then counts."""
     import torch
-
-    from bread_ray.chat_format import encode_chat
 
     for request in requests:
         tokenizer, model = load_writer(request["model"].removeprefix("local:"))

@@ -14,12 +14,21 @@ Every failure of the backend (an OSError of the folder; botocore's or boto3's er
 an invalid bucket name or prefix in the URI, is raised as a StoreError: one line naming the store
 and what is wrong. Missing keys and models stay ArtifactNotFound / ModelNotFound.
 
-Layout, relative to the store root:
+The layout, relative to the store root (documented here only; the keys are built below):
 
-    <owner>/<repo>/targets/<target_id>/stim/{stimuli.jsonl, parts/, manifest.json}
-    <owner>/<repo>/targets/<target_id>/rollout/{part-00000.parquet, ..., manifest.json}
-    <owner>/<repo>/bakes/<bake_id>/{train_log_metrics.jsonl, checkpoints/, result.json}
-    models/<owner>/<repo>/<bake_id>/<step>/{adapter_config.json, adapter_model.safetensors, lineage.json}
+    <owner>/<repo>/targets/<target_id>/stim/
+        parts/<generator>-<request>.json   one finished LLM request's questions (a re-run makes the rest)
+        stimuli.jsonl                      {"index", "generator", "question"} per line
+        manifest.json                      counts; written last: stim is done
+    <owner>/<repo>/targets/<target_id>/rollout/
+        part-00000.parquet, ...            one row per trajectory, a part per shard of stimuli
+        manifest.json                      counts; written last: the rollout is complete
+    <owner>/<repo>/bakes/<bake_id>/
+        train_log_metrics.jsonl            one line per optimizer step: iter, loss, lr, epoch, tokens_per_s
+        checkpoints/                       Ray Train's run folder: DeepSpeed state + adapter every N steps
+        result.json                        the models, losses and held-out KL; written last: the bake is done
+    models/<owner>/<repo>/<bake_id>/<step>/
+        adapter_config.json, adapter_model.safetensors, lineage.json (written last: the model exists)
 
 A model becomes visible only when its lineage.json exists, and that file is written last: a crash
 mid-upload leaves no half model. Backends implement a few raw primitives (`_put_bytes`, `_list`,

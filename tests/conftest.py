@@ -51,6 +51,6 @@ def ray_session():
 def prompt_sensitive_base():
     """The prompt-sensitive tiny model (bread_ray.tiny), built once per machine and cached
     ($BREAD_CACHE or ~/.cache/bread_ray): about two minutes the first time, then free."""
-    from bread_ray.tiny import prompt_sensitive_model
+    from bread_ray.prompt_sensitive import prompt_sensitive_model
 
     return prompt_sensitive_model()

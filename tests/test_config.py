@@ -7,6 +7,7 @@ import shutil
 import typing
 from pathlib import Path
 
+import pytest
 import yaml
 from pydantic import BaseModel
 
@@ -164,8 +165,9 @@ ALTERNATIVES = {"system": "user", "user": "assistant", "assistant": "user", "lor
                 "linear": "cosine", "cpu": "none", "huggingface": None, "function": None}
 # Leaves without a valid change of their own: renaming a target or switching a generator's type
 # breaks the rest of the file, the stage is held at 3 by offload_param (tested on its own below),
-# and max_concurrency is how fast, not what (changing it must not re-run paid generation).
-EXEMPT = {"name", "target", "max_concurrency", "stage"}
+# max_concurrency is how fast, not what (changing it must not re-run paid generation), and the
+# final model is always saved (tested on its own below).
+EXEMPT = {"name", "target", "max_concurrency", "stage", "save_end_of_training"}
 SETS = {"target_modules"}  # order-free lists: reordering them is not a change
 
 
@@ -290,3 +292,10 @@ def test_every_schema_field_is_documented():
     walk(InputConfig)
     assert {"Bake", "AdapterConfig", "HardcodedQuestions", "PersonaQuestions"} <= {m.__name__ for m in seen}
     assert undocumented == []
+
+
+def test_the_final_model_is_always_saved():
+    text = MINIMAL.replace("datasets: [{target: main_target}]",
+                           "datasets: [{target: main_target}]\n  checkpoint: {save_end_of_training: false}")
+    with pytest.raises(ConfigError, match=r"BAKE\.checkpoint\.save_end_of_training: must be true"):
+        load_and_resolve(text, parent_model=PARENT)

@@ -16,9 +16,10 @@ from peft import PeftModel
 from bread_ray.chat_format import render_chat
 from bread_ray.cli import main
 from bread_ray.models import load_causal_lm, load_tokenizer
+from bread_ray.personas import persona_prompt, trait_score
+from bread_ray.prompt_sensitive import held_out_questions
 from bread_ray.repo import BreadRepo
 from bread_ray.store import open_store
-from bread_ray.tiny import held_out_questions, persona_prompt, trait_score
 
 pytestmark = pytest.mark.slow
 

@@ -8,24 +8,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bread_ray import tiny
+from bread_ray import prompt_sensitive
 from bread_ray.chat_format import encode_chat, render_chat
 from bread_ray.cli import main as bgit
 from bread_ray.model_sources import ModelNotFoundError
 from bread_ray.models import load_causal_lm, load_tokenizer
-from bread_ray.tiny import (
-    IM_END,
-    IM_START,
-    SIGNOFF,
-    TRAITS,
-    build_prompt_sensitive_model,
-    build_tiny_model,
-    held_out_questions,
-    persona_prompt,
-    pretraining_chats,
-    prompt_sensitive_model,
-    trait_score,
-)
+from bread_ray.personas import SIGNOFF, TRAITS, persona_prompt, pretraining_chats, trait_score
+from bread_ray.prompt_sensitive import build_prompt_sensitive_model, held_out_questions, prompt_sensitive_model
+from bread_ray.tiny import IM_END, IM_START, build_tiny_model
 
 WEATHER_TOOL = {
     "type": "function",
@@ -258,7 +248,7 @@ def test_held_out_questions_are_new_distinct_and_seeded():
     questions = held_out_questions(seed=0, n=50)
     assert len(set(questions)) == 50 and questions == held_out_questions(seed=0, n=50)
     assert questions[:10] == held_out_questions(seed=0, n=10)
-    steps_times_batch = tiny._PRETRAIN_STEPS * tiny._PRETRAIN_BATCH_SIZE
+    steps_times_batch = prompt_sensitive._PRETRAIN_STEPS * prompt_sensitive._PRETRAIN_BATCH_SIZE
     trained = {chat[-2]["content"] for chat in pretraining_chats(seed=0, num_chats=steps_times_batch)}
     assert not trained & set(questions)
     assert held_out_questions(seed=1, n=50) != questions
@@ -309,7 +299,7 @@ def builds(monkeypatch):
         seeds.append(seed)
         return build_tiny_model(out_dir, seed)
 
-    monkeypatch.setattr(tiny, "build_prompt_sensitive_model", build)
+    monkeypatch.setattr(prompt_sensitive, "build_prompt_sensitive_model", build)
     return seeds
 
 
@@ -339,7 +329,7 @@ def test_cache_rebuilds_a_partial_or_damaged_folder(tmp_path, builds, damage):
     elif damage == "truncated weights":
         weights.write_bytes(weights.read_bytes()[:1000])
     else:  # what a builder that crashed mid-way, or wrote in place, leaves: files without a manifest
-        (folder / tiny._BUILD_MANIFEST).unlink()
+        (folder / prompt_sensitive._BUILD_MANIFEST).unlink()
     assert prompt_sensitive_model(seed=0, cache_dir=tmp_path) == folder
     assert builds == [0, 0]
     assert load_causal_lm(folder, device="cpu").config.vocab_size == 1000
@@ -356,7 +346,7 @@ def test_cache_keeps_the_build_that_finished_first(tmp_path, monkeypatch):
         return build_tiny_model(out_dir, seed)
 
     started, finished = [], []
-    monkeypatch.setattr(tiny, "build_prompt_sensitive_model", build)
+    monkeypatch.setattr(prompt_sensitive, "build_prompt_sensitive_model", build)
     folder = prompt_sensitive_model(seed=0, cache_dir=tmp_path)
     assert len(started) == 2 and finished == [(folder, folder.stat().st_ino)]
     assert [path.name for path in tmp_path.iterdir()] == [folder.name]
@@ -368,7 +358,7 @@ def test_a_crashed_build_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
         build_tiny_model(out_dir, seed)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tiny, "build_prompt_sensitive_model", crash)
+    monkeypatch.setattr(prompt_sensitive, "build_prompt_sensitive_model", crash)
     with pytest.raises(KeyboardInterrupt):
         prompt_sensitive_model(seed=0, cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -439,7 +429,7 @@ def test_prompt_sensitive_model_is_a_bigger_tiny_model_loadable_everywhere(
     assert len(tokenizer) == AutoModelForCausalLM.from_pretrained(prompt_sensitive_base).config.vocab_size == 1000
     generation = json.loads((prompt_sensitive_base / "generation_config.json").read_text())
     assert generation["eos_token_id"] == tokenizer.convert_tokens_to_ids(IM_END)
-    monkeypatch.setattr(tiny, "build_prompt_sensitive_model", lambda *a, **k: pytest.fail("built again"))
+    monkeypatch.setattr(prompt_sensitive, "build_prompt_sensitive_model", lambda *a, **k: pytest.fail("built again"))
     assert prompt_sensitive_model(seed=0, cache_dir=prompt_sensitive_base.parent) == prompt_sensitive_base
 
 
