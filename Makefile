@@ -8,7 +8,7 @@ demo:            ## install into .venv, then run the main job (the demo) on the 
 test:            ## install into .venv with the test tools and the S3-compatible server, lint, run every test
 	bash scripts/setup.sh --test
 	.venv/bin/ruff check bread_ray tests bench
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q --durations=15
 
 test-fast:       ## lint, and the tests without the slow end-to-end ones (after `make test` has installed once)
 	.venv/bin/ruff check bread_ray tests bench

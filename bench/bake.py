@@ -154,7 +154,7 @@ def bench_bake_step(quick: bool) -> None:
 
     from bread_ray.bake.data import build_bake_data, collate
     from bread_ray.bake.driver import run_standalone
-    from bread_ray.bake.worker import BakeJob
+    from bread_ray.bake.job import BakeJob
     from bread_ray.config import resolve_bake
     from bread_ray.models import load_causal_lm, load_tokenizer
     from bread_ray.schema import Bake

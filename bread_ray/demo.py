@@ -1,16 +1,20 @@
-"""The main job: two sequential bakes and a chat with each version, on the embedded defaults, offline.
+"""The main job: a real chat model baked twice, then a chat with each version, offline.
 
-    python -m bread_ray.demo [--dir demo]
+    python -m bread_ray.demo [--dir demo]            # SmolLM2-135M-Instruct, about 9 minutes on 2 cores
+    python -m bread_ray.demo --tiny [--dir demo]     # the synthetic tiny model, about 3 minutes
 
-On a tiny local model pre-trained so that its system prompt sets its style (bread_ray.tiny: no
-download), with local Ray and a local store:
-1. a bgit repository on that model;
-2. v1: bake "Talk like a pirate." into it (stim, the prompted teacher's rollout, the bake on Ray
-   Train + DeepSpeed, and the bake commit), printing the held-out KL before and after;
-3. v2: bake the sign-off ("End every reply with Over and out.") on top of v1 (sequential baking);
+With local Ray and a local store, in a bgit repository made for the run:
+1. the base model: SmolLM2-135M-Instruct from its installed package (converted from GGUF once, then
+   cached), or with --tiny a tiny model pre-trained so that its system prompt sets its style;
+2. v1: bake a persona into the base (stim, the prompted teacher's rollout, the bake on Ray Train +
+   DeepSpeed, and the bake commit), printing the held-out KL before and after;
+3. v2: bake a second instruction on top of v1 (sequential baking);
 4. `bgit tree`, the lineage;
-5. the chat service (Ray Serve) for the repository's models, asked the same question, without
-   any prompt, by the base, v1 and v2, side by side with each answer's style scores.
+5. the chat service (Ray Serve) for the repository's models, asked the same held-out questions,
+   without any prompt, by the base, v1 and v2 side by side, with the fraction of answers that
+   show each trait; then the cost of each stage.
+
+bench/quality.py bakes the same recipe with longer settings and measures it in a plain loop.
 """
 
 from __future__ import annotations
@@ -19,32 +23,148 @@ import argparse
 import os
 import shutil
 import socket
+import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from bread_ray import behaviours, ray_cluster
 from bread_ray.cli import main as bgit
+from bread_ray.lineage import ModelName
+from bread_ray.model_sources import resolve_model_source
 from bread_ray.personas import persona_prompt, trait_score
 from bread_ray.prompt_sensitive import held_out_questions, prompt_sensitive_model
 from bread_ray.repo import BreadRepo
+from bread_ray.store import BAKE_RESULT, ROLLOUT_MANIFEST, bake_prefix, open_store, read_metrics_log, target_prefix
 
-QUESTIONS = held_out_questions(seed=0, n=73)  # none seen in the tiny model's pre-training
-TRAIN_QUESTIONS, ASKED = QUESTIONS[:72], QUESTIONS[72]  # the bakes hold out some of theirs for the KL
+SMOLLM2 = "smollm2-135m-instruct"  # the packaged model's short name (bread_ray.model_sources)
 
 
-def input_yml(name: str, traits: tuple[str, ...], questions: list[str], *, traj: int, epochs: int) -> str:
-    """A persona bake: the teacher is the parent with the persona's system prompt."""
-    return yaml.safe_dump({
-        "PROMPT": {"teacher": {"messages": [{"role": "system", "content": persona_prompt(*traits)}]}},
-        "TARGET": {"name": name, "generators": [{"type": "hardcoded", "questions": questions}],
-                   "num_traj_per_stimulus": traj, "max_tokens": 40},
-        "BAKE": {"name": f"{name}_bake", "datasets": [{"target": name}], "epochs": epochs,
-                 "micro_batch_size": 16, "optimizer": {"learning_rate": 0.003},
-                 "model": {"baked_adapter_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}},
-                 "deepspeed": {"zero_optimization": {"stage": 2}}},
-    }, sort_keys=False)
+@dataclass(frozen=True)
+class Recipe:
+    """Two sequential bakes: v1 bakes prompts[0] into the base, v2 bakes prompts[1] into v1."""
+
+    prompts: tuple[str, str]  # the teachers' system prompts
+    names: tuple[str, str]  # the targets' names; the bakes are <name>_bake
+    traits: tuple[str, ...]  # what `score` looks for in an answer; traits[0] is v1's
+    score: Callable[[str, str], float]  # score(answer, trait) in [0, 1], by code that never saw a trajectory
+    questions: tuple[str, ...]  # stim: hardcoded questions; each bake holds some out for its KL
+    asked: tuple[str, ...]  # asked of every version at the end; never trained on
+    epochs: tuple[int, int]  # v1's, v2's
+    trajectories_per_question: int = 2  # the teacher's samples per question, at temperature 1
+    max_tokens: int = 40  # tokens per trajectory
+    learning_rate: float = 1e-3
+    micro_batch_size: int = 4
+    lora_rank: int = 16  # all linear layers, alpha = 2 x rank, no dropout
+    answer_tokens: int = 64  # the greedy answers at the end
+    seed: int = 42  # the rollouts' and bakes' seed
+
+    def input_yml(self, version: int) -> str:
+        """input.yml of v1 (version 0) or v2 (version 1): a target of the teacher's answers and a bake on it."""
+        name = self.names[version]
+        return yaml.safe_dump({
+            "PROMPT": {"teacher": {"messages": [{"role": "system", "content": self.prompts[version]}]}},
+            "TARGET": {"name": name, "generators": [{"type": "hardcoded", "questions": list(self.questions)}],
+                       "num_traj_per_stimulus": self.trajectories_per_question, "max_tokens": self.max_tokens,
+                       "seed": self.seed},
+            "BAKE": {"name": f"{name}_bake", "datasets": [{"target": name}], "epochs": self.epochs[version],
+                     "micro_batch_size": self.micro_batch_size, "seed": self.seed,
+                     "optimizer": {"learning_rate": self.learning_rate},
+                     "model": {"baked_adapter_config": {"r": self.lora_rank, "lora_alpha": 2 * self.lora_rank,
+                                                        "lora_dropout": 0.0},
+                               # small models: activations fit without recomputing them
+                               "disable_activation_checkpoint": True},
+                     "deepspeed": {"zero_optimization": {"stage": 2}}},  # one worker: nothing to shard
+        }, sort_keys=False)
+
+
+def smollm2_score(answer: str, trait: str) -> float:
+    return float(behaviours.shows_trait(answer, trait))
+
+
+# SmolLM2-135M-Instruct: v1 a pirate, v2 brief on top. Both prompts were chosen by measuring what the
+# model follows (bread_ray.behaviours); the settings fit the demo in about 9 minutes on 2 cores.
+SMOLLM2_RECIPE = Recipe(
+    prompts=(behaviours.PIRATE_PROMPT, behaviours.BRIEF_PROMPT), names=("pirate", "brief"),
+    traits=behaviours.TRAITS, score=smollm2_score,
+    questions=tuple(behaviours.TRAIN_QUESTIONS[:48]), asked=tuple(behaviours.HELD_OUT_QUESTIONS[:10]),
+    epochs=(2, 2),
+)
+
+# The tiny model, pre-trained to follow its system prompt: v1 a pirate, v2 a pirate that signs off.
+# v2's prompt asks for both traits: this model was only ever pre-trained with its style set by the
+# system prompt, so any system prompt overrides v1's baked-in default. v1's loss falls in a jump
+# after a plateau (near step 14-18 of its 33 for models of seeds 0-2), hence its 4 epochs; v2 only
+# adds an ending to v1's style and needs fewer. A higher learning rate shortens v1's plateau but
+# makes v1 ignore a system prompt's sign-off: v2's teacher then has nothing to teach.
+def tiny_recipe() -> Recipe:
+    questions = held_out_questions(seed=0, n=73)  # none seen in the tiny model's pre-training
+    return Recipe(
+        prompts=(persona_prompt("pirate"), persona_prompt("pirate", "signoff")), names=("pirate", "signoff"),
+        traits=("pirate", "signoff"), score=trait_score, questions=tuple(questions[:72]), asked=(questions[72],),
+        epochs=(4, 3), learning_rate=3e-3, micro_batch_size=16, lora_rank=8, answer_tokens=40,
+    )
+
+
+def command(*args: str) -> None:
+    """Run `bgit ARGS` in this process, as typed; a failure ends the run."""
+    print(f"$ bgit {' '.join(args)}", flush=True)
+    if bgit(list(args)) != 0:
+        raise SystemExit(f"`bgit {' '.join(args)}` failed")
+
+
+@dataclass
+class Version:
+    """One bake as it went: its model, its stages' wall seconds, and what the store recorded."""
+
+    label: str
+    model: str
+    seconds: dict[str, float]  # by stage
+    rollout: dict  # the rollout manifest
+    bake: dict  # the bake's result.json
+    step_tokens_per_s: float  # median over the bake's steps (teacher and student contexts)
+
+    @property
+    def kl_fraction(self) -> float:
+        """The bake's held-out KL after over before: the baked model's over its parent's."""
+        return self.bake["held_out_kl"]["after"] / self.bake["held_out_kl"]["before"]
+
+
+def bake_version(recipe: Recipe, version: int) -> Version:
+    """Commit v<version+1>'s input.yml in the current repository and run its three stages, each a
+    `bgit run` of its own so that each is timed."""
+    label = f"v{version + 1}"
+    Path("input.yml").write_text(recipe.input_yml(version))
+    command("add", "input.yml")
+    command("commit", "-q", "-m", f"{label}: {recipe.names[version]}")
+    seconds = {}
+    for stage in ("stim", "rollout", "bake"):
+        started = time.perf_counter()
+        command("run", stage)
+        seconds[stage] = time.perf_counter() - started
+    model = ModelName.parse(BreadRepo.find().parent_model)  # the bake's model, now the parent
+    store = open_store()
+    prefix = bake_prefix(model.owner, model.repo, model.bake_id)
+    result = store.get_json(f"{prefix}/{BAKE_RESULT}")
+    (target_id,) = result["examples"]  # examples counted by target: this bake's one target
+    rollout = store.get_json(f"{target_prefix(model.owner, model.repo, target_id)}/{ROLLOUT_MANIFEST}")
+    step_tokens_per_s = statistics.median(entry["tokens_per_s"] for entry in read_metrics_log(store, prefix))
+    return Version(label, str(model), seconds, rollout, result, step_tokens_per_s)
+
+
+def print_cost(versions: list[Version]) -> None:
+    print("Cost: wall seconds of each stage, and throughput (tokens per second)")
+    print(f"{'':4}{'stim':>7}{'rollout':>9}{'bake':>8}{'steps':>7}{'rollout tok/s':>15}{'bake tok/s':>12}")
+    for version in versions:
+        s = version.seconds
+        print(f"{version.label:4}{s['stim']:7.1f}{s['rollout']:9.1f}{s['bake']:8.1f}{version.bake['steps']:7}"
+              f"{version.rollout['tokens'] / s['rollout']:15.1f}{version.step_tokens_per_s:12.1f}")
+    print("  rollout: tokens generated over the stage's wall time; bake: tokens through the model (teacher and "
+          "student contexts) per second of a training step, median over the steps", flush=True)
 
 
 def free_port() -> int:
@@ -53,7 +173,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run(folder: Path) -> None:
+def run(recipe: Recipe, base_model: Callable[[], str], folder: Path) -> None:
     started = time.perf_counter()
     if folder.exists():
         shutil.rmtree(folder)  # the demo's own folder: each run starts clean
@@ -65,76 +185,88 @@ def run(folder: Path) -> None:
     def say(step: int, text: str) -> None:
         print(f"\n[{step}/{steps}] {text}  ({time.perf_counter() - started:.0f}s)", flush=True)
 
-    def command(*args: str) -> None:
-        print(f"$ bgit {' '.join(args)}", flush=True)
-        if bgit(list(args)) != 0:
-            raise SystemExit(f"demo: `bgit {' '.join(args)}` failed")
-
-    say(1, "A tiny local model whose system prompt sets its style (built once, about two minutes, then cached)")
-    base = prompt_sensitive_model()
-    command("init", str(folder / "persona"), "--base-model", str(base), "--owner", "demo")
+    say(1, "The base model, and local Ray")
+    base = base_model()
+    command("init", str(folder / "persona"), "--base-model", base, "--owner", "demo")
     os.chdir(folder / "persona")
+    ray_cluster.connect("local")  # once, for every stage and the chat service: the stages' times are their own
 
-    # v2's teacher prompt asks for both traits: this tiny model was only ever pre-trained with its
-    # style set by the system prompt, so any system prompt overrides v1's baked-in default.
-    # v1's loss falls in a jump after a plateau (near step 14-18 of its 33 for models of seeds 0-2),
-    # hence its 4 epochs; v2 only adds an ending to v1's style and needs fewer. A higher learning
-    # rate shortens v1's plateau but makes v1 ignore a system prompt's sign-off: v2's teacher then
-    # has nothing to teach.
-    versions = {"base": str(base)}
-    for step, name, traits, epochs in ((2, "pirate", ("pirate",), 4), (3, "signoff", ("pirate", "signoff"), 3)):
-        parent = "the base model" if step == 2 else "v1"
-        say(step, f"v{step - 1}: baking {persona_prompt(*traits)!r} into {parent}")
-        Path("input.yml").write_text(input_yml(name, traits, TRAIN_QUESTIONS, traj=2, epochs=epochs))
-        command("add", "input.yml")
-        command("commit", "-q", "-m", f"Bake v{step - 1}: {name}")
-        command("run", "stim", "rollout", "bake")
-        versions[f"v{step - 1}"] = BreadRepo.find().parent_model  # the bake's model, now the parent
+    versions = []
+    for version, parent in enumerate(("the base model", "v1")):
+        say(2 + version, f"v{version + 1}: baking {recipe.prompts[version]!r} into {parent}")
+        versions.append(bake_version(recipe, version))
+        print(f"v{version + 1}: held-out KL fraction (baked model / parent) {versions[-1].kl_fraction:.3f}")
 
     say(4, "The lineage")
     command("tree")
 
-    say(5, "The chat service: the same question, no prompt, to the base, v1 and v2")
-    ask_each_version(versions)
+    say(5, f"The chat service: {len(recipe.asked)} held-out question(s), no prompt, to the base, v1 and v2")
+    ask_each_version(recipe, {"base": base, **{version.label: version.model for version in versions}})
+    print()
+    print_cost(versions)
     print(f"\nDemo finished in {time.perf_counter() - started:.0f}s. Repository: {folder / 'persona'}", flush=True)
 
 
-def ask_each_version(versions: dict[str, str]) -> None:
-    """Start the chat service on local Ray, ask every version `ASKED` greedily through the OpenAI
-    client, print the answers with their style scores, and shut the service down."""
+def ask_each_version(recipe: Recipe, models: dict[str, str]) -> None:
+    """Start the chat service on local Ray, ask every version the recipe's held-out questions
+    greedily through the OpenAI client, print the answers and the fraction of them that show each
+    trait, and shut the service down."""
     import ray
     from ray import serve
 
-    from bread_ray import ray_cluster
     from bread_ray.chat import Conversation, ask, connect
     from bread_ray.serving import APP_NAME, ServeSettings, chat_app
 
     repo = BreadRepo.find()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    ray_cluster.connect("local")  # the bakes' local cluster, or a new one
+    ray_cluster.connect("local")  # the bakes' cluster (Serve's loggers quieted, now it is imported)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         settings = ServeSettings(base_model=repo.base_model, store=os.environ["BREAD_STORE"],
                                  repositories=[f"{repo.owner}/{repo.name}"])
         serve.run(chat_app(settings), name=APP_NAME, route_prefix="/")
         client = connect(url, api_key=None)
-        print(f"Serving at {url}/v1. Question: {ASKED!r}\n")
-        print(f"{'':6}{'pirate':>7}{'signoff':>8}  answer (greedy, no system prompt)")
-        for label, model in versions.items():
-            answer = ask(client, url, Conversation(model=model), ASKED, lambda _: None,
-                         {"temperature": 0, "max_tokens": 40})
-            scores = [trait_score(answer, trait) for trait in ("pirate", "signoff")]
-            print(f"{label:6}{scores[0]:7.2f}{scores[1]:8.2f}  {answer!r}", flush=True)
+        print(f"Serving at {url}/v1 (greedy answers of at most {recipe.answer_tokens} tokens)", flush=True)
+        answers: dict[str, list[str]] = {label: [] for label in models}
+        for question in recipe.asked:
+            print(f"\n{question}", flush=True)
+            for label, model in models.items():
+                answer = ask(client, url, Conversation(model=model), question, lambda _: None,
+                             {"temperature": 0, "max_tokens": recipe.answer_tokens})
+                answers[label].append(answer)
+                print(f"  {label:4} {answer[:160]!r}", flush=True)
     finally:
         ray.shutdown()  # the demo's local cluster ends, Serve with it
+    print(f"\nThe fraction of answers that show each trait, of those that loop (greedy decoding's \"aye, aye, "
+          f"aye, ...\", whatever their traits), and the answer to {recipe.asked[0]!r}:")
+    print(f"{'':6}" + "".join(f"{column:>8}" for column in (*recipe.traits, "loops")))
+    for label, texts in answers.items():
+        rates = [sum(recipe.score(text, trait) for text in texts) / len(texts) for trait in recipe.traits]
+        rates.append(sum(map(behaviours.repeats_itself, texts)) / len(texts))
+        print(f"{label:6}" + "".join(f"{rate:8.2f}" for rate in rates) + f"  {texts[0]!r}", flush=True)
+
+
+def smollm2_base() -> str:
+    resolve_model_source(SMOLLM2)  # converts the packaged GGUF on first use, with progress, then cached
+    return SMOLLM2
+
+
+def tiny_base() -> str:
+    print("A tiny local model whose system prompt sets its style (built once, about two minutes, then cached)")
+    return str(prompt_sensitive_model())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bread_ray.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default="demo", help="folder for the demo's repository and store (recreated)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="bake the synthetic tiny model instead of SmolLM2-135M-Instruct (about 3 minutes)")
     args = parser.parse_args(argv)
-    run(Path(args.dir).resolve())
+    if args.tiny:
+        run(tiny_recipe(), tiny_base, Path(args.dir).resolve())
+    else:
+        run(SMOLLM2_RECIPE, smollm2_base, Path(args.dir).resolve())
     return 0
 
 

@@ -36,9 +36,11 @@ class ClusterUnreachable(UserError):
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, announce=print) -> bool:
     """Join the cluster at `address` (default: $RAY_ADDRESS), or start a local one when neither is
-    set; nothing when this process is connected already. `num_cpus` sizes a local cluster.
+    set; nothing but quieting the loggers of Ray libraries imported since (Ray Serve's) when this
+    process is connected already. `num_cpus` sizes a local cluster.
     Returns whether it started a local cluster, which then ends with this process."""
     if ray.is_initialized():
+        keep_ray_logs_in_files()
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "local":

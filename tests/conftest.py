@@ -1,8 +1,10 @@
 import shutil
 import uuid
+from pathlib import Path
 
 import pytest
 
+from bread_ray.model_sources import resolve_model_source
 from bread_ray.store import S3Store
 
 from s3_server import swift_s3_server
@@ -54,3 +56,10 @@ def prompt_sensitive_base():
     from bread_ray.prompt_sensitive import prompt_sensitive_model
 
     return prompt_sensitive_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder():
+    """The packaged SmolLM2-135M-Instruct converted into the machine's model cache (a Path): about
+    15 s the first time on this machine, then a cache hit."""
+    return Path(resolve_model_source("smollm2-135m-instruct"))

@@ -130,7 +130,7 @@ def test_learning_rate_warms_up_then_decays(kind, expected_end):
 # ---- real bakes ---------------------------------------------------------------------------------
 
 def make_job(tokenizer, model_dir: Path, store: LocalStore, name: str, **fields):
-    from bread_ray.bake.worker import BakeJob
+    from bread_ray.bake.job import BakeJob
 
     bake = resolve_bake(bake_config(name, **fields), {"t_1": 1.0}, str(model_dir))
     data = build_bake_data({"t_1": trajectories(12)}, {"t_1": 1.0}, tokenizer, bake.spec)

@@ -128,13 +128,6 @@ def cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache"
 
 
-@pytest.fixture(scope="session")
-def smollm2_folder() -> Path:
-    """The packaged SmolLM2 converted into the machine's model cache: about 15 s the first time on
-    this machine, then a cache hit."""
-    return Path(resolve_model_source(SHORT_NAME))
-
-
 # --- Conversion and the cache (the tiny GGUF) ---
 
 def test_the_converted_folder_is_the_model_transformers_loads_from_the_gguf(tiny_gguf, cache):

@@ -16,16 +16,14 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
+from bread_ray.bake.job import BakeJob, WorkerSession
 from bread_ray.config import ResolvedBake
 from bread_ray.config_errors import Problem
 from bread_ray.preflight import bake_model_problems
 from bread_ray.stage import Run, Stage
 from bread_ray.store import BAKE_RESULT, ROLLOUT_MANIFEST, Store, open_store, read_metrics_log, target_prefix
-
-if TYPE_CHECKING:
-    from bread_ray.bake.worker import BakeJob, WorkerSession
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,6 @@ class Bake(Stage):
 def prepare_job(bake: ResolvedBake, *, owner: str, repo: str, store: Store, commit: str | None = None) -> BakeJob:
     """Read the rollouts of BAKE.datasets from the store and lay out the training data (driver side)."""
     from bread_ray.bake.data import build_bake_data
-    from bread_ray.bake.worker import BakeJob
     from bread_ray.models import lineage_chain, load_tokenizer
     from bread_ray.trajectories import read_rollout
 
@@ -118,7 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from bread_ray.bake.worker import WorkerSession, bake_worker
+    from bread_ray.bake.worker import bake_worker  # DeepSpeed: in the worker's process only
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn that it guessed
@@ -207,7 +204,7 @@ def run_standalone(job: BakeJob) -> dict[str, Any] | None:
     Returns its result.json on rank 0."""
     import torch
 
-    from bread_ray.bake.worker import WorkerSession, bake_worker
+    from bread_ray.bake.worker import bake_worker  # DeepSpeed: in the worker's process only
 
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")

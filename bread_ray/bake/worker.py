@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import math
 import shutil
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import deepspeed
 import torch
@@ -33,68 +32,18 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from transformers import AutoConfig
 from transformers.integrations import HfDeepSpeedConfig
 
-from bread_ray.bake.data import BakeData, Batch, collate, optimizer_steps, rank_slice
+from bread_ray.bake.data import Batch, collate, optimizer_steps, rank_slice
 from bread_ray.bake.deepspeed import build_optimizer, build_scheduler, deepspeed_config
+from bread_ray.bake.job import BakeJob, WorkerSession
 from bread_ray.bake.loss import chunked_kl
-from bread_ray.config import ResolvedBake
 from bread_ray.lineage import check_foldable, lora_deltas, read_adapter
 from bread_ray.model_sources import resolve_model_source
 from bread_ray.models import download_folded_adapter, load_causal_lm
-from bread_ray.store import BAKE_RESULT, Store, bake_prefix, open_store, read_metrics_log, write_metrics_log
+from bread_ray.store import BAKE_RESULT, Store, open_store, read_metrics_log, write_metrics_log
 
 STATE_TAG = "state"  # DeepSpeed's tag for the training state inside a checkpoint
 ADAPTER_FOLDER = "adapter"  # the gathered LoRA adapter inside a checkpoint
 LOG_EVERY_S = 2.0  # rank 0 rewrites the metrics log in the store at most this often between checkpoints
-
-
-@dataclass
-class BakeJob:
-    """Everything a bake worker needs; it travels to the Ray Train workers (it pickles)."""
-
-    bake: ResolvedBake  # BAKE as validated (`bake.spec`), its id, hash and recorded config
-    owner: str
-    repo: str
-    base_model: str  # the parent itself when the parent is a base model
-    store_uri: str
-    data: BakeData
-    commit: str | None = None  # the git commit whose input.yml this bake trains
-    kl_chunk_tokens: int = 1024
-
-    @property
-    def parent_lineage_model(self) -> str | None:
-        """The parent as a lineage model name, or None when the parent is the base model."""
-        return None if self.bake.parent_model == self.base_model else self.bake.parent_model
-
-    @property
-    def prefix(self) -> str:
-        return bake_prefix(self.owner, self.repo, self.bake.id)
-
-    def model_name(self, step: int) -> str:
-        return f"{self.owner}/{self.repo}/{self.bake.id}/{step}"
-
-    def checkpoint_steps(self, total_steps: int) -> set[int]:
-        """Steps after which the training state is checkpointed and the adapter published."""
-        steps = set()
-        for checkpoint in self.bake.spec.checkpoint:
-            if checkpoint.save_every_n_steps:
-                steps.update(range(checkpoint.save_every_n_steps, total_steps + 1, checkpoint.save_every_n_steps))
-        return steps
-
-
-@dataclass
-class WorkerSession:
-    """How a worker talks to whatever runs it: Ray Train, or nothing (one process / torchrun).
-
-    `report(metrics, checkpoint_dir)` is called by every rank at every checkpoint step (progress
-    goes to the store's metrics log instead); `restored` is the checkpoint folder to resume from;
-    `after_step(step, rank, session)`, if given, runs after every optimizer step (tests inject
-    faults there).
-    """
-
-    report: Callable[[dict[str, Any], str], None] = lambda metrics, checkpoint_dir: None
-    restored: Path | None = None
-    node: str = field(default_factory=socket.gethostname)  # where this worker runs: Ray's node id under Ray
-    after_step: Callable[[int, int, WorkerSession], None] | None = None
 
 
 @dataclass
