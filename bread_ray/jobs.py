@@ -40,6 +40,7 @@ from bread_ray.store import LocalStore, Store, open_store
 JOB_RECORD = "bread-job.json"
 TERMINAL_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_S = 60  # how long a just-started head may take to accept jobs
+JOBS_API_TIMEOUT_S = 10  # how long a Jobs API address may take to answer before bgit gives up
 # What travels to the job from this environment, where set: the store's settings (the same store,
 # seen from the cluster) and the question generator's API. On AWS, prefer the nodes' instance
 # profile to sending keys: unset AWS_ACCESS_KEY_ID here and the job uses the profile.
@@ -81,9 +82,18 @@ def cluster_address(address: str | None) -> str:
 
 def job_client(address: str):
     """A JobSubmissionClient for `address`, sending Ray's token when this machine has one (see
-    bread_ray/__init__.py: the token mode is chosen before ray is imported)."""
+    bread_ray/__init__.py: the token mode is chosen before ray is imported). The address must
+    answer HTTP within JOBS_API_TIMEOUT_S first: Ray's client itself waits for ever."""
+    import httpx
     from ray.job_submission import JobSubmissionClient
 
+    try:
+        httpx.get(f"{address}/api/version", timeout=JOBS_API_TIMEOUT_S)
+    except httpx.TimeoutException:
+        raise RepoError(f"no Ray cluster's Jobs API answers at {address}: it accepts connections but did not answer "
+                        f"within {JOBS_API_TIMEOUT_S:g} s; is it the head's dashboard (http://HEAD:8265)?") from None
+    except httpx.HTTPError:
+        pass  # refused, or not HTTP: Ray's client says which, below
     try:
         return JobSubmissionClient(address)
     except Exception as error:  # ConnectionError, or the cluster refusing us

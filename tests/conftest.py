@@ -1,4 +1,6 @@
 import shutil
+import socket
+import threading
 import uuid
 from pathlib import Path
 
@@ -63,3 +65,26 @@ def smollm2_folder():
     """The packaged SmolLM2-135M-Instruct converted into the machine's model cache (a Path): about
     15 s the first time on this machine, then a cache hit."""
     return Path(resolve_model_source("smollm2-135m-instruct"))
+
+
+@pytest.fixture
+def silent_endpoint():
+    """http://127.0.0.1:PORT of a server that accepts connections, reads nothing, answers nothing."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []  # accepted connections stay open, unanswered, until the test ends
+
+    def accept_forever():
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:  # the listener was shut down: the test is over
+                return
+
+    thread = threading.Thread(target=accept_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(), which close() alone does not
+    listener.close()
+    thread.join()
+    for connection in held:
+        connection.close()

@@ -7,6 +7,7 @@ what a fresh process does."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bread_ray.jobs import JOB_RECORD, JOBS_API_TIMEOUT_S
 from bread_ray.repo import BreadRepo
 from bread_ray.tiny import build_tiny_model
 
@@ -107,6 +109,33 @@ def test_a_head_that_accepts_connections_but_never_answers_is_given_up_on(repo, 
     line = one_line_error(done)
     assert f"no Ray cluster at 127.0.0.1:{port}: it accepts connections but does not answer" in line, line
     assert accepted and not (tmp_path / "store").exists()
+
+
+def test_a_jobs_api_that_accepts_connections_but_never_answers_is_given_up_on(repo, tmp_path, silent_endpoint):
+    """run --detach, and status / logs / fetch of a job recorded at that address: one line each, in
+    about JOBS_API_TIMEOUT_S, where Ray's client alone would wait for ever."""
+    env = user_env(BREAD_STORE=str(tmp_path / "store"), RAY_ADDRESS=silent_endpoint)
+    record = {"submission_id": "bgit-pirate-0123abcd", "address": silent_endpoint, "stages": ["stim"],
+              "head": repo.git("rev-parse", "HEAD").strip(), "store": str(tmp_path / "store"),
+              "submitted_at": "2026-12-01T00:00:00+00:00"}
+    with_record = repo.root / "with-record"
+    subprocess.run(["git", "clone", "-q", str(repo.root), str(with_record)], check=True)
+    (with_record / ".git" / JOB_RECORD).write_text(json.dumps(record))
+    commands = [(repo.root, ("run", "stim", "--detach")), *((with_record, (command,)) for command in
+                                                               ("status", "logs", "fetch"))]
+    running = [subprocess.Popen([sys.executable, "-m", "bread_ray.cli", *args], cwd=cwd, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for cwd, args in commands]
+    given_up = (f"no Ray cluster's Jobs API answers at {silent_endpoint}: it accepts connections but did not "
+                f"answer within {JOBS_API_TIMEOUT_S} s")
+    for process, (_, args) in zip(running, commands):
+        stdout, stderr = process.communicate(timeout=120)
+        if args == ("status",):  # the rest of the status stands; the job's line says why its state is unknown
+            assert process.returncode == 0 and stderr == "", stderr
+            assert f"Detached run: job bgit-pirate-0123abcd on {silent_endpoint} (stim), unknown: {given_up}" in stdout
+        else:
+            line = one_line_error(subprocess.CompletedProcess(args, process.returncode, stdout, stderr))
+            assert given_up in line, (args, line)
+    assert not (tmp_path / "store").exists() and not (repo.root / ".git" / JOB_RECORD).exists()
 
 
 def test_a_dashboard_address_is_for_detached_runs(repo, tmp_path):

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import uuid
 
 import pytest
@@ -46,29 +44,6 @@ def use_endpoint(monkeypatch, endpoint_url: str, secret_key: str = "testing") ->
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test:tester")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret_key)
-
-
-@pytest.fixture
-def silent_endpoint():
-    """http://127.0.0.1:PORT of a server that accepts connections, reads nothing, answers nothing."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    held = []  # accepted connections stay open, unanswered, until the test ends
-
-    def accept_forever():
-        while True:
-            try:
-                held.append(listener.accept()[0])
-            except OSError:  # the listener was shut down: the test is over
-                return
-
-    thread = threading.Thread(target=accept_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(), which close() alone does not
-    listener.close()
-    thread.join()
-    for connection in held:
-        connection.close()
 
 
 def one_line_error(error: pytest.ExceptionInfo, uri: str, *phrases: str) -> str:
