@@ -308,6 +308,7 @@ COMMANDS = {
     "download": ["download", "alice/yoda/b1/1", "{tmp}/downloaded"],
     "metrics": ["metrics", "some_bake"],
     "run": ["run", "stim", "--no-progress"],  # must fail before it starts Ray
+    "serve": ["serve", "--port", "{port}"],  # the same: before Ray and Serve start
 }
 
 
@@ -323,7 +324,7 @@ def test_commands_with_a_broken_store(case, command, bgit_repo, request, monkeyp
     monkeypatch.chdir(bgit_repo.root)
     around = sorted(tmp_path.rglob("*"))
     before = repo_state(bgit_repo)
-    code = main([arg.format(tmp=tmp_path) for arg in COMMANDS[command]])
+    code = main([arg.format(tmp=tmp_path, port=free_port()) for arg in COMMANDS[command]])
     out, err = capsys.readouterr()
     if command == "status":  # status reports the store's problem with the rest, and goes on
         assert code == 0 and err == ""
