@@ -67,6 +67,10 @@ MISTAKES = {
         input_yml(target={"max_tokens": 4096}),
         "max_tokens:", "TARGET.max_tokens: 4096 tokens after the teacher prompt's",
     ),
+    "a teacher that is not a model": (
+        input_yml(target={"model_name": "./no-such-teacher"}),
+        "model_name:", "TARGET.model_name: the teacher ./no-such-teacher: ",
+    ),
     "an Anthropic question writer without ANTHROPIC_API_KEY": (
         input_yml(target={"generators": [{"type": "oneshot_qs", "numq": 3}]}),
         "type: oneshot_qs", "TARGET.generators[0].model: 'claude-sonnet-4-5-20250929' is an Anthropic model and ANTHROPIC_API_KEY is not set",
@@ -114,6 +118,9 @@ def test_a_base_model_that_is_gone_is_one_line_for_run_and_said_by_status(repo, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the base model (.bread [RECIPE] base_model) is not a model" in err
     assert "does not exist" in err and not (tmp_path / "store").exists()
+    assert main(["validate"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the base model (.bread [RECIPE] base_model) is not a model" in err, err
     assert main(["status"]) == 0
     out = capsys.readouterr().out
     assert "Base model: not a model: " in out and "to run" not in out.replace("cannot run", "")
