@@ -36,8 +36,8 @@ def single_process_rollout(target, stimuli: list[str], shard_size: int) -> tuple
     started = time.monotonic()
     model, tokenizer = load_teacher(target.config["model_name"], LocalStore(tempfile.mkdtemp()))
     sampling = sampling_settings(target)
-    traj = target.config["num_traj_per_stimulus"]
-    teacher = target.teacher.content["messages"]
+    traj = target.spec.num_traj_per_stimulus
+    teacher = target.teacher.messages
     responses = []
     for shard in plan_shards(stimuli, shard_size):
         shard_stimuli = stimuli[shard["start"]:shard["start"] + shard_size]

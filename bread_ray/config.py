@@ -123,9 +123,19 @@ def split_resource_id(resource_id: str) -> str:
 
 @dataclass(frozen=True)
 class ResolvedPrompt:
+    """A prompt as the stages use it: chat messages and tools in the OpenAI format, named by hash."""
+
     name: str  # prompt_<hash16>
     hash: str
-    content: dict[str, Any]  # {"messages": [...], "tools": [...]}
+    content: dict[str, Any]  # {"messages": [...], "tools": [...]}: what is hashed and recorded
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return self.content["messages"]
+
+    @property
+    def tools(self) -> list[dict[str, Any]]:
+        return self.content["tools"]
 
 
 @dataclass(frozen=True)
@@ -271,8 +281,8 @@ def resolve(
     warnings: dict[Path_, Problem] = {}
     for index, (target, resolved_target) in enumerate(zip(config.TARGET, targets)):
         where = ("TARGET", index, "prompt", "teacher") if target.prompt else ("PROMPT", "teacher")
-        teacher = resolved_target.teacher.content
-        if not teacher["tools"] and not any(message["content"].strip() for message in teacher["messages"]):
+        teacher = resolved_target.teacher
+        if not teacher.tools and not any(message["content"].strip() for message in teacher.messages):
             warnings[where] = Problem(where, "warning: the teacher prompt is empty: the bake has nothing to bake in")
         elif resolved_target.teacher.name == resolved_target.student.name:
             warnings[where] = Problem(where, "warning: the teacher prompt is the student prompt: the bake has "

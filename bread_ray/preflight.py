@@ -14,7 +14,7 @@ headers. No torch, no Ray, no model is loaded.
 from __future__ import annotations
 
 from bread_ray.chat_format import encode_chat
-from bread_ray.config import ResolvedBake, ResolvedTarget
+from bread_ray.config import ResolvedBake, ResolvedPrompt, ResolvedTarget
 from bread_ray.config_errors import Problem
 from bread_ray.lineage import InvalidModelName, ModelName
 from bread_ray.model_sources import ModelFiles, ModelNotFoundError, read_model_files
@@ -75,7 +75,7 @@ def teacher_problems(index: int, target: ResolvedTarget, models: ModelReader) ->
         return [Problem(("TARGET", index, "model_name"), f"the teacher {teacher}: {files}")]
     if files is None or not files.context_length or not files.tokenizer:
         return []
-    prompt, max_tokens = prompt_tokens(files, target.teacher.content), target.spec.max_tokens
+    prompt, max_tokens = prompt_tokens(files, target.teacher), target.spec.max_tokens
     if prompt + max_tokens > files.context_length:
         return [Problem(("TARGET", index, "max_tokens"), (
             f"{max_tokens} tokens after the teacher prompt's {prompt} exceed the context of {teacher} "
@@ -104,7 +104,7 @@ def bake_model_problems(bake: ResolvedBake, targets: tuple[ResolvedTarget, ...],
     if files.tokenizer:
         baked_here = [target for target in targets if target.id in dict(bake.datasets)]
         for target in baked_here:
-            prompt = max(prompt_tokens(files, target.teacher.content), prompt_tokens(files, target.student.content))
+            prompt = max(prompt_tokens(files, target.teacher), prompt_tokens(files, target.student))
             if prompt >= max_length:
                 problems.append(Problem(("BAKE", "data", "max_length"), (
                     f"{max_length} tokens leave no room for a response: the prompt of target {target.name} is "
@@ -112,7 +112,7 @@ def bake_model_problems(bake: ResolvedBake, targets: tuple[ResolvedTarget, ...],
     return problems
 
 
-def prompt_tokens(files: ModelFiles, prompt: dict) -> int:
-    """Tokens of a prompt ({messages, tools}) with an empty question, as the stages encode it."""
-    messages = [*prompt["messages"], {"role": "user", "content": ""}]
-    return len(encode_chat(files.tokenizer, messages, prompt.get("tools") or None))
+def prompt_tokens(files: ModelFiles, prompt: ResolvedPrompt) -> int:
+    """Tokens of a prompt with an empty question, as the stages encode it."""
+    messages = [*prompt.messages, {"role": "user", "content": ""}]
+    return len(encode_chat(files.tokenizer, messages, prompt.tools or None))

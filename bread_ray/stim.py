@@ -342,8 +342,8 @@ def sample_dataset(generator: Any, base_dir: Path, *, where: Path_) -> list[str]
 
 def render_teacher_prompt(target: ResolvedTarget) -> str:
     """The teacher prompt as text for ${prompt_u}: one `role: content` line per message."""
-    lines = [f"{m['role']}: {m['content']}" for m in target.teacher.content["messages"]]
-    tools = [tool["function"]["name"] for tool in target.teacher.content["tools"]]
+    lines = [f"{m['role']}: {m['content']}" for m in target.teacher.messages]
+    tools = [tool["function"]["name"] for tool in target.teacher.tools]
     return "\n".join(lines + ([f"tools: {', '.join(tools)}"] if tools else []))
 
 

@@ -113,9 +113,9 @@ class TeacherSampler:
 
     def teacher_prompt(self, stimulus: str) -> list[int]:
         """Token ids of the teacher prompt + the user turn, ready for the assistant to answer."""
-        teacher = self.target.teacher.content
-        messages = [*teacher["messages"], {"role": "user", "content": stimulus}]
-        return encode_chat(self.tokenizer, messages, teacher["tools"] or None, add_generation_prompt=True)
+        teacher = self.target.teacher
+        messages = [*teacher.messages, {"role": "user", "content": stimulus}]
+        return encode_chat(self.tokenizer, messages, teacher.tools or None, add_generation_prompt=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[int]]:
         shard_index, start = int(batch["shard_index"][0]), int(batch["start"][0])
