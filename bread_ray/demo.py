@@ -83,6 +83,7 @@ class Recipe:
 
 
 def smollm2_score(answer: str, trait: str) -> float:
+    """1.0 when the answer shows the trait (bread_ray.behaviours.shows_trait: plain rules on the text), else 0.0."""
     return float(behaviours.shows_trait(answer, trait))
 
 
