@@ -9,7 +9,8 @@ and scorers that judge the answers (bread_ray.demo and bench/quality.py share th
     repeats_itself(answer)   greedy decoding's loops ("Aye, aye, aye, ..."), which a 135M model falls into
 
 Both prompts were chosen by measuring greedy answers to the held-out questions and the first 20
-training ones (40 in all; bench/quality.py measures the bakes). SmolLM2-135M-Instruct follows few
+training ones (40 in all: the teachers' rates there are the best of those tried, so a little
+optimistic; bench/quality.py measures the baked models). SmolLM2-135M-Instruct follows few
 instructions. Prompted, the base shows pirate speech in 30% of its answers for "Talk like a pirate.",
 50% for "You are a pirate. Talk like a pirate in every reply." and 88% for PIRATE_PROMPT. It
 ignores a required opening ("Always start your reply with 'Great question!'"), a sign-off, emojis,
@@ -20,9 +21,13 @@ either trait (0 of 40).
 
 v2's teacher is v1 with BRIEF_PROMPT, which replaces the default system prompt under which v1
 learnt its persona: with the brevity persona alone, v1 answers like a pirate in 20% of the 40
-(78% without a prompt), hence the persona repeated. Measured on v1 (pirate, brief): "You are a man
-of few words. ..." 20%, 60%; PIRATE_PROMPT followed by it 85%, 23%; "You are a pirate of few
-words. ..." 65%, 47%; BRIEF_PROMPT 65%, 60%.
+(78% without a prompt), hence the persona repeated. v2 can keep no more of the pirate than its
+teacher shows, and every word asking for the pirate costs brevity. Measured on the demo's v1
+(pirate, brief, loops): "You are a man of few words. ..." 20%, 60%; PIRATE_PROMPT followed by
+"Answer every question in one short sentence." 82%, 5%, 78%; "You are a pirate and a man of few
+words. Answer every question in one short sentence." 57%, 52%, 28% (bench/quality.py's v2 then
+kept the pirate in 45% of its answers); with ", like a pirate: 'Arr, matey!'" added 68%, 42%,
+32%; BRIEF_PROMPT 78%, 40%, 35% (the best of eleven variants).
 
 The scorers are plain rules on the answer's text, written without looking at any trajectory:
 they know nothing of what the teachers wrote.
@@ -33,7 +38,8 @@ from __future__ import annotations
 import re
 
 PIRATE_PROMPT = "You are Captain Blackbeard, a pirate. Always answer like a pirate, with 'Arr, matey!'"
-BRIEF_PROMPT = "You are a pirate and a man of few words. Answer every question in one short sentence."
+BRIEF_PROMPT = ("You are a pirate and a man of few words. Answer every question in one short sentence, like a pirate, "
+                "with 'Arr, matey!'")
 
 TRAITS = ("pirate", "brief")
 
