@@ -57,11 +57,11 @@ def trait_rates(out: str) -> dict[str, tuple[float, float]]:
 def test_the_main_demo_bakes_smollm2_into_a_pirate_then_brief(tmp_path, smollm2_folder):
     out = run_demo(tmp_path / "demo").stdout
     kls = held_out_kls(out)
-    # Measured here: 6.8x and 3.4x lower (fractions 0.147 and 0.291)
+    # Measured here: 6.8x and 3.4x lower (fractions 0.147 and 0.298)
     assert kls[0][1] < kls[0][0] / 4 and kls[1][1] < kls[1][0] / 2, kls
     assert re.search(r"└── demo/persona/pirate_bake_\w+/\d+ .*\n\s+└── demo/persona/brief_bake_\w+/\d+", out), out
     rates = trait_rates(out)  # (pirate, brief) over 10 held-out questions
-    # Measured here: base 0.0 and 0.0, v1 0.8 and 0.0, v2 0.7 and 0.2
+    # Measured here: base 0.0 and 0.0, v1 0.8 and 0.0, v2 0.7 and 0.3
     assert rates["base"][0] <= 0.1 and rates["v1"][0] >= 0.6 and rates["v2"][0] >= 0.5, rates
     assert rates["v2"][1] >= 0.1 and rates["v2"][1] > rates["v1"][1], rates
     assert re.search(r"^v1 +[\d.]+ +[\d.]+ +[\d.]+ +43 +[\d.]+ +[\d.]+$", out, re.M), out  # the cost of each stage
