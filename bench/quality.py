@@ -1,7 +1,7 @@
 """Quality of the real-model recipe: SmolLM2-135M-Instruct baked twice through bgit, then judged on
 held-out questions that no bake trained on.
 
-    .venv/bin/python bench/quality.py              # about 25 minutes on a 2-core machine
+    .venv/bin/python bench/quality.py              # about 17 minutes on a 2-core machine
     .venv/bin/python bench/quality.py --seed 7     # another rollout and bake seed
 
 In a temporary folder, exactly as a user would: `bgit init --base-model smollm2-135m-instruct`, then
@@ -185,7 +185,7 @@ def run(recipe: Recipe, folder: Path) -> tuple[list[Version], Measures, dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=BENCH.seed, help="the rollouts' and bakes' seed")
     args = parser.parse_args(argv)
     recipe = dataclasses.replace(BENCH, seed=args.seed)

@@ -60,3 +60,19 @@ def test_download_and_tiny_model_refuse_a_folder_that_holds_files(tmp_path, caps
     assert main(["tiny-model", str(tmp_path / "mine.txt")]) == 1
     assert "holds files already" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+@pytest.mark.parametrize("kind", ["a folder with other files", "a file"])
+def test_the_demo_never_deletes_a_folder_it_did_not_make(kind, tmp_path):
+    from bread_ray import demo
+
+    target = tmp_path / "mine"
+    if kind == "a file":
+        target.write_text("precious")
+    else:
+        target.mkdir()
+        (target / "notes.txt").write_text("precious")
+    with pytest.raises(SystemExit) as refused:
+        demo.main(["--dir", str(target)])
+    assert str(target) in str(refused.value) and "give a new folder with --dir" in str(refused.value)
+    assert (target.read_text() if kind == "a file" else (target / "notes.txt").read_text()) == "precious"
