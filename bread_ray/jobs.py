@@ -193,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repo", default=".", help="the bgit repository (default: the working dir)")
     args = parser.parse_args(argv)
     repo, store = BreadRepo.find(Path(args.repo)), open_store()
+    # The repository is Ray's copy of the job's working dir, which Ray unpacks afresh (at the same
+    # path) when the job joins the cluster: work from its parent, by the repository's absolute path,
+    # so that this process's working folder never vanishes under it (torch and transformers read it).
+    os.chdir(repo.root.parent)
     print(f"bgit job: {' '.join(args.stages)} for {repo.owner}/{repo.name} at "
           f"{repo.git('rev-parse', 'HEAD').strip()[:12]}, store {store.uri}", flush=True)
     result = run(repo, args.stages, store=store, progress=False, workers=args.workers, commit=False)
