@@ -39,6 +39,7 @@ import torch
 
 from bread_ray import ray_cluster
 from bread_ray.behaviours import HELD_OUT_QUESTIONS, TRAIN_QUESTIONS, TRAITS, repeats_itself, trait_rate
+from bread_ray.chat_format import encode_chat
 from bread_ray.demo import SMOLLM2, SMOLLM2_RECIPE, Recipe, Version, bake_version, command, print_cost
 from bread_ray.models import cut_at_eos, eos_token_ids, load_teacher
 from bread_ray.store import open_store
@@ -55,8 +56,7 @@ EVAL_SAMPLES_PER_QUESTION = 2  # teacher answers per held-out question for the K
 def chat_ids(tokenizer, system: str | None, question: str) -> list[int]:
     """The chat as the model sees it, ready for its answer; no system prompt: the template's default."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
+    return encode_chat(tokenizer, messages)  # as the stages encode a chat
 
 
 def generate(model, tokenizer, prompts: list[list[int]], *, sample: bool, max_tokens: int) -> list[list[int]]:

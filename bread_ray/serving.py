@@ -340,14 +340,12 @@ def run_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 800
             raise ValueError(f"cannot serve on {host}:{port}: {(error.strerror or str(error)).lower()}: "
                              "choose another --port") from None
     # The store is read here first, so that a misconfigured one fails in one line before Ray starts
-    catalog = ModelCatalog(settings.base_model, open_store(settings.store), settings.repositories)
-    catalog.model_names()
+    names = ModelCatalog(settings.base_model, open_store(settings.store), settings.repositories).model_names()
     local = ray_cluster.connect(announce=announce)
     signal.signal(signal.SIGTERM, interrupt)  # after ray.init, which sets its own: `kill` stops as Ctrl-C does
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(chat_app(settings, num_replicas=num_replicas), name=APP_NAME, route_prefix="/")
-        names = catalog.model_names()
         announce(f"Serving {len(names)} models at http://{host}:{port}/v1 (OpenAI-compatible); Ctrl-C to stop.")
         for name in names:
             announce(f"  {name}")
