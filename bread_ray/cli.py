@@ -9,8 +9,9 @@
     bgit stim [--limit N|--count]  show the stimuli
     bgit rollout [--limit N|...]   show the trajectories
     bgit status                    branch, parent model, input.yml, and what `bgit run` would do
-    bgit tree                      the lineage of models across all branches
+    bgit tree                      the lineage of models across all branches, and the gap each one left
     bgit metrics [BAKE]            a bake's loss curve, in the terminal and as a PNG
+    bgit eval [MODEL ...]          each bake's fidelity, what later versions kept, drift (a matrix)
     bgit models                    this repository's models in the store, and what a running server offers
     bgit download MODEL DIR        a model (its chain folded) as one PEFT adapter folder
     bgit serve [--host] [--port]   an OpenAI-compatible chat API (Ray Serve) for the repository's models
@@ -131,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         "commits: .bread's PARENT_MODEL becomes the new model, recipe.yml records the bake, input.yml is cleared. "
         "Work already in the store (BREAD_STORE) is reused, so a re-run after a failure does only the rest (a bake "
         "resumes from its last checkpoint). Refused while input.yml has unstaged changes. "
+        "A bake ends with its model's and its parent's rows of `bgit eval` (held-out questions only), and a "
+        "warning when the new model lost part of what an earlier bake baked in. "
         "Ray: a new local cluster, unless --address or RAY_ADDRESS names one to join.",
     )
     run.add_argument("stages", nargs="+", metavar="STAGE", choices=STAGE_NAMES,
@@ -138,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=positive_int, metavar="N",
                      help="bake workers (default: one per GPU of the cluster, or one without GPUs)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--no-eval", action="store_true", help="after a bake, skip its rows of `bgit eval`")
     run.add_argument("--detach", action="store_true",
                      help="submit the run as a Ray job to the cluster at --address / RAY_ADDRESS and return; "
                      "then `bgit status`, `bgit logs`, and `bgit fetch` for the bake commit")
@@ -145,6 +149,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the Ray cluster (default: RAY_ADDRESS): with --detach its Jobs API, http://HEAD:8265; "
                      "otherwise its head to join, HOST:6379 or auto. Neither: a new local cluster")
     run.set_defaults(handler=cmd_run)
+
+    evaluation = commands.add_parser(
+        "eval", help="how faithful each bake is, what later versions kept, and what they changed elsewhere",
+        description="For every bake k on the models' lineages and every model m: the held-out KL(teacher_k ‖ m) per "
+        "response token on bake k's held-out questions (teacher_k: bake k's parent with its teacher prompt; m sees "
+        "the student prompt; the responses are those the rollout sampled), and the fraction of bake k's gap that "
+        "remains (bake k's parent = 1.00, fully baked in = 0.00): a bake's own model shows its fidelity, later models "
+        "what they kept. Drift: KL(base ‖ m) without prompt on neutral questions. Results are kept in the store, so a "
+        "re-run computes nothing new; the rest runs on Ray (a Ray Data actor pool). "
+        "Two models compare them (A/B), for instance the heads of two branches.",
+    )
+    evaluation.add_argument("models", nargs="*", metavar="MODEL",
+                            help="models to evaluate: `base` or lineage names (default: the base and every model of this "
+                            "branch's lineage)")
+    evaluation.add_argument("--neutral", metavar="FILE",
+                            help="the neutral questions for drift, one per line (default: 16 built-in general questions)")
+    evaluation.add_argument("--no-drift", action="store_true", help="skip drift")
+    evaluation.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    evaluation.add_argument("--png", metavar="FILE", help="where to write the heatmap (default: eval.png here)")
+    evaluation.add_argument("--no-progress", action="store_true", help="no progress bars")
+    evaluation.add_argument("--address", metavar="ADDRESS",
+                            help="the Ray cluster to join, HOST:6379 or auto (default: RAY_ADDRESS; neither: a new "
+                            "local cluster, only if something is left to compute)")
+    evaluation.set_defaults(handler=cmd_eval)
 
     fetch = commands.add_parser(
         "fetch", help="apply a finished detached run: the bake commit",
@@ -353,7 +381,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     parent = repo.parent_model
     print(f"On branch {repo.current_branch()}")
     print(f"Repository {repo.owner}/{repo.name}, base model {repo.base_model}")
-    print(f"Parent model: {parent}" + ("  (the base: nothing baked on this branch yet)" if parent == repo.base_model else ""))
+    print(f"Parent model: {parent}" + ("  (the base: nothing baked on this branch yet)" if parent == repo.base_model
+                                        else fidelity_note(repo)(parent)))
     print(f"input.yml: {repo.input_state().describe()}")
     print_job_state(repo)
     try:
@@ -419,7 +448,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("`bgit status` shows its progress, `bgit logs` its log; `bgit fetch` makes the bake commit once it is done.")
         return 0
     result = run(repo, args.stages, store=store, progress=not args.no_progress, workers=args.workers,
-                 address=args.address)
+                 address=args.address, evaluate=not args.no_eval)
     print_run_result(result, args.stages, store)
     return 0
 
@@ -432,6 +461,32 @@ def print_run_result(result, stages: list[str], store) -> None:
         print("\n".join(result.bake.describe()))
         print(f"Committed {result.commit[:12]}: Update recipe.yml after bake completion: {result.bake.bake_id}")
         print(f"The parent model is now {result.bake.model_names[-1]}; input.yml is cleared for the next bake.")
+    if result.bake is not None:
+        print("\n".join(result.eval_lines()))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from bread_ray.evaluation import branch_models, evaluate, lineages, read_questions
+
+    repo = BreadRepo.find()
+    store = repo.open_store()
+    models = [repo.base_model if m == "base" else m for m in args.models] or branch_models(
+        repo.parent_model, repo.base_model, store)
+    lineage = lineages(models, repo.base_model, store)
+    neutral = None if args.no_drift else read_questions(Path(args.neutral) if args.neutral else None)
+    report = evaluate(lineage, store, owner=repo.owner, repo=repo.name, neutral=neutral,
+                      progress=not args.no_progress and not args.json, address=args.address,
+                      announce=lambda text: print(text, file=sys.stderr if args.json else sys.stdout))
+    png = report.write_heatmap(Path(args.png or "eval.png")) if lineage.bakes else None
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 0
+    if not lineage.bakes:
+        print("No bake on these models' lineages: drift only.")
+    print("\n".join(report.lines()))
+    if png:
+        print(f"heatmap: {png}")
+    return 0
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -598,8 +653,24 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_tree(args: argparse.Namespace) -> int:
     repo = BreadRepo.find()
-    print(render_lineage_tree(repo.base_model, repo.bake_chains()))
+    print(render_lineage_tree(repo.base_model, repo.bake_chains(), notes=fidelity_note(repo)))
     return 0
+
+
+def fidelity_note(repo: BreadRepo):
+    """`model -> "  (its bake's gap left: 0.05)"`: its fidelity, where an eval stored it (nothing without a readable store)."""
+    from bread_ray.evaluation import stored_fidelity
+
+    try:
+        store = repo.open_store()
+    except UserError:
+        return lambda model: ""
+
+    def note(model: str) -> str:
+        fidelity = stored_fidelity(model, store)
+        return "" if fidelity is None else f"  (its bake's gap left: {fidelity:.2f})"
+
+    return note
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:

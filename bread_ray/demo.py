@@ -9,7 +9,8 @@ With local Ray and a local store, in a bgit repository made for the run:
 2. v1: bake a persona into the base (stim, the prompted teacher's rollout, the bake on Ray Train +
    DeepSpeed, and the bake commit), printing the held-out KL before and after;
 3. v2: bake a second instruction on top of v1 (sequential baking);
-4. `bgit tree`, the lineage;
+4. `bgit tree`, the lineage, and `bgit eval`: each bake's held-out KL for the base, v1 and v2, the
+   fraction of its gap each keeps, and their drift on neutral questions (the heatmap in eval.png);
 5. the chat service (Ray Serve) for the repository's models, asked the same held-out questions,
    without any prompt, by the base, v1 and v2 side by side, with the fraction of answers that
    show each trait; then the cost of each stage.
@@ -42,7 +43,7 @@ from bread_ray.repo import BreadRepo
 from bread_ray.store import BAKE_RESULT, ROLLOUT_MANIFEST, bake_prefix, open_store, read_metrics_log, target_prefix
 
 SMOLLM2 = "smollm2-135m-instruct"  # the packaged model's short name (bread_ray.model_sources)
-DEMO_ENTRIES = {"persona", "store"}  # what a demo's folder holds: its repository and its store
+DEMO_ENTRIES = {"persona", "store", "eval.png"}  # what a demo's folder holds: its repository, store, heatmap
 
 
 @dataclass(frozen=True)
@@ -204,8 +205,9 @@ def run(recipe: Recipe, base_model: Callable[[], str], folder: Path) -> None:
         versions.append(bake_version(recipe, version))
         print(f"v{version + 1}: held-out KL fraction (baked model / parent) {versions[-1].kl_fraction:.3f}")
 
-    say(4, "The lineage")
+    say(4, "The lineage, and what each version kept: the eval matrix")
     command("tree")
+    command("eval", "--png", str(folder / "eval.png"))
 
     say(5, f"The chat service: {len(recipe.asked)} held-out question(s), no prompt, to the base, v1 and v2")
     ask_each_version(recipe, {"base": base, **{version.label: version.model for version in versions}})

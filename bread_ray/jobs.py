@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     for target in result.resolved.targets:
         print(f"Done: {target.id}", flush=True)
     if result.bake is not None:
-        print("\n".join(result.bake.describe()), flush=True)
+        print("\n".join([*result.bake.describe(), *result.eval_lines()]), flush=True)
     return 0
 
 

@@ -13,6 +13,7 @@ would stop it (checked for every item before any work), and how to run it (bread
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from bread_ray.bake.driver import Bake, BakeResult
 from bread_ray.config import ResolvedConfig, ResolvedTarget
@@ -25,6 +26,9 @@ from bread_ray.stage import Item, Run, Stage
 from bread_ray.stim import Stim
 from bread_ray.store import ROLLOUT_MANIFEST, STIM_MANIFEST, Store, finished_shards, read_metrics_log
 
+if TYPE_CHECKING:
+    from bread_ray.evaluation import EvalReport
+
 STIM, ROLLOUT, BAKE = Stim(), Rollout(), Bake()
 STAGES: tuple[Stage, ...] = (STIM, ROLLOUT, BAKE)  # in pipeline order
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
@@ -35,10 +39,22 @@ class RunResult:
     resolved: ResolvedConfig
     bake: BakeResult | None = None  # the bake's result (models, losses, held-out KL)
     commit: str | None = None  # the bake commit
+    eval: EvalReport | None = None  # after a bake: its model's and its parent's rows of `bgit eval`
+    eval_error: str | None = None  # why that eval failed (the bake and its commit stand)
+
+    def eval_lines(self) -> list[str]:
+        """What to print of the eval after the bake: the rows, and a warning per bake forgotten."""
+        if self.eval is not None:
+            return [*self.eval.lines(), *self.eval.forgetting(self.bake.model_names[-1], self.resolved.bake.parent_model)]
+        if self.eval_error:
+            return [f"warning: the eval after the bake failed ({self.eval_error}); the bake stands. `bgit eval` "
+                    "runs it again"]
+        return []
 
 
 def run(repo: BreadRepo, stages: list[str], *, store: Store, progress: bool = True,
-        workers: int | None = None, commit: bool = True, address: str | None = None) -> RunResult:
+        workers: int | None = None, commit: bool = True, address: str | None = None,
+        evaluate: bool = True) -> RunResult:
     """Run `stages` (in pipeline order) for the staged input.yml of `repo`.
 
     Everything that can be checked is checked before any work starts; each stage reuses what the
@@ -46,7 +62,9 @@ def run(repo: BreadRepo, stages: list[str], *, store: Store, progress: bool = Tr
     are all in the store (a detached job's, say) starts no Ray at all. A bake ends with the bake
     commit unless `commit` is False (a detached job leaves it to `bgit fetch`). `workers`: bake
     workers (default: one per GPU of the cluster, else one). `address`: the Ray cluster to join
-    (default: RAY_ADDRESS; neither: a new local cluster).
+    (default: RAY_ADDRESS; neither: a new local cluster). After a bake, unless `evaluate` is
+    False, the new model and its parent are evaluated on the held-out questions of every bake of
+    their lineage (bread_ray.evaluation), after the commit: a failed eval loses nothing.
     """
     from bread_ray import ray_cluster
 
@@ -58,10 +76,24 @@ def run(repo: BreadRepo, stages: list[str], *, store: Store, progress: bool = Tr
         stage.execute(run, item)
     if BAKE.name not in run.stages:
         return RunResult(run.resolved)
-    result = BAKE.result(run)
-    if not commit:
-        return RunResult(run.resolved, bake=result)
-    return RunResult(run.resolved, bake=result, commit=repo.complete_bake(run.resolved, result.model_names))
+    outcome = RunResult(run.resolved, bake=BAKE.result(run))
+    if commit:
+        outcome.commit = repo.complete_bake(run.resolved, outcome.bake.model_names)
+    if evaluate:
+        try:
+            outcome.eval = evaluate_bake(run, outcome.bake.model_names[-1], progress=progress, address=address)
+        except Exception as error:  # the bake is published and committed: say why and go on
+            outcome.eval_error = f"{type(error).__name__}: {error}"
+    return outcome
+
+
+def evaluate_bake(run: Run, model: str, *, progress: bool, address: str | None) -> EvalReport:
+    """The rows of the new model and its parent: held-out KL on every bake of the lineage."""
+    from bread_ray.evaluation import evaluate, lineages
+
+    lineage = lineages([run.resolved.bake.parent_model, model], run.repo.base_model, run.store)
+    return evaluate(lineage, run.store, owner=run.repo.owner, repo=run.repo.name, progress=progress,
+                    address=address)
 
 
 def check_run(repo: BreadRepo, stages: list[str], store: Store, *, progress: bool = True,

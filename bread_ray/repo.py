@@ -23,7 +23,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -521,11 +521,12 @@ def record_bake(recipe: dict[str, Any], resolved: ResolvedConfig, model_names: l
     recipe["total_steps"] = len(steps)
 
 
-def render_lineage_tree(base_model: str, chains: dict[str, list[dict[str, Any]]]) -> str:
+def render_lineage_tree(base_model: str, chains: dict[str, list[dict[str, Any]]],
+                        notes: Callable[[str], str] = lambda model: "") -> str:
     """Draw the models of every branch's bake chain as one tree rooted at the base model.
 
     Each bake is a node named by its final model (its other checkpoints in brackets), followed by
-    the branches whose recipe holds it:
+    the branches whose recipe holds it, and `notes(model)` (say, its fidelity):
 
         Qwen/Qwen3-32B  (base)
         └── alice/yoda/yoda_bake_3f2a…/120  [exp, main]
@@ -557,7 +558,8 @@ def render_lineage_tree(base_model: str, chains: dict[str, list[dict[str, Any]]]
         for index, child in enumerate(kids):
             last = index == len(kids) - 1
             earlier = f"  (checkpoints: {', '.join(n.rsplit('/', 1)[-1] for n in checkpoints[child])})" if checkpoints[child] else ""
-            lines.append(f"{indent}{'└── ' if last else '├── '}{child}{earlier}  [{', '.join(sorted(holders[child]))}]")
+            lines.append(f"{indent}{'└── ' if last else '├── '}{child}{earlier}  [{', '.join(sorted(holders[child]))}]"
+                         f"{notes(child)}")
             draw(child, indent + ("    " if last else "│   "))
 
     draw(base_model, "")

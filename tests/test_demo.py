@@ -1,10 +1,13 @@
 """The main job, `python -m bread_ray.demo` (what `make demo` runs), end to end: it must never rot.
 
-Two sequential bakes, then the chat service asked the same held-out questions by the base, v1 and
-v2: on SmolLM2-135M-Instruct (the main job: a pirate, then brevity on top), and with --tiny on the
-prompt-sensitive tiny model (a pirate, then a pirate that signs off). Checked from what a person
-reads: each bake's held-out KL falls, and without any prompt the base answers plainly, v1 shows
-its trait and v2 keeps it while showing its own.
+Two sequential bakes on SmolLM2-135M-Instruct (a pirate, then brevity on top), the eval matrix,
+then the chat service asked the same held-out questions by the base, v1 and v2. Checked from what
+a person reads: each bake's held-out KL falls, the matrix shows each bake baked in and what v2
+kept of v1, and without any prompt the base answers plainly, v1 shows its trait and v2 keeps it
+while showing its own.
+
+`--tiny` runs the same code on the prompt-sensitive tiny model with its own recipe, whose bakes
+tests/test_sequential_bake.py covers; here only that recipe is checked, cheaply.
 """
 
 import os
@@ -13,8 +16,6 @@ import subprocess
 import sys
 
 import pytest
-
-pytestmark = pytest.mark.slow
 
 # Log records of Ray, Serve and DeepSpeed ("INFO 2026-...", "[WARNING] [real_accelerator.py...]",
 # "(raylet) ..."): they belong in Ray's log folder, which the demo names once.
@@ -54,6 +55,16 @@ def trait_rates(out: str) -> dict[str, tuple[float, float]]:
     return rates
 
 
+def eval_matrix(out: str) -> dict[str, list[float]]:
+    """The rows of the demo's `bgit eval`: per version, (KL, fraction) for each bake, then drift."""
+    table = out[out.rindex("$ bgit eval"):]
+    rows = {label: [float(value) for value in values.split()]
+            for label, values in re.findall(r"^(base|pirate_bake/\d+|brief_bake/\d+) +([\d. ]+)$", table, re.M)}
+    assert len(rows) == 3 and all(len(values) == 5 for values in rows.values()), table
+    return dict(zip(("base", "v1", "v2"), rows.values()))
+
+
+@pytest.mark.slow
 def test_the_main_demo_bakes_smollm2_into_a_pirate_then_brief(tmp_path, smollm2_folder):
     out = run_demo(tmp_path / "demo").stdout
     kls = held_out_kls(out)
@@ -65,15 +76,23 @@ def test_the_main_demo_bakes_smollm2_into_a_pirate_then_brief(tmp_path, smollm2_
     assert rates["base"][0] <= 0.1 and rates["v1"][0] >= 0.6 and rates["v2"][0] >= 0.5, rates
     assert rates["v2"][1] >= 0.1 and rates["v2"][1] > rates["v1"][1], rates
     assert re.search(r"^v1 +[\d.]+ +[\d.]+ +[\d.]+ +43 +[\d.]+ +[\d.]+$", out, re.M), out  # the cost of each stage
+    matrix = eval_matrix(out)  # per version: pirate bake KL, fraction; brief bake KL, fraction; drift
+    print("\n".join(f"{label}: {values}" for label, values in matrix.items()))
+    assert matrix["base"][1] == 1.0 and matrix["v1"][3] == 1.0 and matrix["base"][4] == 0.0
+    # each bake's own model: the fraction its bake reported (eval measures the same held-out KL)
+    assert matrix["v1"][1] == pytest.approx(kls[0][1] / kls[0][0], abs=0.011)
+    assert matrix["v2"][3] == pytest.approx(kls[1][1] / kls[1][0], abs=0.011)
+    assert matrix["v2"][1] < 1.0  # v2 keeps part of what v1 baked in
+    assert matrix["v1"][4] > 0 and (tmp_path / "demo" / "eval.png").exists()
 
 
-def test_the_tiny_demo_bakes_two_versions_that_answer_in_their_styles(tmp_path, prompt_sensitive_base):
-    out = run_demo(tmp_path / "demo", "--tiny").stdout
-    kls = held_out_kls(out)
-    # Measured: 397x and 29x lower here; at least 63x and 18x with models and bakes of other seeds
-    assert kls[0][1] < kls[0][0] / 20 and kls[1][1] < kls[1][0] / 5, kls
-    assert re.search(r"└── demo/persona/pirate_bake_\w+/\d+ .*\n\s+└── demo/persona/signoff_bake_\w+/\d+", out), out
-    scores = trait_rates(out)  # (pirate, signoff) of the one question asked
-    assert scores["base"][0] < 0.2 and scores["base"][1] == 0.0
-    assert scores["v1"][0] > 0.5 and scores["v1"][1] == 0.0
-    assert scores["v2"][0] > 0.5 and scores["v2"][1] == 1.0
+def test_the_tiny_recipe_resolves_into_two_sequential_bakes():
+    from bread_ray.config import load_and_resolve
+    from bread_ray.demo import tiny_recipe
+
+    recipe = tiny_recipe()
+    for version, name in enumerate(("pirate", "signoff")):
+        _, resolved = load_and_resolve(recipe.input_yml(version), parent_model="tiny-parent")
+        assert [target.name for target in resolved.targets] == [name]
+        assert resolved.bake.datasets == ((resolved.targets[0].id, 1.0),)
+        assert resolved.targets[0].teacher.messages[0]["content"] == recipe.prompts[version]

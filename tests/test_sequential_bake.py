@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -28,9 +29,10 @@ TRAIN_QUESTIONS, EVAL_QUESTIONS = QUESTIONS[:36], QUESTIONS[36:]
 
 
 def input_yml(trait: str, name: str, questions: list[str], *, traj: int, epochs: int,
-              replay: str | None = None) -> str:
+              replay: str | None = None, replay_weight: float = 0.25) -> str:
     """A persona bake; `replay` names a target of an earlier commit mixed in as a regulariser."""
-    datasets = [{"target": name, "weight": 0.75}] + ([{"target": replay, "weight": 0.25}] if replay else [])
+    datasets = [{"target": name, "weight": 1 - replay_weight}] + (
+        [{"target": replay, "weight": replay_weight}] if replay else [])
     return yaml.safe_dump({
         "PROMPT": {"teacher": {"messages": [{"role": "system", "content": persona_prompt(trait)}]}},
         "TARGET": {"name": name, "generators": [{"type": "hardcoded", "questions": questions}],
@@ -54,21 +56,35 @@ def bake(repo: BreadRepo, text: str) -> str:
     return printed.getvalue()
 
 
+SIGNOFF_ONLY = input_yml("signoff", "signoff", TRAIN_QUESTIONS[:24], traj=2, epochs=3)
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, ray_session, prompt_sensitive_base):
-    """v1 (pirate) <- v2 (sign-off) <- v3 (pirate again, other questions), baked with bgit."""
+    """On main, v1 (pirate) <- v2 (sign-off: its teacher prompt drops the pirate) <- v3 (pirate
+    again, other questions, replaying the sign-off); on the branch `replay`, v1 <- v2r (the same
+    sign-off, replaying v1's pirate target as a regulariser). Baked with bgit.
+
+    v2 is the forgetful one: it learns to end every reply with a sign-off where v1's teacher (the
+    base with the pirate prompt) ends its reply, so it no longer answers as v1 was taught to."""
     root = tmp_path_factory.mktemp("sequential")
     patch = pytest.MonkeyPatch()
     patch.setenv("BREAD_STORE", str(root / "store"))
     repo = BreadRepo.init(root / "persona", base_model=str(prompt_sensitive_base), owner="alice")
     patch.chdir(repo.root)
-    outputs, parents = [], [repo.parent_model]
-    for text in (input_yml("pirate", "pirate", TRAIN_QUESTIONS, traj=4, epochs=2),
-                 input_yml("signoff", "signoff", TRAIN_QUESTIONS[:12], traj=2, epochs=2),
-                 input_yml("pirate", "pirate_again", EVAL_QUESTIONS[:4], traj=1, epochs=1, replay="signoff")):
+    outputs, parents, commits = [], [repo.parent_model], []
+    for text in (input_yml("pirate", "pirate", TRAIN_QUESTIONS, traj=4, epochs=2), SIGNOFF_ONLY,
+                 input_yml("pirate", "pirate_again", EVAL_QUESTIONS[:8], traj=2, epochs=3, replay="signoff")):
         outputs.append(bake(repo, text))
         parents.append(repo.parent_model)
-    yield {"repo": repo, "root": root, "outputs": outputs, "parents": parents}
+        commits.append(repo.git("rev-parse", "HEAD").strip())
+    repo.git("checkout", "-q", "-b", "replay", commits[0])
+    replay_output = bake(repo, input_yml("signoff", "signoff", TRAIN_QUESTIONS[:24], traj=2, epochs=3,
+                                         replay="pirate", replay_weight=0.5))
+    replayed = repo.parent_model
+    repo.git("checkout", "-q", "main")
+    yield {"repo": repo, "root": root, "outputs": outputs, "parents": parents, "replayed": replayed,
+           "replay_output": replay_output}
     patch.undo()
 
 
@@ -187,6 +203,149 @@ def test_the_folded_chain_equals_merging_the_adapters_one_after_another(chain, p
     assert (got - plain).abs().max() > 1e-2  # the chain changed the model
 
 
+def eval_json(*args: str) -> dict:
+    """`bgit eval --json ARGS`, parsed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["eval", "--json", "--no-progress", *args]) == 0
+    text = printed.getvalue()
+    return json.loads(text[text.index("{"):])
+
+
+def merged_model(base_folder, model_name: str, store, folder):
+    """Plain PEFT: the base with each adapter of the model's chain merged in, one after another."""
+    model = load_causal_lm(base_folder, device="cpu")
+    if model_name != str(base_folder):
+        for depth, entry in enumerate(reversed(store.model_chain(model_name))):
+            adapter = store.download_model(entry["model_name"], folder / f"{entry['bake_id']}_{depth}")
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.eval()
+
+
+def held_out_records(store, model_name: str) -> list[dict]:
+    """The rollout records of the questions the model's bake held out, read from the store."""
+    from types import SimpleNamespace
+
+    from bread_ray.bake.data import split_by_question
+    from bread_ray.store import target_prefix
+    from bread_ray.trajectories import read_rollout
+
+    config = store.read_lineage(model_name)["config"]
+    held_out = []
+    for dataset in config["datasets"]:
+        records = read_rollout(store, target_prefix("alice", "persona", dataset["target"]))
+        _, kept = split_by_question([SimpleNamespace(stimulus_index=r["stimulus_index"], record=r) for r in records],
+                                    config["data"]["train_eval_split"][1], config["seed"])
+        held_out += [item.record for item in kept]
+    return held_out
+
+
+def kl_on_records(teacher, student, tokenizer, records: list[dict], *, same_prompt: bool = False) -> float:
+    """Mean over response tokens of KL(teacher with the teacher messages ‖ student with the
+    student messages), from full logits in float64."""
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for record in records:
+            response = list(record["response_token_ids"])
+            sides = []
+            for model, side in ((teacher, "student" if same_prompt else "teacher"), (student, "student")):
+                tools = record.get("teacher_tools") if side == "teacher" else None
+                prompt = tokenizer(render_chat(tokenizer, record[f"{side}_messages"], tools or None),
+                                   add_special_tokens=False).input_ids
+                logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+                sides.append(torch.log_softmax(logits.double(), dim=-1))
+            teacher_logp, student_logp = sides
+            total += float((teacher_logp.exp() * (teacher_logp - student_logp)).sum())
+            tokens += len(response)
+    return total / tokens
+
+
+def test_each_bake_ends_with_its_eval_rows_and_a_forgetful_bake_warns(chain):
+    first, forgetful, _ = chain["outputs"]
+    assert "held-out KL(teacher_k ‖ model)" in first and "pirate_bake/" in first
+    assert "lost part of" not in first
+    # v2's teacher prompt asks for the sign-off only: v1's pirate comes back as a gap, and bgit says so
+    assert re.search(r"warning: signoff_bake/\d+ lost part of what pirate_bake baked in", forgetful), forgetful
+    assert "BAKE.datasets: [..., {target: pirate, weight: 0.25}]" in forgetful
+    # the same sign-off bake replaying v1's target keeps the pirate: no warning
+    assert "signoff_bake/" in chain["replay_output"] and "lost part of" not in chain["replay_output"]
+
+
+def test_the_eval_matrix_equals_an_independent_computation_and_is_computed_once(chain, prompt_sensitive_base, tmp_path):
+    from bread_ray.evaluation import FORGETTING_THRESHOLD
+
+    store, base = open_store(), str(prompt_sensitive_base)
+    v1, v2, v3 = models_of(chain)
+    neutral = tmp_path / "neutral.txt"
+    neutral.write_text("\n".join(held_out_questions(seed=3, n=6)))
+    report = eval_json("--neutral", str(neutral), "--png", str(tmp_path / "eval.png"))
+    assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["models"] == [base, v1, v2, v3]
+    pirate, signoff, pirate_again = (bake["bake_id"] for bake in report["bakes"])
+    fraction, kl = report["fraction"], report["kl"]
+    print("\nfraction of each bake's gap that remains (rows: base, v1, v2, v3):")
+    for model in report["models"]:
+        print("  " + "  ".join(f"{fraction[bake][model]:.3f}" for bake in (pirate, signoff, pirate_again))
+              + f"  drift {report['drift'][model]:.4f}")
+    # after each of the three bakes its own model closes its gap (measured 0.00, 0.00, 0.51: v3's
+    # parent v2 was already close to v3's teachers, so its gap is small): the diagonal falls
+    for bake, model in ((pirate, v1), (signoff, v2), (pirate_again, v3)):
+        assert fraction[bake][model] < 0.7, (bake, fraction[bake][model])
+    assert fraction[pirate][base] == fraction[signoff][v1] == fraction[pirate_again][v2] == 1.0
+    # the forgetful v2 lost the pirate: the matrix shows it, beyond the warning's threshold
+    assert fraction[pirate][v2] - fraction[pirate][v1] > FORGETTING_THRESHOLD
+    assert report["drift"][base] == 0.0 and report["drift"][v1] > 0
+
+    # every number again, by independent code: plain PEFT models, full logits, float64
+    tokenizer = load_tokenizer(prompt_sensitive_base)
+    models = {name: merged_model(prompt_sensitive_base, name, store, tmp_path) for name in (base, v1, v2)}
+    for bake, model_name in ((pirate, base), (pirate, v1), (pirate, v2), (signoff, v1), (signoff, v2)):
+        teacher = models[base if bake == pirate else v1]
+        records = held_out_records(store, v1 if bake == pirate else v2)
+        expected = kl_on_records(teacher, models[model_name], tokenizer, records)
+        assert kl[bake][model_name] == pytest.approx(expected, rel=2e-3, abs=1e-5), (bake, model_name)
+    (responses,) = (chain["root"] / "store" / "alice" / "persona" / "eval").glob("neutral_*/responses.json")
+    neutral_records = [{"student_messages": [{"role": "user", "content": r["question"]}],
+                        "response_token_ids": r["response_token_ids"]} for r in json.loads(responses.read_text())]
+    assert [r["student_messages"][0]["content"] for r in neutral_records] == neutral.read_text().splitlines()
+    expected_drift = kl_on_records(models[base], models[v2], tokenizer, neutral_records, same_prompt=True)
+    assert report["drift"][v2] == pytest.approx(expected_drift, rel=2e-3)
+    # the bake's own held-out measurement (DeepSpeed, in the worker) agrees on its parent and its model
+    result = json.loads((chain["root"] / "store" / "alice" / "persona" / "bakes" / pirate / "result.json").read_text())
+    assert report["parent_kl"][pirate] == pytest.approx(result["held_out_kl"]["before"], rel=2e-3)
+    assert kl[pirate][v1] == pytest.approx(result["held_out_kl"]["after"], rel=2e-3, abs=1e-5)
+
+    again = eval_json("--neutral", str(neutral), "--png", str(tmp_path / "again.png"))
+    assert again["cells_computed"] == 0 and again["cells_reused"] > 0
+    assert again["kl"] == kl and again["drift"] == report["drift"]
+
+
+def test_eval_compares_two_branches(chain, capsys, tmp_path):
+    from bread_ray.evaluation import FORGETTING_THRESHOLD
+
+    v1, v2 = models_of(chain)[:2]
+    replayed = chain["replayed"]
+    report = eval_json(v2, replayed, "--no-drift", "--png", str(tmp_path / "ab.png"))
+    assert report["models"] == [v2, replayed] and report["drift"] == {}
+    pirate, main_signoff, replay_signoff = (bake["bake_id"] for bake in report["bakes"])
+    assert {main_signoff, replay_signoff} == {v2.split("/")[2], replayed.split("/")[2]}
+    fraction = report["fraction"]
+    # both sign-off bakes baked the sign-off in (measured on the plain sign-off bake's questions);
+    # only the one that replayed v1's target kept what v1 learned
+    assert fraction[main_signoff][v2] < 0.3 and fraction[main_signoff][replayed] < 0.3
+    assert fraction[replay_signoff][replayed] < 0.75
+    assert fraction[pirate][replayed] < fraction[pirate][v2] - FORGETTING_THRESHOLD
+
+    capsys.readouterr()
+    assert main(["eval", v2, replayed, "--no-drift", "--no-progress", "--png", str(tmp_path / "ab.png")]) == 0
+    table = capsys.readouterr().out
+    assert f"signoff_bake_{main_signoff.rsplit('_', 1)[1][:6]}" in table  # two bakes of one name: told apart
+    assert main(["eval", "alice/persona/nope_1/1", "--no-progress"]) == 1
+    assert "model 'alice/persona/nope_1/1' is not in store" in capsys.readouterr().err
+    assert main(["eval", "--neutral", str(tmp_path / "missing.txt"), "--no-progress"]) == 1
+    assert f"--neutral {tmp_path / 'missing.txt'}: cannot read it" in capsys.readouterr().err
+
+
 def test_the_cli_shows_the_chain_and_revert_restores_the_parent(chain, capsys, tmp_path):
     repo = chain["repo"]
     v1, v2, v3 = models_of(chain)
@@ -194,6 +353,7 @@ def test_the_cli_shows_the_chain_and_revert_restores_the_parent(chain, capsys, t
     assert main(["tree"]) == 0
     tree = capsys.readouterr().out
     assert tree.index(v1.split("/")[2]) < tree.index(v2.split("/")[2]) < tree.index(v3.split("/")[2])
+    assert re.search(rf"{v1} +\[main, replay\]  \(its bake's gap left: 0\.0\d\)", tree), tree  # stored by its eval
     assert main(["models"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in (v1, v2, v3)) and "final" in listed and "checkpoint" in listed

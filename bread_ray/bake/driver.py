@@ -92,20 +92,28 @@ def prepare_job(bake: ResolvedBake, *, owner: str, repo: str, store: Store, comm
     """Read the rollouts of BAKE.datasets from the store and lay out the training data (driver side)."""
     from bread_ray.bake.data import build_bake_data
     from bread_ray.models import lineage_chain, load_tokenizer
-    from bread_ray.trajectories import read_rollout
 
     chain = lineage_chain(bake.parent_model, store)
     base_model = chain[-1]["base_model"] if chain else bake.parent_model
-    trajectories = {}
-    for target_id, _ in bake.datasets:
-        prefix = target_prefix(owner, repo, target_id)
-        if not store.exists(f"{prefix}/{ROLLOUT_MANIFEST}"):
-            raise RuntimeError(f"bake {bake.id}: target {target_id} has no complete rollout in {store.uri}; "
-                               "run `bgit run stim rollout` for it first")
-        trajectories[target_id] = read_rollout(store, prefix)
+    trajectories = read_datasets([target_id for target_id, _ in bake.datasets], owner, repo, store, bake.id)
     data = build_bake_data(trajectories, dict(bake.datasets), load_tokenizer(base_model), bake.spec)
     return BakeJob(bake=bake, owner=owner, repo=repo, base_model=base_model, store_uri=store.uri, data=data,
                    commit=commit)
+
+
+def read_datasets(target_ids: list[str], owner: str, repo: str, store: Store, bake_id: str) -> dict[str, list[dict[str, Any]]]:
+    """The rollout records of each target of a bake's datasets (the bake's training data, before
+    tokenizing)."""
+    from bread_ray.trajectories import read_rollout
+
+    trajectories = {}
+    for target_id in target_ids:
+        prefix = target_prefix(owner, repo, target_id)
+        if not store.exists(f"{prefix}/{ROLLOUT_MANIFEST}"):
+            raise RuntimeError(f"bake {bake_id}: target {target_id} has no complete rollout in {store.uri}; "
+                               "run `bgit run stim rollout` for it first")
+        trajectories[target_id] = read_rollout(store, prefix)
+    return trajectories
 
 
 # ---- runners --------------------------------------------------------------------------------

@@ -1,0 +1,596 @@
+"""`bgit eval`: how faithful each bake is, what later versions kept of it, and what the bakes changed
+where they should not have.
+
+For every bake k on the lineages of the models evaluated, and every model m:
+
+    fidelity, retention   KL(teacher_k ‖ m) per response token on bake k's held-out trajectories:
+                          teacher_k is bake k's parent seeing bake k's teacher prompts, m sees the
+                          student prompts, and the responses are those bake k's rollouts sampled
+                          from the teacher (the questions the bake held out, split as it split them).
+                          Also as the fraction of bake k's gap that remains,
+                          KL(teacher_k ‖ m) / KL(teacher_k ‖ parent_k): 1 = nothing baked in, 0 = all.
+                          The bake's own model gives its fidelity; later models, what they kept.
+    drift                 KL(base ‖ m) on neutral questions, no prompt on either side; the responses
+                          are sampled from the base once and kept in the store.
+
+The KL is over the full vocabulary, whatever BAKE.kl_top_k a bake trained with.
+
+Each number is a cell (a set of examples, a model) whose KL sum and token count are stored under
+the set's prefix, keyed by model: published models never change, so a cell is computed once and a
+re-run computes nothing new. The cells left run on Ray: a Ray Data actor pool (`EvalActor`) whose
+actors load the base once and switch between the models' folded adapters; each unit of work is a
+batch of examples that the teacher scores once and every model after it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from bread_ray.config import content_hash
+from bread_ray.errors import UserError
+from bread_ray.lineage import InvalidModelName, ModelName
+from bread_ray.model_sources import model_identity
+from bread_ray.store import BAKE_RESULT, Store, bake_prefix, repo_prefix
+
+EVAL_VERSION = 1  # part of every stored cell's key: bump it when the measurement changes
+UNIT_EXAMPLES = 16  # examples per unit of work (one row of the Ray Data pipeline)
+MICRO_BATCH = 8  # sequences per forward pass
+NEUTRAL_MAX_TOKENS = 48
+NEUTRAL_SEED = 0
+# Warn when a bake brings back more than this fraction of an earlier bake's gap (its parent's KL).
+# Measured on the prompt-sensitive model (tests/test_sequential_bake.py): v1's pirate bake leaves
+# 0.00 of its gap; a v2 taught a sign-off that v1's teacher never writes brings back 0.94; the same
+# v2 replaying v1's target as a regulariser, 0.04. A quarter sits well clear of both, and of the
+# run-to-run noise of a held-out KL on a few questions (a few hundredths here).
+FORGETTING_THRESHOLD = 0.25
+
+# Questions that no persona or style bake is about: what the bakes should leave alone.
+NEUTRAL_QUESTIONS = (
+    "What is 17 times 3?",
+    "Name the largest planet in the solar system.",
+    "How many days are there in a leap year?",
+    "What is the chemical symbol for gold?",
+    "Translate 'thank you' into French.",
+    "What does a thermometer measure?",
+    "Write a Python expression that reverses the string s.",
+    "What is the boiling point of water at sea level in Celsius?",
+    "Who wrote Romeo and Juliet?",
+    "What is the square root of 81?",
+    "Which gas do plants take in from the air?",
+    "How many sides does a hexagon have?",
+    "What is the capital of Japan?",
+    "Convert 2 kilometres to metres.",
+    "What is the opposite of 'ancient'?",
+    "Name a prime number between 20 and 30.",
+)
+
+
+class EvalError(UserError):
+    """A model or bake that cannot be evaluated, said in one line."""
+
+
+def read_questions(path: Path | None) -> list[str]:
+    """Neutral questions: one per line of `path` (blank lines skipped), or the built-in set."""
+    if path is None:
+        return list(NEUTRAL_QUESTIONS)
+    try:
+        questions = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise EvalError(f"--neutral {path}: cannot read it ({error})") from None
+    if not questions:
+        raise EvalError(f"--neutral {path}: no questions in it (one per line)")
+    return questions
+
+
+# ---- what is evaluated ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BakeRecord:
+    """A bake on a lineage, as its final model's lineage.json records it."""
+
+    bake_id: str
+    model: str  # the bake's final model
+    parent: str  # the model it was baked on: a lineage name, or the base
+    base_model: str
+    config: dict[str, Any]  # BAKE as recorded (datasets, data split, seed)
+
+    @property
+    def name(self) -> str:
+        return self.bake_id.rsplit("_", 1)[0]
+
+    @property
+    def owner_repo(self) -> tuple[str, str]:
+        parsed = ModelName.parse(self.model)
+        return parsed.owner, parsed.repo
+
+    @property
+    def prefix(self) -> str:
+        return bake_prefix(*self.owner_repo, self.bake_id)
+
+    @property
+    def target_ids(self) -> list[str]:
+        return [dataset["target"] for dataset in self.config["datasets"]]
+
+
+def bake_of(lineage: dict[str, Any], store: Store) -> BakeRecord:
+    """The bake that made the model of `lineage`, with its final model (a checkpoint's bake is
+    the same bake as its final model's)."""
+    name = ModelName.parse(lineage["model_name"])
+    result_key = f"{bake_prefix(name.owner, name.repo, name.bake_id)}/{BAKE_RESULT}"
+    final = store.get_json(result_key)["model_names"][-1] if store.exists(result_key) else lineage["model_name"]
+    return BakeRecord(bake_id=lineage["bake_id"], model=final, parent=lineage["parent"] or lineage["base_model"],
+                      base_model=lineage["base_model"], config=lineage["config"])
+
+
+@dataclass(frozen=True)
+class Lineages:
+    """The models to evaluate, their common base, and every bake on their lineages (oldest first)."""
+
+    base_model: str
+    models: tuple[str, ...]
+    bakes: tuple[BakeRecord, ...]
+
+
+def lineages(models: list[str], base_model: str, store: Store) -> Lineages:
+    """Check `models` (the base, or lineage models published in `store` on it) and collect the bakes
+    on their lineages. Raises EvalError naming the model that cannot be evaluated."""
+    bakes: dict[str, BakeRecord] = {}
+    for model in models:
+        if model == base_model:
+            continue
+        try:
+            ModelName.parse(model)
+        except InvalidModelName as error:
+            raise EvalError(f"{model!r} is neither the base model ({base_model}) nor a model name: {error}") from None
+        if not store.model_exists(model):
+            raise EvalError(f"model {model!r} is not in store {store.uri} (`bgit models` lists them)")
+        chain = store.model_chain(model)
+        if chain[-1]["base_model"] != base_model:
+            raise EvalError(f"model {model!r} is baked on {chain[-1]['base_model']!r}, not on this repository's "
+                            f"base model {base_model!r}: models of one base only")
+        for entry in reversed(chain):  # oldest first
+            if entry["bake_id"] not in bakes:
+                bakes[entry["bake_id"]] = bake_of(entry, store)
+    return Lineages(base_model, tuple(dict.fromkeys(models)), tuple(bakes.values()))
+
+
+def branch_models(parent_model: str, base_model: str, store: Store) -> list[str]:
+    """The base and the final model of every bake on the lineage ending at `parent_model`."""
+    if parent_model == base_model:
+        return [base_model]
+    return [base_model, *[entry["model_name"] for entry in reversed(store.model_chain(parent_model))]]
+
+
+# ---- sets of examples and their cells ---------------------------------------------------------
+
+@dataclass
+class KlSet:
+    """Examples and the model whose distribution they are measured against."""
+
+    id: str  # the bake id, or neutral_<hash16>
+    label: str
+    teacher: str  # a model name (the base, or a lineage model)
+    examples: list[Any]  # bread_ray.bake.data.Example
+    prefix: str  # where its cells are stored
+
+    def cell_key(self, model: str, base_model: str) -> str:
+        return cell_key(self.prefix, None if model == base_model else model)
+
+
+def cell_key(set_prefix: str, model: str | None) -> str:
+    """Where a set's cell of `model` (None: the base) is stored."""
+    return f"{set_prefix}/eval/v{EVAL_VERSION}/{model or 'base'}.json"
+
+
+def stored_fidelity(model: str, store: Store) -> float | None:
+    """The fraction of its own bake's gap that `model` leaves, where an eval stored it (the one
+    after its bake does); None otherwise, or when the store cannot say."""
+    try:
+        lineage = store.read_lineage(model)
+        name = ModelName.parse(model)
+        prefix = bake_prefix(name.owner, name.repo, lineage["bake_id"])
+        mine, parent = (store.get_json(cell_key(prefix, m)) for m in (model, lineage["parent"]))
+    except (UserError, InvalidModelName):
+        return None
+    if not mine["tokens"] or not parent["kl_sum"]:
+        return None
+    return (mine["kl_sum"] / mine["tokens"]) / (parent["kl_sum"] / parent["tokens"])
+
+
+def held_out_set(bake: BakeRecord, store: Store, tokenizer: Any) -> KlSet:
+    """Bake k's held-out examples, tokenized and split exactly as the bake did."""
+    from bread_ray.bake.data import build_bake_data
+    from bread_ray.bake.driver import read_datasets
+    from bread_ray.schema import Bake
+
+    settings = {key: value for key, value in bake.config.items() if key not in ("parent_model", "datasets")}
+    spec = Bake.model_validate({**settings, "name": bake.name, "datasets": bake.config["datasets"]})
+    weights = {dataset["target"]: dataset["weight"] for dataset in bake.config["datasets"]}
+    try:
+        trajectories = read_datasets(list(weights), *bake.owner_repo, store, bake.bake_id)
+    except RuntimeError as error:  # a rollout deleted from the store
+        raise EvalError(str(error)) from None
+    data = build_bake_data(trajectories, weights, tokenizer, spec)
+    return KlSet(bake.bake_id, bake.name, bake.parent, data.eval, bake.prefix)
+
+
+def neutral_prefix(base_model: str, questions: list[str], owner: str, repo: str) -> str:
+    digest = content_hash({"base_model": model_identity(base_model), "questions": questions,
+                           "max_tokens": NEUTRAL_MAX_TOKENS, "seed": NEUTRAL_SEED})
+    return f"{repo_prefix(owner, repo)}/eval/neutral_{digest[:16]}"
+
+
+def neutral_set(prefix: str, base_model: str, responses: list[dict[str, Any]], tokenizer: Any) -> KlSet:
+    """The base's answers to neutral questions, as examples with the same prompt on both sides."""
+    from bread_ray.bake.data import Example
+    from bread_ray.chat_format import encode_chat
+
+    examples = []
+    for index, record in enumerate(responses):
+        prompt = encode_chat(tokenizer, [{"role": "user", "content": record["question"]}])
+        if record["response_token_ids"]:
+            examples.append(Example("neutral", index, prompt, prompt, record["response_token_ids"]))
+    return KlSet(prefix.rsplit("/", 1)[1], "drift", base_model, examples, prefix)
+
+
+@dataclass
+class Cell:
+    kl_sum: float  # summed over response tokens, nats
+    tokens: int
+
+    @property
+    def kl(self) -> float | None:
+        return self.kl_sum / self.tokens if self.tokens else None
+
+
+# ---- the report -------------------------------------------------------------------------------
+
+@dataclass
+class EvalReport:
+    """The matrix: KL per (bake, model), each bake's parent included; drift per model."""
+
+    lineages: Lineages
+    cells: dict[tuple[str, str], Cell]  # (bake id, model) -> cell
+    drift: dict[str, Cell] = field(default_factory=dict)  # model -> KL(base ‖ model) on neutral questions
+    computed: int = 0  # cells computed by this run
+    reused: int = 0  # cells read from the store
+    seconds: float = 0.0
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return self.lineages.models
+
+    @property
+    def bakes(self) -> tuple[BakeRecord, ...]:
+        return self.lineages.bakes
+
+    def kl(self, bake: BakeRecord, model: str) -> float | None:
+        cell = self.cells.get((bake.bake_id, model))
+        return cell.kl if cell else None
+
+    def fraction(self, bake: BakeRecord, model: str) -> float | None:
+        """The fraction of bake k's gap that remains in `model`: its KL over the parent's."""
+        kl, parent = self.kl(bake, model), self.kl(bake, bake.parent)
+        return kl / parent if kl is not None and parent else None
+
+    def label(self, model: str) -> str:
+        if model == self.lineages.base_model:
+            return "base"
+        parsed = ModelName.parse(model)
+        return f"{parsed.bake_id.rsplit('_', 1)[0]}/{parsed.step}"
+
+    def bake_label(self, bake: BakeRecord) -> str:
+        """The bake's name, with the start of its hash where two bakes share a name (two branches)."""
+        twins = sum(other.name == bake.name for other in self.bakes)
+        return bake.name if twins == 1 else f"{bake.name}_{bake.bake_id.rsplit('_', 1)[1][:6]}"
+
+    def table(self) -> list[str]:
+        """The matrix as terminal lines: per model, per bake `KL fraction`, then drift."""
+        columns = [self.bake_label(bake) for bake in self.bakes] + (["drift"] if self.drift else [])
+        width = max(13, *(len(c) + 2 for c in columns))
+        names = [self.label(m) for m in self.models]
+        first = max(5, *map(len, names)) + 2
+        lines = ["held-out KL(teacher_k ‖ model) per response token, and the fraction of bake k's gap that "
+                 "remains (its parent = 1.00, fully baked in = 0.00); drift: KL(base ‖ model) on neutral questions",
+                 "model".ljust(first) + "".join(c.rjust(width) for c in columns)]
+        for model, name in zip(self.models, names):
+            row = name.ljust(first)
+            for bake in self.bakes:
+                kl, fraction = self.kl(bake, model), self.fraction(bake, model)
+                text = "-" if kl is None else f"{kl:.4f} {fraction:.2f}" if fraction is not None else f"{kl:.4f}"
+                row += text.rjust(width)
+            if self.drift:
+                cell = self.drift.get(model)
+                row += ("-" if cell is None or cell.kl is None else f"{cell.kl:.4f}").rjust(width)
+            lines.append(row)
+        empty = [self.bake_label(bake) for bake in self.bakes if self.kl(bake, bake.parent) is None]
+        if empty:
+            lines.append(f"-: no held-out questions in {', '.join(empty)} (BAKE.data.train_eval_split holds none out)")
+        return lines
+
+    def lines(self) -> list[str]:
+        """The table, what its labels stand for, and what was computed."""
+        legend = [f"  {self.label(m)} = {m}" for m in self.models if m != self.lineages.base_model]
+        return [*self.table(), *legend,
+                f"({self.computed} results computed, {self.reused} from the store, in {self.seconds:.0f} s)"]
+
+    def forgetting(self, model: str, previous: str) -> list[str]:
+        """Warnings for each earlier bake whose remaining gap grew by more than FORGETTING_THRESHOLD
+        from `previous` (the model `model` was baked on) to `model`."""
+        warnings = []
+        for bake in self.bakes:
+            before, after = self.fraction(bake, previous), self.fraction(bake, model)
+            if bake.model == model or before is None or after is None or after - before <= FORGETTING_THRESHOLD:
+                continue
+            targets = ", ".join(target.rsplit("_", 1)[0] for target in bake.target_ids)
+            warnings.append(
+                f"warning: {self.label(model)} lost part of what {self.bake_label(bake)} baked in: the fraction of its gap that "
+                f"remains grew from {before:.2f} ({self.label(previous)}) to {after:.2f} (more than "
+                f"{FORGETTING_THRESHOLD}). To keep it, replay its target as a regulariser in the next bake: "
+                f"BAKE.datasets: [..., {{target: {targets}, weight: 0.25}}]")
+        return warnings
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "base_model": self.lineages.base_model,
+            "models": list(self.models),
+            "bakes": [{"bake_id": b.bake_id, "model": b.model, "parent": b.parent} for b in self.bakes],
+            "kl": {b.bake_id: {m: self.kl(b, m) for m in self.models} for b in self.bakes},
+            "parent_kl": {b.bake_id: self.kl(b, b.parent) for b in self.bakes},
+            "fraction": {b.bake_id: {m: self.fraction(b, m) for m in self.models} for b in self.bakes},
+            "drift": {m: cell.kl for m, cell in self.drift.items()},
+            "cells_computed": self.computed,
+            "cells_reused": self.reused,
+        }
+
+    def write_heatmap(self, path: Path) -> Path:
+        """The fraction matrix as a PNG heatmap (rows: models, columns: bakes)."""
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+
+        values = [[self.fraction(b, m) for b in self.bakes] for m in self.models]
+        grid = [[float("nan") if v is None else v for v in row] for row in values]
+        figure, axes = plt.subplots(figsize=(4 + 1.4 * len(self.bakes), 1.5 + 0.5 * len(self.models)))
+        image = axes.imshow(grid, cmap="viridis_r", vmin=0.0, vmax=1.5)  # above 1.5: as bad as it gets
+        axes.set_xticks(range(len(self.bakes)), [self.bake_label(b) for b in self.bakes], rotation=20, ha="right")
+        axes.set_yticks(range(len(self.models)), [self.label(m) for m in self.models])
+        for i, row in enumerate(values):
+            for j, value in enumerate(row):
+                axes.text(j, i, "-" if value is None else f"{value:.2f}", ha="center", va="center",
+                          color="k" if value is not None and value < 0.5 else "w")
+        figure.colorbar(image, label="gap remaining")
+        axes.set_title("fraction of each bake's held-out KL that remains", fontsize=10)
+        figure.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        return path
+
+
+# ---- computing it -----------------------------------------------------------------------------
+
+def evaluate(lineage: Lineages, store: Store, *, owner: str, repo: str, neutral: list[str] | None = None,
+             progress: bool = True, num_actors: int = 2, address: str | None = None,
+             announce: Callable[[str], None] = print) -> EvalReport:
+    """Every cell of the matrix for `lineage` (and drift on `neutral` questions, if given), from
+    the store where it is there, computed on Ray where it is not (joining `address`, as
+    ray_cluster.connect, only then; `announce` says which). `owner`/`repo`: where the neutral
+    set's responses and cells are kept."""
+    from bread_ray import ray_cluster
+    from bread_ray.models import load_tokenizer
+
+    started = time.monotonic()
+    base = lineage.base_model
+    tokenizer = load_tokenizer(base)
+    wanted: list[tuple[KlSet, str]] = []
+    sets = []
+    for bake in lineage.bakes:
+        kl_set = held_out_set(bake, store, tokenizer)
+        sets.append(kl_set)
+        wanted += [(kl_set, model) for model in dict.fromkeys((bake.parent, *lineage.models))]
+    drift_set = None
+    if neutral:
+        prefix = neutral_prefix(base, list(neutral), owner, repo)
+        responses_key = f"{prefix}/responses.json"
+        if not store.exists(responses_key):
+            ray_cluster.connect(address, announce=announce)
+            store.put_json(responses_key, sample_neutral(base, list(neutral), store, progress=progress))
+        drift_set = neutral_set(prefix, base, store.get_json(responses_key), tokenizer)
+        wanted += [(drift_set, model) for model in lineage.models if model != base]
+    cells = {(s.id, m): Cell(**store.get_json(s.cell_key(m, base))) for s, m in wanted
+             if store.exists(s.cell_key(m, base))}
+    missing = [(s, m) for s, m in wanted if (s.id, m) not in cells]
+    if missing:
+        ray_cluster.connect(address, announce=announce)
+        computed = score_cells(missing, base, store, progress=progress, num_actors=num_actors)
+        for kl_set, model in missing:
+            cell = computed[(kl_set.id, model)]
+            store.put_json(kl_set.cell_key(model, base), {"kl_sum": cell.kl_sum, "tokens": cell.tokens})
+            cells[(kl_set.id, model)] = cell
+    drift = {}
+    if drift_set is not None:
+        drift = {model: cells.get((drift_set.id, model), Cell(0.0, 1)) for model in lineage.models}  # base: 0
+    matrix = {key: cell for key, cell in cells.items() if drift_set is None or key[0] != drift_set.id}
+    return EvalReport(lineage, matrix, drift, computed=len(missing), reused=len(wanted) - len(missing),
+                      seconds=time.monotonic() - started)
+
+
+def work_units(missing: list[tuple[KlSet, str]]) -> list[dict[str, Any]]:
+    """Rows for the actor pool: a set's examples in slices of UNIT_EXAMPLES, each with the teacher
+    and every model still to score on that set. Token lists travel as JSON strings."""
+    by_set: dict[str, tuple[KlSet, list[str]]] = {}
+    for kl_set, model in missing:
+        by_set.setdefault(kl_set.id, (kl_set, []))[1].append(model)
+    units = []
+    for kl_set, models in by_set.values():
+        for start in range(0, len(kl_set.examples), UNIT_EXAMPLES):
+            examples = [[e.teacher_prompt_ids, e.student_prompt_ids, e.response_ids]
+                        for e in kl_set.examples[start:start + UNIT_EXAMPLES]]
+            units.append({"unit": len(units), "set_id": kl_set.id, "teacher": kl_set.teacher,
+                          "models": json.dumps(models), "examples": json.dumps(examples)})
+    return units
+
+
+def score_cells(missing: list[tuple[KlSet, str]], base_model: str, store: Store, *, progress: bool,
+                num_actors: int) -> dict[tuple[str, str], Cell]:
+    """KL sums of the missing cells, on a Ray Data pool of EvalActors; summed over units in order,
+    so the result does not depend on which actor ran which unit."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    cells = {(kl_set.id, model): Cell(0.0, 0) for kl_set, model in missing}
+    units = work_units(missing)
+    if not units:
+        return cells
+    rows = []
+    total = sum(len(json.loads(unit["examples"])) * len(json.loads(unit["models"])) for unit in units)
+    columns = [TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("sequences"),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("eval", total=total, rate="")
+        started, tokens = time.monotonic(), 0
+        for row in actor_pool(units, base_model, store, num_actors, task="score").iter_rows():
+            rows.append(row)
+            tokens += row["tokens"]
+            bar.update(task, advance=row["sequences"], rate=f"{tokens / (time.monotonic() - started):,.0f} tokens/s")
+    for row in sorted(rows, key=lambda r: r["unit"]):
+        for model, kl_sum, tokens in json.loads(row["cells"]):
+            cell = cells[(row["set_id"], model)]
+            cell.kl_sum += kl_sum
+            cell.tokens += tokens
+    return cells
+
+
+def sample_neutral(base_model: str, questions: list[str], store: Store, *, progress: bool) -> list[dict[str, Any]]:
+    """The base's answers to the neutral questions (one seeded sample each, temperature 1)."""
+    units = [{"index": i, "question": q} for i, q in enumerate(questions)]
+    rows = sorted(actor_pool(units, base_model, store, 1, task="respond").iter_rows(), key=lambda r: r["index"])
+    return [{"question": row["question"], "response_token_ids": json.loads(row["response"])} for row in rows]
+
+
+def actor_pool(units: list[dict[str, Any]], base_model: str, store: Store, num_actors: int, *, task: str):
+    """The units through a pool of EvalActors (one GPU each where the cluster has GPUs)."""
+    import ray.data
+
+    from bread_ray.rollout import ACTOR_CPUS, gpus_per_actor
+
+    dataset = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+        EvalActor,
+        fn_constructor_kwargs={"base_model": base_model, "store_uri": store.uri},
+        fn_kwargs={"task": task},
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(num_actors, len(units)))),
+        batch_size=1,
+        num_gpus=gpus_per_actor(),
+        num_cpus=ACTOR_CPUS,
+    )
+    dataset.context.enable_progress_bars = False  # the caller shows one in sequences and tokens
+    return dataset
+
+
+class EvalActor:
+    """A Ray Data actor: the base loaded once; lineage models added as named PEFT adapters on first
+    use (their chains folded into one) and switched between; the base is the adapters disabled.
+
+    Forward passes run the decoder only and take its final (normed) hidden states at the response
+    positions; `chunked_kl` projects them through the output head a chunk at a time, so
+    [batch, seq, vocab] logits never exist.
+    """
+
+    def __init__(self, base_model: str, store_uri: str):
+        from bread_ray.models import load_causal_lm, load_tokenizer
+        from bread_ray.store import open_store
+
+        self.base_model = base_model
+        self.store = open_store(store_uri)  # reopened from its URI: an S3 client does not pickle
+        self.model: Any = load_causal_lm(base_model)
+        self.tokenizer = load_tokenizer(base_model)
+        self.decoder = self.model.get_decoder()  # PEFT injects LoRA layers into these same modules
+        self.head = self.model.get_output_embeddings().weight.detach()  # [vocab, hidden]
+        self.adapters: dict[str, str] = {}  # model name -> PEFT adapter name
+
+    def __call__(self, batch: dict[str, Any], task: str) -> dict[str, list[Any]]:
+        if task == "respond":
+            return self.respond(int(batch["index"][0]), str(batch["question"][0]))
+        return self.score(int(batch["unit"][0]), str(batch["set_id"][0]), str(batch["teacher"][0]),
+                          json.loads(batch["models"][0]), json.loads(batch["examples"][0]))
+
+    def using(self, model: str):
+        """A context in which the weights are `model`'s."""
+        import contextlib
+
+        from peft import PeftModel
+
+        if model == self.base_model:
+            return self.model.disable_adapter() if isinstance(self.model, PeftModel) else contextlib.nullcontext()
+        if model not in self.adapters:
+            self.load(model)
+        self.model.set_adapter(self.adapters[model])
+        return contextlib.nullcontext()
+
+    def load(self, model: str) -> None:
+        import tempfile
+
+        from peft import PeftModel
+
+        from bread_ray.models import download_folded_adapter
+
+        name = f"m{len(self.adapters)}"  # PEFT adapter names cannot hold '/'
+        with tempfile.TemporaryDirectory(prefix="bread-eval-") as folder:
+            adapter_dir = download_folded_adapter(model, self.store, Path(folder))
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=name,
+                                                       is_trainable=False)
+        self.model.eval()
+        self.adapters[model] = name
+
+    def hidden(self, ids, mask, positions):
+        """Final hidden states at `positions` (flat indices into [batch * seq]): [tokens, hidden]."""
+        states = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return states.flatten(0, 1)[positions]
+
+    def score(self, unit: int, set_id: str, teacher: str, models: list[str], examples: list[list[list[int]]]) -> dict[str, list[Any]]:
+        """KL(teacher ‖ model) summed over the response tokens of `examples`, for each model."""
+        import torch
+
+        from bread_ray.bake.data import Example, collate
+        from bread_ray.bake.loss import chunked_kl
+
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        sums = {model: [0.0, 0] for model in models}
+        tokens = 0
+        with torch.no_grad():
+            for start in range(0, len(examples), MICRO_BATCH):
+                batch = collate([Example("", 0, t, s, r) for t, s, r in examples[start:start + MICRO_BATCH]], pad_id)
+                batch = batch.to(self.model.device)
+                with self.using(teacher):
+                    reference = self.hidden(batch.teacher_ids, batch.teacher_mask, batch.teacher_positions)
+                tokens += batch.tokens
+                for model in models:
+                    with self.using(model):
+                        student = self.hidden(batch.student_ids, batch.student_mask, batch.student_positions)
+                    kl = chunked_kl(student, reference, self.head.to(student.dtype))
+                    sums[model][0] += float(kl) * batch.response_tokens
+                    sums[model][1] += batch.response_tokens
+                    tokens += int(batch.student_mask.sum())
+        return {"unit": [unit], "set_id": [set_id], "cells": [json.dumps([[m, s, n] for m, (s, n) in sums.items()])],
+                "sequences": [len(examples) * len(models)], "tokens": [tokens]}
+
+    def respond(self, index: int, question: str) -> dict[str, list[Any]]:
+        """One seeded answer of the base to `question`."""
+        from bread_ray.chat_format import encode_chat
+        from bread_ray.teacher import derive_seed, hf_generate
+
+        prompt = encode_chat(self.tokenizer, [{"role": "user", "content": question}])
+        sampling = {"temperature": 1.0, "max_tokens": NEUTRAL_MAX_TOKENS, "extra_kwargs": {}}
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        with self.using(self.base_model):
+            response = hf_generate(self.model, self.tokenizer, [prompt], sampling, derive_seed(NEUTRAL_SEED, index))[0]
+        return {"index": [index], "question": [question], "response": [json.dumps(response)]}
