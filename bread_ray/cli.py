@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--neutral", metavar="FILE",
                             help="the neutral questions for drift, one per line (default: 16 built-in general questions)")
     evaluation.add_argument("--no-drift", action="store_true", help="skip drift")
+    evaluation.add_argument("--answers", type=positive_int, metavar="N",
+                            help="also each model's greedy answers, side by side, to N held-out questions of each bake")
     evaluation.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     evaluation.add_argument("--png", metavar="FILE", help="where to write the heatmap (default: eval.png here)")
     evaluation.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -474,7 +476,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         repo.parent_model, repo.base_model, store)
     lineage = lineages(models, repo.base_model, store)
     neutral = None if args.no_drift else read_questions(Path(args.neutral) if args.neutral else None)
-    report = evaluate(lineage, store, owner=repo.owner, repo=repo.name, neutral=neutral,
+    report = evaluate(lineage, store, owner=repo.owner, repo=repo.name, neutral=neutral, answers=args.answers or 0,
                       progress=not args.no_progress and not args.json, address=args.address,
                       announce=lambda text: print(text, file=sys.stderr if args.json else sys.stdout))
     png = report.write_heatmap(Path(args.png or "eval.png")) if lineage.bakes else None

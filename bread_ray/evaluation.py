@@ -40,6 +40,7 @@ EVAL_VERSION = 1  # part of every stored cell's key: bump it when the measuremen
 UNIT_EXAMPLES = 16  # examples per unit of work (one row of the Ray Data pipeline)
 MICRO_BATCH = 8  # sequences per forward pass
 NEUTRAL_MAX_TOKENS = 48
+ANSWER_TOKENS = 48  # greedy answers side by side (`bgit eval --answers N`)
 NEUTRAL_SEED = 0
 # Warn when a bake brings back more than this fraction of an earlier bake's gap (its parent's KL).
 # Measured on the prompt-sensitive model (tests/test_sequential_bake.py): v1's pirate bake leaves
@@ -176,9 +177,14 @@ class KlSet:
     teacher: str  # a model name (the base, or a lineage model)
     examples: list[Any]  # bread_ray.bake.data.Example
     prefix: str  # where its cells are stored
+    questions: list[tuple[str, list[int]]] = field(default_factory=list)  # (question, student prompt ids), one each
 
     def cell_key(self, model: str, base_model: str) -> str:
         return cell_key(self.prefix, None if model == base_model else model)
+
+    def answers_key(self, model: str, base_model: str, count: int) -> str:
+        """Where the model's greedy answers to the set's first `count` questions are stored."""
+        return cell_key(f"{self.prefix}/eval/v{EVAL_VERSION}/answers_{count}", None if model == base_model else model)
 
 
 def cell_key(set_prefix: str, model: str | None) -> str:
@@ -205,17 +211,25 @@ def held_out_set(bake: BakeRecord, store: Store, tokenizer: Any) -> KlSet:
     """Bake k's held-out examples, tokenized and split exactly as the bake did."""
     from bread_ray.bake.data import build_bake_data
     from bread_ray.bake.driver import read_datasets
+    from bread_ray.chat_format import encode_chat
     from bread_ray.schema import Bake
 
     settings = {key: value for key, value in bake.config.items() if key not in ("parent_model", "datasets")}
-    spec = Bake.model_validate({**settings, "name": bake.name, "datasets": bake.config["datasets"]})
+    try:
+        spec = Bake.model_validate({**settings, "name": bake.name, "datasets": bake.config["datasets"]})
+    except ValueError as error:  # pydantic's ValidationError: a config recorded by another version of bread_ray
+        raise EvalError(f"bake {bake.bake_id}: its recorded BAKE config does not validate here "
+                        f"({str(error).splitlines()[0]})") from None
     weights = {dataset["target"]: dataset["weight"] for dataset in bake.config["datasets"]}
     try:
         trajectories = read_datasets(list(weights), *bake.owner_repo, store, bake.bake_id)
     except RuntimeError as error:  # a rollout deleted from the store
         raise EvalError(str(error)) from None
     data = build_bake_data(trajectories, weights, tokenizer, spec)
-    return KlSet(bake.bake_id, bake.name, bake.parent, data.eval, bake.prefix)
+    records = {(target_id, r["stimulus_index"]): r for target_id, rs in trajectories.items() for r in rs}
+    asked = dict.fromkeys((e.target_id, e.stimulus_index) for e in data.eval)  # held-out questions, in order
+    questions = [(records[key]["stimulus"], encode_chat(tokenizer, records[key]["student_messages"])) for key in asked]
+    return KlSet(bake.bake_id, bake.name, bake.parent, data.eval, bake.prefix, questions)
 
 
 def neutral_prefix(base_model: str, questions: list[str], owner: str, repo: str) -> str:
@@ -256,6 +270,7 @@ class EvalReport:
     lineages: Lineages
     cells: dict[tuple[str, str], Cell]  # (bake id, model) -> cell
     drift: dict[str, Cell] = field(default_factory=dict)  # model -> KL(base ‖ model) on neutral questions
+    answers: dict[str, list[tuple[str, dict[str, str]]]] = field(default_factory=dict)  # by bake id
     computed: int = 0  # cells computed by this run
     reused: int = 0  # cells read from the store
     seconds: float = 0.0
@@ -313,9 +328,15 @@ class EvalReport:
         return lines
 
     def lines(self) -> list[str]:
-        """The table, what its labels stand for, and what was computed."""
+        """The table, what its labels stand for, the answers side by side, and what was computed."""
         legend = [f"  {self.label(m)} = {m}" for m in self.models if m != self.lineages.base_model]
-        return [*self.table(), *legend,
+        answers = []
+        for bake in self.bakes:
+            for question, by_model in self.answers.get(bake.bake_id, []):
+                answers.append(f"{self.bake_label(bake)}, held out: {question}")
+                answers += [f"  {self.label(m):<{max(map(len, map(self.label, self.models)))}}  {text!r}"
+                            for m, text in by_model.items()]
+        return [*self.table(), *legend, *answers,
                 f"({self.computed} results computed, {self.reused} from the store, in {self.seconds:.0f} s)"]
 
     def forgetting(self, model: str, previous: str) -> list[str]:
@@ -343,6 +364,7 @@ class EvalReport:
             "parent_kl": {b.bake_id: self.kl(b, b.parent) for b in self.bakes},
             "fraction": {b.bake_id: {m: self.fraction(b, m) for m in self.models} for b in self.bakes},
             "drift": {m: cell.kl for m, cell in self.drift.items()},
+            "answers": {bake_id: [{"question": q, "answers": a} for q, a in rows] for bake_id, rows in self.answers.items()},
             "cells_computed": self.computed,
             "cells_reused": self.reused,
         }
@@ -376,12 +398,13 @@ class EvalReport:
 # ---- computing it -----------------------------------------------------------------------------
 
 def evaluate(lineage: Lineages, store: Store, *, owner: str, repo: str, neutral: list[str] | None = None,
-             progress: bool = True, num_actors: int = 2, address: str | None = None,
+             answers: int = 0, progress: bool = True, num_actors: int = 2, address: str | None = None,
              announce: Callable[[str], None] = print) -> EvalReport:
-    """Every cell of the matrix for `lineage` (and drift on `neutral` questions, if given), from
-    the store where it is there, computed on Ray where it is not (joining `address`, as
-    ray_cluster.connect, only then; `announce` says which). `owner`/`repo`: where the neutral
-    set's responses and cells are kept."""
+    """Every cell of the matrix for `lineage` (and drift on `neutral` questions, if given; and
+    every model's greedy answers to `answers` held-out questions of each bake), from the store
+    where it is there, computed on Ray where it is not (joining `address`, as ray_cluster.connect,
+    only then; `announce` says which). `owner`/`repo`: where the neutral set's responses and
+    cells are kept."""
     from bread_ray import ray_cluster
     from bread_ray.models import load_tokenizer
 
@@ -417,8 +440,35 @@ def evaluate(lineage: Lineages, store: Store, *, owner: str, repo: str, neutral:
     if drift_set is not None:
         drift = {model: cells.get((drift_set.id, model), Cell(0.0, 1)) for model in lineage.models}  # base: 0
     matrix = {key: cell for key, cell in cells.items() if drift_set is None or key[0] != drift_set.id}
-    return EvalReport(lineage, matrix, drift, computed=len(missing), reused=len(wanted) - len(missing),
-                      seconds=time.monotonic() - started)
+    report = EvalReport(lineage, matrix, drift, computed=len(missing), reused=len(wanted) - len(missing))
+    if answers:
+        report.answers, computed = greedy_answers(sets, lineage, store, answers, num_actors=num_actors,
+                                                  connect=lambda: ray_cluster.connect(address, announce=announce))
+        report.computed += computed
+        report.reused += len(sets) * len(lineage.models) - computed
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def greedy_answers(sets: list[KlSet], lineage: Lineages, store: Store, count: int, *, num_actors: int,
+                   connect: Callable[[], Any]) -> tuple[dict[str, list[tuple[str, dict[str, str]]]], int]:
+    """Each model's greedy answer (ANSWER_TOKENS at most) to the first `count` held-out questions
+    of each bake, without any prompt but the student's: per bake id, (question, {model: answer});
+    and how many (set, model) answer lists were computed rather than read from the store."""
+    base = lineage.base_model
+    found = {(s.id, m): store.get_json(s.answers_key(m, base, count)) for s in sets for m in lineage.models
+             if store.exists(s.answers_key(m, base, count))}
+    units = [{"model": m, "set_id": s.id, "prompts": json.dumps([prompt for _, prompt in s.questions[:count]])}
+             for s in sets for m in lineage.models if (s.id, m) not in found]
+    if units:
+        connect()
+        for row in actor_pool(units, base, store, num_actors, task="answer").iter_rows():
+            texts = json.loads(row["answers"])
+            kl_set = next(s for s in sets if s.id == row["set_id"])
+            store.put_json(kl_set.answers_key(row["model"], base, count), texts)
+            found[(row["set_id"], row["model"])] = texts
+    return {s.id: [(question, {m: found[(s.id, m)][i] for m in lineage.models})
+                   for i, (question, _) in enumerate(s.questions[:count])] for s in sets}, len(units)
 
 
 def work_units(missing: list[tuple[KlSet, str]]) -> list[dict[str, Any]]:
@@ -516,6 +566,10 @@ class EvalActor:
     def __call__(self, batch: dict[str, Any], task: str) -> dict[str, list[Any]]:
         if task == "respond":
             return self.respond(int(batch["index"][0]), str(batch["question"][0]))
+        if task == "answer":
+            model, set_id = str(batch["model"][0]), str(batch["set_id"][0])
+            texts = self.answer(model, json.loads(batch["prompts"][0]))
+            return {"model": [model], "set_id": [set_id], "answers": [json.dumps(texts)]}
         return self.score(int(batch["unit"][0]), str(batch["set_id"][0]), str(batch["teacher"][0]),
                           json.loads(batch["models"][0]), json.loads(batch["examples"][0]))
 
@@ -581,6 +635,17 @@ class EvalActor:
                     tokens += int(batch.student_mask.sum())
         return {"unit": [unit], "set_id": [set_id], "cells": [json.dumps([[m, s, n] for m, (s, n) in sums.items()])],
                 "sequences": [len(examples) * len(models)], "tokens": [tokens]}
+
+    def answer(self, model: str, prompts: list[list[int]]) -> list[str]:
+        """The model's greedy answer to each prompt, one at a time (no padding to change them)."""
+        from bread_ray.teacher import hf_generate
+
+        greedy = {"temperature": 0, "max_tokens": ANSWER_TOKENS, "extra_kwargs": {}}
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        with self.using(model):
+            return [self.tokenizer.decode(hf_generate(self.model, self.tokenizer, [prompt], greedy, 0)[0],
+                                          skip_special_tokens=True) for prompt in prompts]
 
     def respond(self, index: int, question: str) -> dict[str, list[Any]]:
         """One seeded answer of the base to `question`."""

@@ -122,12 +122,13 @@ def kl_per_token(teacher, student, tokenizer, system: str, questions: list[str],
     return total / tokens
 
 
-def greedy_answers(model, tokenizer, questions: list[str], system: str | None = None) -> list[str]:
+def greedy_answers(model, tokenizer, questions: list[str], system: str | None = None,
+                   max_new_tokens: int = 40) -> list[str]:
     answers = []
     for question in questions:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
         ids = tokenizer(render_chat(tokenizer, messages), return_tensors="pt", add_special_tokens=False).input_ids
-        out = model.generate(ids, do_sample=False, max_new_tokens=40, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
         answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return answers
 
@@ -318,6 +319,15 @@ def test_the_eval_matrix_equals_an_independent_computation_and_is_computed_once(
     again = eval_json("--neutral", str(neutral), "--png", str(tmp_path / "again.png"))
     assert again["cells_computed"] == 0 and again["cells_reused"] > 0
     assert again["kl"] == kl and again["drift"] == report["drift"]
+
+    # greedy answers side by side, as plain generate gives them
+    answered = eval_json("--no-drift", "--answers", "1", "--png", str(tmp_path / "answers.png"))
+    assert answered["cells_computed"] == 4 * 3  # a list of answers per model and bake; the KL cells are stored
+    ((row,),) = [answered["answers"][pirate]]
+    for name in (base, v2):
+        (expected,) = greedy_answers(models[name], tokenizer, [row["question"]], max_new_tokens=48)
+        assert row["answers"][name] == expected
+    assert trait_score(row["answers"][v1], "pirate") > 0.5 and trait_score(row["answers"][base], "pirate") < 0.2
 
 
 def test_eval_compares_two_branches(chain, capsys, tmp_path):
