@@ -51,6 +51,7 @@ from bread_ray.pipeline import (
     unusable_base_model,
 )
 from bread_ray.repo import DEFAULT_BASE_MODEL, INPUT_FILE, BreadRepo, RepoError, render_lineage_tree
+from bread_ray.schema import DEFAULT_QUESTION_MODEL
 from bread_ray.stim import read_stimuli
 from bread_ray.store import BAKE_RESULT, bake_prefix, open_store, read_metrics_log
 from bread_ray.yaml_lines import decode_config
@@ -167,7 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
                             help="the neutral questions for drift, one per line (default: 16 built-in general questions)")
     evaluation.add_argument("--no-drift", action="store_true", help="skip drift")
     evaluation.add_argument("--answers", type=positive_int, metavar="N",
-                            help="also each model's greedy answers, side by side, to N held-out questions of each bake")
+                            help="also each model's greedy answers, side by side, to N held-out questions of each bake; "
+                            "with ANTHROPIC_API_KEY set, an LLM judge scores each for its bake's instruction")
+    evaluation.add_argument("--judge-model", default=DEFAULT_QUESTION_MODEL, metavar="MODEL",
+                            help=f"the judge of --answers (default {DEFAULT_QUESTION_MODEL})")
+    evaluation.add_argument("--no-judge", action="store_true", help="answers without the judge")
     evaluation.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     evaluation.add_argument("--png", metavar="FILE", help="where to write the heatmap (default: eval.png here)")
     evaluation.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -476,8 +481,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         repo.parent_model, repo.base_model, store)
     lineage = lineages(models, repo.base_model, store)
     neutral = None if args.no_drift else read_questions(Path(args.neutral) if args.neutral else None)
+    judge = args.answers and not args.no_judge and os.environ.get("ANTHROPIC_API_KEY")
     report = evaluate(lineage, store, owner=repo.owner, repo=repo.name, neutral=neutral, answers=args.answers or 0,
-                      progress=not args.no_progress and not args.json, address=args.address,
+                      judge_model=args.judge_model if judge else None, progress=not args.no_progress and not args.json, address=args.address,
                       announce=lambda text: print(text, file=sys.stderr if args.json else sys.stdout))
     png = report.write_heatmap(Path(args.png or "eval.png")) if lineage.bakes else None
     if args.json:
@@ -486,6 +492,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not lineage.bakes:
         print("No bake on these models' lineages: drift only.")
     print("\n".join(report.lines()))
+    if args.answers and not judge and not args.no_judge:
+        print("(no ANTHROPIC_API_KEY: the answers are not judged)")
     if png:
         print(f"heatmap: {png}")
     return 0

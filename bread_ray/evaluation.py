@@ -25,6 +25,7 @@ batch of examples that the teacher scores once and every model after it.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ NEUTRAL_SEED = 0
 # Warn when a bake brings back more than this fraction of an earlier bake's gap (its parent's KL).
 # Measured on the prompt-sensitive model (tests/test_sequential_bake.py): v1's pirate bake leaves
 # 0.00 of its gap; a v2 taught a sign-off that v1's teacher never writes brings back 0.94; the same
-# v2 replaying v1's target as a regulariser, 0.04. A quarter sits well clear of both, and of the
+# v2 replaying v1's target as a regulariser, 0.02. A quarter sits well clear of both, and of the
 # run-to-run noise of a held-out KL on a few questions (a few hundredths here).
 FORGETTING_THRESHOLD = 0.25
 
@@ -177,19 +178,29 @@ class KlSet:
     teacher: str  # a model name (the base, or a lineage model)
     examples: list[Any]  # bread_ray.bake.data.Example
     prefix: str  # where its cells are stored
-    questions: list[tuple[str, list[int]]] = field(default_factory=list)  # (question, student prompt ids), one each
+    # held-out questions, one each: (question, student prompt ids, the teacher prompt's instruction)
+    questions: list[tuple[str, list[int], str]] = field(default_factory=list)
+
+    @property
+    def folder(self) -> str:
+        """Where the set's results are stored: its cells, and answers_<count>/ (judge_<hash>/ below)."""
+        return results_folder(self.prefix)
 
     def cell_key(self, model: str, base_model: str) -> str:
-        return cell_key(self.prefix, None if model == base_model else model)
+        return model_key(self.folder, None if model == base_model else model)
 
     def answers_key(self, model: str, base_model: str, count: int) -> str:
         """Where the model's greedy answers to the set's first `count` questions are stored."""
-        return cell_key(f"{self.prefix}/eval/v{EVAL_VERSION}/answers_{count}", None if model == base_model else model)
+        return model_key(f"{self.folder}/answers_{count}", None if model == base_model else model)
 
 
-def cell_key(set_prefix: str, model: str | None) -> str:
-    """Where a set's cell of `model` (None: the base) is stored."""
-    return f"{set_prefix}/eval/v{EVAL_VERSION}/{model or 'base'}.json"
+def results_folder(set_prefix: str) -> str:
+    return f"{set_prefix}/eval/v{EVAL_VERSION}"
+
+
+def model_key(folder: str, model: str | None) -> str:
+    """A model's (None: the base's) result in `folder`."""
+    return f"{folder}/{model or 'base'}.json"
 
 
 def stored_fidelity(model: str, store: Store) -> float | None:
@@ -199,7 +210,7 @@ def stored_fidelity(model: str, store: Store) -> float | None:
         lineage = store.read_lineage(model)
         name = ModelName.parse(model)
         prefix = bake_prefix(name.owner, name.repo, lineage["bake_id"])
-        mine, parent = (store.get_json(cell_key(prefix, m)) for m in (model, lineage["parent"]))
+        mine, parent = (store.get_json(model_key(results_folder(prefix), m)) for m in (model, lineage["parent"]))
     except (UserError, InvalidModelName):
         return None
     if not mine["tokens"] or not parent["kl_sum"]:
@@ -228,8 +239,14 @@ def held_out_set(bake: BakeRecord, store: Store, tokenizer: Any) -> KlSet:
     data = build_bake_data(trajectories, weights, tokenizer, spec)
     records = {(target_id, r["stimulus_index"]): r for target_id, rs in trajectories.items() for r in rs}
     asked = dict.fromkeys((e.target_id, e.stimulus_index) for e in data.eval)  # held-out questions, in order
-    questions = [(records[key]["stimulus"], encode_chat(tokenizer, records[key]["student_messages"])) for key in asked]
+    questions = [(records[key]["stimulus"], encode_chat(tokenizer, records[key]["student_messages"]),
+                  instruction(records[key]["teacher_messages"])) for key in asked]
     return KlSet(bake.bake_id, bake.name, bake.parent, data.eval, bake.prefix, questions)
+
+
+def instruction(teacher_messages: list[dict[str, Any]]) -> str:
+    """What a teacher prompt asks: its turns before the question, as text."""
+    return "\n".join(str(message["content"]) for message in teacher_messages[:-1])
 
 
 def neutral_prefix(base_model: str, questions: list[str], owner: str, repo: str) -> str:
@@ -271,6 +288,8 @@ class EvalReport:
     cells: dict[tuple[str, str], Cell]  # (bake id, model) -> cell
     drift: dict[str, Cell] = field(default_factory=dict)  # model -> KL(base ‖ model) on neutral questions
     answers: dict[str, list[tuple[str, dict[str, str]]]] = field(default_factory=dict)  # by bake id
+    judged: dict[tuple[str, str], float] = field(default_factory=dict)  # (bake id, model) -> mean judge score
+    judge_model: str | None = None
     computed: int = 0  # cells computed by this run
     reused: int = 0  # cells read from the store
     seconds: float = 0.0
@@ -336,7 +355,7 @@ class EvalReport:
                 answers.append(f"{self.bake_label(bake)}, held out: {question}")
                 answers += [f"  {self.label(m):<{max(map(len, map(self.label, self.models)))}}  {text!r}"
                             for m, text in by_model.items()]
-        return [*self.table(), *legend, *answers,
+        return [*self.table(), *legend, *answers, *self.judge_table(),
                 f"({self.computed} results computed, {self.reused} from the store, in {self.seconds:.0f} s)"]
 
     def forgetting(self, model: str, previous: str) -> list[str]:
@@ -355,6 +374,19 @@ class EvalReport:
                 f"BAKE.datasets: [..., {{target: {targets}, weight: 0.25}}]")
         return warnings
 
+    def judge_table(self) -> list[str]:
+        if not self.judged:
+            return []
+        width = max(13, *(len(self.bake_label(b)) + 2 for b in self.bakes))
+        first = max(5, *(len(self.label(m)) for m in self.models)) + 2
+        lines = [f"judge ({self.judge_model}): mean score, 0-10, of each model's answers for each bake's instruction",
+                 "model".ljust(first) + "".join(self.bake_label(b).rjust(width) for b in self.bakes)]
+        for model in self.models:
+            scores = [self.judged.get((b.bake_id, model)) for b in self.bakes]
+            lines.append(self.label(model).ljust(first)
+                         + "".join(("-" if v is None else f"{v:.1f}").rjust(width) for v in scores))
+        return lines
+
     def to_json(self) -> dict[str, Any]:
         return {
             "base_model": self.lineages.base_model,
@@ -365,6 +397,9 @@ class EvalReport:
             "fraction": {b.bake_id: {m: self.fraction(b, m) for m in self.models} for b in self.bakes},
             "drift": {m: cell.kl for m, cell in self.drift.items()},
             "answers": {bake_id: [{"question": q, "answers": a} for q, a in rows] for bake_id, rows in self.answers.items()},
+            "judge": {"model": self.judge_model,
+                      "scores": {b.bake_id: {m: self.judged.get((b.bake_id, m)) for m in self.models} for b in self.bakes}}
+            if self.judged else None,
             "cells_computed": self.computed,
             "cells_reused": self.reused,
         }
@@ -398,13 +433,13 @@ class EvalReport:
 # ---- computing it -----------------------------------------------------------------------------
 
 def evaluate(lineage: Lineages, store: Store, *, owner: str, repo: str, neutral: list[str] | None = None,
-             answers: int = 0, progress: bool = True, num_actors: int = 2, address: str | None = None,
-             announce: Callable[[str], None] = print) -> EvalReport:
+             answers: int = 0, judge_model: str | None = None, progress: bool = True, num_actors: int = 2,
+             address: str | None = None, announce: Callable[[str], None] = print) -> EvalReport:
     """Every cell of the matrix for `lineage` (and drift on `neutral` questions, if given; and
-    every model's greedy answers to `answers` held-out questions of each bake), from the store
-    where it is there, computed on Ray where it is not (joining `address`, as ray_cluster.connect,
-    only then; `announce` says which). `owner`/`repo`: where the neutral set's responses and
-    cells are kept."""
+    every model's greedy answers to `answers` held-out questions of each bake, scored by
+    `judge_model` if given), from the store where it is there, computed where it is not: on Ray
+    (joining `address`, as ray_cluster.connect, only then; `announce` says which), the judge
+    through Anthropic's API. `owner`/`repo`: where the neutral set's responses and cells are kept."""
     from bread_ray import ray_cluster
     from bread_ray.models import load_tokenizer
 
@@ -446,6 +481,11 @@ def evaluate(lineage: Lineages, store: Store, *, owner: str, repo: str, neutral:
                                                   connect=lambda: ray_cluster.connect(address, announce=announce))
         report.computed += computed
         report.reused += len(sets) * len(lineage.models) - computed
+        if judge_model:
+            report.judged, asked = judge_answers(sets, report.answers, store, answers, judge_model, base)
+            report.judge_model = judge_model
+            report.computed += asked
+            report.reused += len(report.judged) - asked
     report.seconds = time.monotonic() - started
     return report
 
@@ -458,7 +498,7 @@ def greedy_answers(sets: list[KlSet], lineage: Lineages, store: Store, count: in
     base = lineage.base_model
     found = {(s.id, m): store.get_json(s.answers_key(m, base, count)) for s in sets for m in lineage.models
              if store.exists(s.answers_key(m, base, count))}
-    units = [{"model": m, "set_id": s.id, "prompts": json.dumps([prompt for _, prompt in s.questions[:count]])}
+    units = [{"model": m, "set_id": s.id, "prompts": json.dumps([prompt for _, prompt, _ in s.questions[:count]])}
              for s in sets for m in lineage.models if (s.id, m) not in found]
     if units:
         connect()
@@ -468,7 +508,67 @@ def greedy_answers(sets: list[KlSet], lineage: Lineages, store: Store, count: in
             store.put_json(kl_set.answers_key(row["model"], base, count), texts)
             found[(row["set_id"], row["model"])] = texts
     return {s.id: [(question, {m: found[(s.id, m)][i] for m in lineage.models})
-                   for i, (question, _) in enumerate(s.questions[:count])] for s in sets}, len(units)
+                   for i, (question, _, _) in enumerate(s.questions[:count])] for s in sets}, len(units)
+
+
+JUDGE_PROMPT = """You judge whether an answer follows an instruction that the model answering was not shown.
+
+Instruction: {instruction}
+
+Question: {question}
+
+Answer: {answer}
+
+How well does the answer follow the instruction? Reply with one integer from 0 (not at all) to 10 (fully), \
+and nothing else."""
+JUDGE_CONCURRENCY = 4  # judge requests in flight at once
+
+
+def parse_score(text: str) -> int | None:
+    """The judge's score: the first integer from 0 to 10 in its reply."""
+    match = re.search(r"\b(10|[0-9])\b", text)
+    return int(match.group(1)) if match else None
+
+
+def judge_answers(sets: list[KlSet], answers: dict[str, list[tuple[str, dict[str, str]]]], store: Store,
+                  count: int, judge_model: str, base_model: str) -> tuple[dict[tuple[str, str], float], int]:
+    """An LLM's score (0-10) of each answer for the instruction of its question's bake (its
+    teacher prompt), through stim's bounded, retrying Anthropic client: per (bake id, model), the
+    mean over the questions; and for how many (bake, model) it asked (scores are stored, so a
+    re-run asks nothing)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import anthropic
+
+    from bread_ray.stim import RetryPolicy, ask_llm
+
+    retry = RetryPolicy()
+    client = anthropic.Anthropic(max_retries=0, timeout=retry.timeout_s)  # key and URL from the environment
+    folder = f"judge_{content_hash(judge_model)[:12]}"
+    scores: dict[tuple[str, str], list[int]] = {}
+    asks = []
+    for kl_set in sets:
+        for model in dict.fromkeys(m for _, by_model in answers[kl_set.id] for m in by_model):
+            key = model_key(f"{kl_set.folder}/answers_{count}/{folder}", None if model == base_model else model)
+            if store.exists(key):
+                scores[(kl_set.id, model)] = store.get_json(key)
+                continue
+            prompts = [JUDGE_PROMPT.format(instruction=kl_set.questions[i][2], question=question,
+                                           answer=by_model[model])
+                       for i, (question, by_model) in enumerate(answers[kl_set.id])]
+            asks.append((kl_set.id, model, key, prompts))
+
+    def ask(prompt: str) -> int:
+        return ask_llm(client, model=judge_model, prompt=prompt, max_tokens=16, temperature=0.0,
+                       parse=parse_score, wanted="a score", retry=retry)
+
+    with ThreadPoolExecutor(max_workers=JUDGE_CONCURRENCY) as pool:
+        judged = [(set_id, model, key, pool.map(ask, prompts)) for set_id, model, key, prompts in asks]
+        for set_id, model, key, results in judged:
+            scores[(set_id, model)] = list(results)
+            store.put_json(key, scores[(set_id, model)])
+    means = {key: sum(values) / len(values) for key, values in scores.items() if values}
+    return means, len(asks)
 
 
 def work_units(missing: list[tuple[KlSet, str]]) -> list[dict[str, Any]]:

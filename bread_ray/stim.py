@@ -524,8 +524,18 @@ class AnthropicQuestionWriter:
 
 
 def ask_anthropic(client: Any, request: dict[str, Any], retry: RetryPolicy) -> list[str]:
-    """The questions of one request, retrying rate limits, overload, server errors, timeouts,
-    connection errors and replies without questions; other errors (400, 401, ...) at once."""
+    """The questions of one request of a generator."""
+    return ask_llm(client, model=str(request["model"]), prompt=str(request["prompt"]),
+                   max_tokens=min(8192, 150 * int(request["count"]) + 256), temperature=float(request["temperature"]),
+                   parse=parse_questions, wanted="questions", retry=retry)
+
+
+def ask_llm(client: Any, *, model: str, prompt: str, max_tokens: int, temperature: float,
+            parse: Callable[[str], Any], wanted: str, retry: RetryPolicy) -> Any:
+    """One prompt to an Anthropic `client`, its reply parsed by `parse`: retrying rate limits,
+    overload, server errors, timeouts, connection errors and replies in which `parse` finds no
+    `wanted` (None or empty); other errors (400, 401, ...) at once. The one LLM client of bgit
+    (stim's questions, eval's judge)."""
     import anthropic
 
     last_error = ""
@@ -533,16 +543,16 @@ def ask_anthropic(client: Any, request: dict[str, Any], retry: RetryPolicy) -> l
         retry_after = None
         try:
             reply = client.messages.create(
-                model=str(request["model"]),
-                max_tokens=min(8192, 150 * int(request["count"]) + 256),
-                messages=[{"role": "user", "content": str(request["prompt"])}],
-                extra_body=sampling_parameters(str(request["model"]), float(request["temperature"])),
+                model=model,
+                max_tokens=max_tokens,
+                messages=[{"role": "user", "content": prompt}],
+                extra_body=sampling_parameters(model, temperature),
             )
             text = reply_text(reply)
-            questions = parse_questions(text)
-            if questions:
-                return questions
-            last_error = f"a reply without questions: {text[:200]!r}"
+            parsed = parse(text)
+            if parsed is not None and parsed != []:
+                return parsed
+            last_error = f"a reply without {wanted}: {text[:200]!r}"
         except anthropic.APIStatusError as error:
             if error.status_code not in (408, 409, 429) and error.status_code < 500:
                 raise

@@ -10,6 +10,9 @@ before the word "questions"), in rotating formats: a JSON array, a numbered list
 array, a bulleted list. Every question is new (a server-wide counter), except in "duplicates"
 replies. Each request takes `delay_s`, so requests in flight at once can be counted.
 
+`judge`, if given, answers the prompts of `bgit eval`'s judge (those asking for "one integer"): it
+takes the prompt and returns the reply's text.
+
 Scripted behaviours, consumed one per request in order (then normal replies again):
     "429"         rate limited, with a `retry-after` header
     "529"         overloaded_error
@@ -26,6 +29,7 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ERROR_TYPES = {429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
@@ -33,8 +37,9 @@ COUNT = re.compile(r"(\d+) (?:\w+ ){0,3}questions")
 
 
 class FakeAnthropic:
-    def __init__(self, delay_s: float = 0.2, retry_after: str = "1"):
+    def __init__(self, delay_s: float = 0.2, retry_after: str = "1", judge: Callable[[str], str] | None = None):
         self.delay_s = delay_s
+        self.judge = judge
         self.retry_after = retry_after
         self.requests = 0  # every POST, failed ones included
         self.in_flight = 0
@@ -102,6 +107,8 @@ class FakeAnthropic:
     def _reply_text(self, prompt: str, behaviour: str) -> str:
         if behaviour == "malformed":
             return "I am sorry, but I would rather talk about the weather today."
+        if self.judge and "one integer" in prompt:
+            return self.judge(prompt)
         match = COUNT.search(prompt)
         count = int(match.group(1)) if match else 5
         with self._lock:

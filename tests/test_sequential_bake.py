@@ -22,6 +22,8 @@ from bread_ray.prompt_sensitive import held_out_questions
 from bread_ray.repo import BreadRepo
 from bread_ray.store import open_store
 
+from fake_anthropic import FakeAnthropic
+
 pytestmark = pytest.mark.slow
 
 QUESTIONS = held_out_questions(seed=0, n=48)  # none seen in the model's pre-training
@@ -29,8 +31,9 @@ TRAIN_QUESTIONS, EVAL_QUESTIONS = QUESTIONS[:36], QUESTIONS[36:]
 
 
 def input_yml(trait: str, name: str, questions: list[str], *, traj: int, epochs: int,
-              replay: str | None = None, replay_weight: float = 0.25) -> str:
-    """A persona bake; `replay` names a target of an earlier commit mixed in as a regulariser."""
+              replay: str | None = None, replay_weight: float = 0.25, per_epoch: int | None = None) -> str:
+    """A persona bake; `replay` names a target of an earlier commit mixed in as a regulariser;
+    `per_epoch`: trajectories drawn per epoch (default: all)."""
     datasets = [{"target": name, "weight": 1 - replay_weight}] + (
         [{"target": replay, "weight": replay_weight}] if replay else [])
     return yaml.safe_dump({
@@ -38,6 +41,7 @@ def input_yml(trait: str, name: str, questions: list[str], *, traj: int, epochs:
         "TARGET": {"name": name, "generators": [{"type": "hardcoded", "questions": questions}],
                    "num_traj_per_stimulus": traj, "max_tokens": 40},
         "BAKE": {"name": f"{name}_bake", "datasets": datasets, "epochs": epochs, "micro_batch_size": 8,
+                 **({"total_trajectories": per_epoch} if per_epoch else {}),
                  "optimizer": {"learning_rate": 0.003},
                  "model": {"baked_adapter_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}},
                  "deepspeed": {"zero_optimization": {"stage": 2}},
@@ -80,7 +84,7 @@ def chain(tmp_path_factory, ray_session, prompt_sensitive_base):
         commits.append(repo.git("rev-parse", "HEAD").strip())
     repo.git("checkout", "-q", "-b", "replay", commits[0])
     replay_output = bake(repo, input_yml("signoff", "signoff", TRAIN_QUESTIONS[:24], traj=2, epochs=3,
-                                         replay="pirate", replay_weight=0.5))
+                                         replay="pirate", replay_weight=0.5, per_epoch=48))
     replayed = repo.parent_model
     repo.git("checkout", "-q", "main")
     yield {"repo": repo, "root": root, "outputs": outputs, "parents": parents, "replayed": replayed,
@@ -261,6 +265,14 @@ def kl_on_records(teacher, student, tokenizer, records: list[dict], *, same_prom
     return total / tokens
 
 
+def judge_by_trait(prompt: str) -> str:
+    """A judge's reply: 10 x the trait score of the answer, for the trait its instruction asks for."""
+    instruction = re.search(r"^Instruction: (.*)$", prompt, re.M).group(1)
+    answer = re.search(r"^Answer: (.*)$", prompt, re.M).group(1)
+    trait = "pirate" if instruction == persona_prompt("pirate") else "signoff"
+    return f"Score: {round(10 * trait_score(answer, trait))}"
+
+
 def test_each_bake_ends_with_its_eval_rows_and_a_forgetful_bake_warns(chain):
     first, forgetful, _ = chain["outputs"]
     assert "held-out KL(teacher_k ‖ model)" in first and "pirate_bake/" in first
@@ -320,14 +332,29 @@ def test_the_eval_matrix_equals_an_independent_computation_and_is_computed_once(
     assert again["cells_computed"] == 0 and again["cells_reused"] > 0
     assert again["kl"] == kl and again["drift"] == report["drift"]
 
-    # greedy answers side by side, as plain generate gives them
-    answered = eval_json("--no-drift", "--answers", "1", "--png", str(tmp_path / "answers.png"))
-    assert answered["cells_computed"] == 4 * 3  # a list of answers per model and bake; the KL cells are stored
+    # greedy answers side by side, as plain generate gives them, scored by a judge (a local server
+    # speaking Anthropic's API, through the real client) for the instruction of each bake
+    with FakeAnthropic(delay_s=0.05, judge=judge_by_trait) as judge, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ANTHROPIC_API_KEY", "test-key")
+        patch.setenv("ANTHROPIC_BASE_URL", judge.url)
+        judge.script("529")  # an overloaded API: retried
+        answered = eval_json("--no-drift", "--answers", "1", "--png", str(tmp_path / "answers.png"))
+        asked = judge.requests
+        assert eval_json("--no-drift", "--answers", "1", "--png", str(tmp_path / "again.png"))["cells_computed"] == 0
+        assert judge.requests == asked  # scores are stored too
+    # per model and bake: a list of answers and a judge's score; the KL cells were stored
+    assert answered["cells_computed"] == 2 * 4 * 3 and asked == 4 * 3 + 1
     ((row,),) = [answered["answers"][pirate]]
     for name in (base, v2):
         (expected,) = greedy_answers(models[name], tokenizer, [row["question"]], max_new_tokens=48)
         assert row["answers"][name] == expected
     assert trait_score(row["answers"][v1], "pirate") > 0.5 and trait_score(row["answers"][base], "pirate") < 0.2
+    scores = answered["judge"]["scores"]
+    for bake, trait in ((pirate, "pirate"), (signoff, "signoff")):
+        (row,) = answered["answers"][bake]
+        for name in (base, v1, v2, v3):
+            assert scores[bake][name] == round(10 * trait_score(row["answers"][name], trait))
+    assert scores[pirate][v1] > scores[pirate][base] and scores[signoff][v2] > scores[signoff][v1]
 
 
 def test_eval_compares_two_branches(chain, capsys, tmp_path):
@@ -363,7 +390,7 @@ def test_the_cli_shows_the_chain_and_revert_restores_the_parent(chain, capsys, t
     assert main(["tree"]) == 0
     tree = capsys.readouterr().out
     assert tree.index(v1.split("/")[2]) < tree.index(v2.split("/")[2]) < tree.index(v3.split("/")[2])
-    assert re.search(rf"{v1} +\[main, replay\]  \(its bake's gap left: 0\.0\d\)", tree), tree  # stored by its eval
+    assert re.search(rf"{v1} .*\[main, replay\]  \(its bake's gap left: 0\.0\d\)", tree), tree  # stored by its eval
     assert main(["models"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in (v1, v2, v3)) and "final" in listed and "checkpoint" in listed
