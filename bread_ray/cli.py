@@ -480,22 +480,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     models = [repo.base_model if m == "base" else m for m in args.models] or branch_models(
         repo.parent_model, repo.base_model, store)
     lineage = lineages(models, repo.base_model, store)
+    if lineage.models == (repo.base_model,):
+        print("Nothing to evaluate: only the base model, which no bake changed. Bake one (`bgit run stim rollout "
+              "bake`) or name baked models (`bgit eval MODEL ...`).")
+        return 0
     neutral = None if args.no_drift else read_questions(Path(args.neutral) if args.neutral else None)
     judge = args.answers and not args.no_judge and os.environ.get("ANTHROPIC_API_KEY")
     report = evaluate(lineage, store, owner=repo.owner, repo=repo.name, neutral=neutral, answers=args.answers or 0,
-                      judge_model=args.judge_model if judge else None, progress=not args.no_progress and not args.json, address=args.address,
-                      announce=lambda text: print(text, file=sys.stderr if args.json else sys.stdout))
-    png = report.write_heatmap(Path(args.png or "eval.png")) if lineage.bakes else None
+                      judge_model=args.judge_model if judge else None, progress=not args.no_progress and not args.json,
+                      address=args.address, announce=lambda text: print(text, file=sys.stderr if args.json else sys.stdout))
+    png = report.write_heatmap(Path(args.png or "eval.png"))
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return 0
-    if not lineage.bakes:
-        print("No bake on these models' lineages: drift only.")
     print("\n".join(report.lines()))
     if args.answers and not judge and not args.no_judge:
         print("(no ANTHROPIC_API_KEY: the answers are not judged)")
-    if png:
-        print(f"heatmap: {png}")
+    print(f"heatmap: {png}")
     return 0
 
 

@@ -12,6 +12,8 @@ For every bake k on the lineages of the models evaluated, and every model m:
                           The bake's own model gives its fidelity; later models, what they kept.
     drift                 KL(base ‖ m) on neutral questions, no prompt on either side; the responses
                           are sampled from the base once and kept in the store.
+    answers (optional)    m's greedy answers to a few held-out questions of each bake, side by side,
+                          and an LLM judge's score of each for its bake's instruction (Anthropic).
 
 The KL is over the full vocabulary, whatever BAKE.kl_top_k a bake trained with.
 
@@ -40,9 +42,9 @@ from bread_ray.store import BAKE_RESULT, Store, bake_prefix, repo_prefix
 EVAL_VERSION = 1  # part of every stored cell's key: bump it when the measurement changes
 UNIT_EXAMPLES = 16  # examples per unit of work (one row of the Ray Data pipeline)
 MICRO_BATCH = 8  # sequences per forward pass
-NEUTRAL_MAX_TOKENS = 48
-ANSWER_TOKENS = 48  # greedy answers side by side (`bgit eval --answers N`)
+NEUTRAL_MAX_TOKENS = 48  # the base's answers to the neutral questions: one seeded sample each
 NEUTRAL_SEED = 0
+ANSWER_TOKENS = 48  # greedy answers side by side (`bgit eval --answers N`)
 # Warn when a bake brings back more than this fraction of an earlier bake's gap (its parent's KL).
 # Measured on the prompt-sensitive model (tests/test_sequential_bake.py): v1's pirate bake leaves
 # 0.00 of its gap; a v2 taught a sign-off that v1's teacher never writes brings back 0.94; the same
@@ -290,8 +292,8 @@ class EvalReport:
     answers: dict[str, list[tuple[str, dict[str, str]]]] = field(default_factory=dict)  # by bake id
     judged: dict[tuple[str, str], float] = field(default_factory=dict)  # (bake id, model) -> mean judge score
     judge_model: str | None = None
-    computed: int = 0  # cells computed by this run
-    reused: int = 0  # cells read from the store
+    computed: int = 0  # results computed by this run: cells, and lists of answers or of judge scores
+    reused: int = 0  # results read from the store
     seconds: float = 0.0
 
     @property
@@ -312,35 +314,49 @@ class EvalReport:
         return kl / parent if kl is not None and parent else None
 
     def label(self, model: str) -> str:
+        """`base`, or `<bake name>/<step>` (with the start of the bake's hash where two models would
+        share that label)."""
         if model == self.lineages.base_model:
             return "base"
+
+        def short(name: str) -> str:
+            parsed = ModelName.parse(name)
+            return f"{parsed.bake_id.rsplit('_', 1)[0]}/{parsed.step}"
+
+        twins = sum(short(m) == short(model) for m in self.models if m != self.lineages.base_model)
+        if twins == 1:
+            return short(model)
         parsed = ModelName.parse(model)
-        return f"{parsed.bake_id.rsplit('_', 1)[0]}/{parsed.step}"
+        return f"{parsed.bake_id[:-10]}/{parsed.step}"  # the name and 6 characters of the hash
 
     def bake_label(self, bake: BakeRecord) -> str:
         """The bake's name, with the start of its hash where two bakes share a name (two branches)."""
         twins = sum(other.name == bake.name for other in self.bakes)
         return bake.name if twins == 1 else f"{bake.name}_{bake.bake_id.rsplit('_', 1)[1][:6]}"
 
+    def grid(self, title: str, columns: list[str], row: Callable[[str], list[str]]) -> list[str]:
+        """A table with a row per model: `title`, the header, then `row(model)`'s texts under `columns`."""
+        width = max(13, *(len(column) + 2 for column in columns))
+        first = max(5, *(len(self.label(m)) for m in self.models)) + 2
+        return [title, "model".ljust(first) + "".join(column.rjust(width) for column in columns),
+                *(self.label(m).ljust(first) + "".join(text.rjust(width) for text in row(m)) for m in self.models)]
+
     def table(self) -> list[str]:
         """The matrix as terminal lines: per model, per bake `KL fraction`, then drift."""
-        columns = [self.bake_label(bake) for bake in self.bakes] + (["drift"] if self.drift else [])
-        width = max(13, *(len(c) + 2 for c in columns))
-        names = [self.label(m) for m in self.models]
-        first = max(5, *map(len, names)) + 2
-        lines = ["held-out KL(teacher_k ‖ model) per response token, and the fraction of bake k's gap that "
-                 "remains (its parent = 1.00, fully baked in = 0.00); drift: KL(base ‖ model) on neutral questions",
-                 "model".ljust(first) + "".join(c.rjust(width) for c in columns)]
-        for model, name in zip(self.models, names):
-            row = name.ljust(first)
+
+        def row(model: str) -> list[str]:
+            texts = []
             for bake in self.bakes:
                 kl, fraction = self.kl(bake, model), self.fraction(bake, model)
-                text = "-" if kl is None else f"{kl:.4f} {fraction:.2f}" if fraction is not None else f"{kl:.4f}"
-                row += text.rjust(width)
+                texts.append("-" if kl is None else f"{kl:.4f} {fraction:.2f}" if fraction is not None else f"{kl:.4f}")
             if self.drift:
                 cell = self.drift.get(model)
-                row += ("-" if cell is None or cell.kl is None else f"{cell.kl:.4f}").rjust(width)
-            lines.append(row)
+                texts.append("-" if cell is None or cell.kl is None else f"{cell.kl:.4f}")
+            return texts
+
+        lines = self.grid("held-out KL(teacher_k ‖ model) per response token, and the fraction of bake k's gap that "
+                          "remains (its parent = 1.00, fully baked in = 0.00); drift: KL(base ‖ model) on neutral "
+                          "questions", [self.bake_label(b) for b in self.bakes] + (["drift"] if self.drift else []), row)
         empty = [self.bake_label(bake) for bake in self.bakes if self.kl(bake, bake.parent) is None]
         if empty:
             lines.append(f"-: no held-out questions in {', '.join(empty)} (BAKE.data.train_eval_split holds none out)")
@@ -377,15 +393,13 @@ class EvalReport:
     def judge_table(self) -> list[str]:
         if not self.judged:
             return []
-        width = max(13, *(len(self.bake_label(b)) + 2 for b in self.bakes))
-        first = max(5, *(len(self.label(m)) for m in self.models)) + 2
-        lines = [f"judge ({self.judge_model}): mean score, 0-10, of each model's answers for each bake's instruction",
-                 "model".ljust(first) + "".join(self.bake_label(b).rjust(width) for b in self.bakes)]
-        for model in self.models:
+
+        def row(model: str) -> list[str]:
             scores = [self.judged.get((b.bake_id, model)) for b in self.bakes]
-            lines.append(self.label(model).ljust(first)
-                         + "".join(("-" if v is None else f"{v:.1f}").rjust(width) for v in scores))
-        return lines
+            return ["-" if score is None else f"{score:.1f}" for score in scores]
+
+        return self.grid(f"judge ({self.judge_model}): mean score, 0-10, of each model's answers for each bake's "
+                         "instruction", [self.bake_label(b) for b in self.bakes], row)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -424,9 +438,13 @@ class EvalReport:
         figure.colorbar(image, label="gap remaining")
         axes.set_title("fraction of each bake's held-out KL that remains", fontsize=10)
         figure.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            figure.savefig(path, dpi=100)
+        except OSError as error:
+            raise EvalError(f"--png {path}: cannot write it ({error.strerror or error})") from None
+        finally:
+            plt.close(figure)
         return path
 
 

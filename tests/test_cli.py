@@ -21,6 +21,7 @@ COMMANDS = {
     "chat": "/system <prompt>",
     "fetch": "exactly as a local run makes it",
     "logs": "the job",
+    "eval": "computes nothing new",
 }
 
 

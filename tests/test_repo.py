@@ -383,3 +383,13 @@ def test_init_refuses_an_empty_owner_or_name(tmp_path, monkeypatch, capsys):
     assert main(["init", ""]) == 1
     assert "NAME" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_says_in_one_line_what_it_cannot_evaluate(repo, capsys):
+    assert main(["eval"]) == 0
+    assert "Nothing to evaluate: only the base model" in capsys.readouterr().out
+    assert main(["eval", "alice/yoda/nope_1/1"]) == 1
+    assert "model 'alice/yoda/nope_1/1' is not in store" in capsys.readouterr().err
+    assert main(["eval", "no-such-model"]) == 1
+    assert "'no-such-model' is neither the base model (tiny-base) nor a model name" in capsys.readouterr().err
+    assert not (repo.root / "eval.png").exists() and repo.git("status", "--porcelain") == ""
