@@ -111,19 +111,10 @@ def sample_responses(model, tokenizer, system: str | None, questions: list[str],
 
 def kl_per_token(teacher, student, tokenizer, system: str, questions: list[str], responses: list[list[int]]) -> float:
     """Mean over response tokens of KL(teacher with `system` ‖ student without), from full logits."""
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for question, response in zip(questions, responses):
-            user = [{"role": "user", "content": question}]
-            sides = []
-            for model, messages in ((teacher, [{"role": "system", "content": system}, *user]), (student, user)):
-                prompt = tokenizer(render_chat(tokenizer, messages), add_special_tokens=False).input_ids
-                logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
-                sides.append(torch.log_softmax(logits.double(), dim=-1))
-            teacher_logp, student_logp = sides
-            total += float((teacher_logp.exp() * (teacher_logp - student_logp)).sum())
-            tokens += len(response)
-    return total / tokens
+    records = [{"teacher_messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+                "student_messages": [{"role": "user", "content": question}], "response_token_ids": response}
+               for question, response in zip(questions, responses)]
+    return kl_on_records(teacher, student, tokenizer, records)
 
 
 def greedy_answers(model, tokenizer, questions: list[str], system: str | None = None,
@@ -311,18 +302,19 @@ def test_the_eval_matrix_equals_an_independent_computation_and_is_computed_once(
 
     # every number again, by independent code: plain PEFT models, full logits, float64
     tokenizer = load_tokenizer(prompt_sensitive_base)
-    models = {name: merged_model(prompt_sensitive_base, name, store, tmp_path) for name in (base, v1, v2)}
-    for bake, model_name in ((pirate, base), (pirate, v1), (pirate, v2), (signoff, v1), (signoff, v2)):
-        teacher = models[base if bake == pirate else v1]
-        records = held_out_records(store, v1 if bake == pirate else v2)
-        expected = kl_on_records(teacher, models[model_name], tokenizer, records)
-        assert kl[bake][model_name] == pytest.approx(expected, rel=2e-3, abs=1e-5), (bake, model_name)
+    models = {name: merged_model(prompt_sensitive_base, name, store, tmp_path) for name in (base, v1, v2, v3)}
+    for bake, (parent, own) in {pirate: (base, v1), signoff: (v1, v2), pirate_again: (v2, v3)}.items():
+        records = held_out_records(store, own)  # the bake's held-out trajectories (with replayed targets')
+        for model_name in models:
+            expected = kl_on_records(models[parent], models[model_name], tokenizer, records)
+            assert kl[bake][model_name] == pytest.approx(expected, rel=2e-3, abs=1e-5), (bake, model_name)
     (responses,) = (chain["root"] / "store" / "alice" / "persona" / "eval").glob("neutral_*/responses.json")
     neutral_records = [{"student_messages": [{"role": "user", "content": r["question"]}],
                         "response_token_ids": r["response_token_ids"]} for r in json.loads(responses.read_text())]
     assert [r["student_messages"][0]["content"] for r in neutral_records] == neutral.read_text().splitlines()
-    expected_drift = kl_on_records(models[base], models[v2], tokenizer, neutral_records, same_prompt=True)
-    assert report["drift"][v2] == pytest.approx(expected_drift, rel=2e-3)
+    for model_name in (v1, v2, v3):
+        expected_drift = kl_on_records(models[base], models[model_name], tokenizer, neutral_records, same_prompt=True)
+        assert report["drift"][model_name] == pytest.approx(expected_drift, rel=2e-3)
     # the bake's own held-out measurement (DeepSpeed, in the worker) agrees on its parent and its model
     result = json.loads((chain["root"] / "store" / "alice" / "persona" / "bakes" / pirate / "result.json").read_text())
     assert report["parent_kl"][pirate] == pytest.approx(result["held_out_kl"]["before"], rel=2e-3)
