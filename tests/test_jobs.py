@@ -123,6 +123,7 @@ def test_a_detached_two_worker_run_equals_a_local_run(two_node_cluster, s3_serve
     logs = bgit("logs", cwd=detached.root, env=env)
     assert "SUCCEEDED" in state, logs.stdout[-4000:]
     assert "bgit job: stim rollout bake for alice/jobs" in logs.stdout and "Baked pirate_bake_" in logs.stdout
+    assert "held-out KL(teacher_k ‖ model)" in logs.stdout  # the job evaluated its bake, on the cluster
     assert "✓ stim + rollout" in status.stdout and "✓ bake" in status.stdout  # the stages, read from the store
     assert detached.git("rev-parse", "HEAD") == head_before  # the job commits nothing here
 
@@ -140,12 +141,13 @@ def test_a_detached_two_worker_run_equals_a_local_run(two_node_cluster, s3_serve
     fetched = bgit("fetch", cwd=detached.root, env=env)
     assert fetched.returncode == 0, fetched.stderr
     assert "Committed" in fetched.stdout
+    assert "held-out KL(teacher_k ‖ model)" in fetched.stdout and "(0 results computed" in fetched.stdout  # the job's
     assert bgit("fetch", cwd=detached.root, env=env).returncode == 1  # applied once
 
     monkeypatch.setenv("BREAD_STORE", str(tmp_path / "local-store"))
     local = new_repo(tmp_path / "local", tiny_base)
     monkeypatch.chdir(local.root)
-    assert main(["run", "stim", "rollout", "bake", "--workers", "2", "--no-progress"]) == 0
+    assert main(["run", "stim", "rollout", "bake", "--workers", "2", "--no-progress", "--no-eval"]) == 0
     for name in ("recipe.yml", ".bread", "input.yml"):
         assert (detached.root / name).read_text() == (local.root / name).read_text(), name
     subjects = [repo.git("log", "--format=%s").splitlines() for repo in (detached, local)]
