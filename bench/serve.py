@@ -27,11 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import ray
 import torch
 from peft import PeftModel
 from ray import serve
 
+from bread_ray import ray_cluster
 from bread_ray.chat_format import encode_chat
 from bread_ray.inference import HfChatEngine, ModelCatalog, SamplingParams
 from bread_ray.models import load_causal_lm, load_tokenizer
@@ -125,7 +125,7 @@ def main() -> int:
     cold_models = [publish_chain(base, store, f"cold{i}", root, seed=i + 1)[0] for i in range(COLD_MODELS)]
     questions = (held_out_questions(seed=1, n=args.requests) * args.requests)[:args.requests]
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray_cluster.connect("local", num_cpus=2)  # a plain ray.init() may join a dead recorded cluster
     serve.start(http_options={"host": "127.0.0.1", "port": 8765})
     settings = ServeSettings(base_model=str(base), store=store.uri, adapter_cache_size=COLD_MODELS + 1)
     serve.run(chat_app(settings), name="bread", route_prefix="/")
@@ -142,7 +142,6 @@ def main() -> int:
         cold += served(url, name, questions[:1], args.max_tokens, 1)[0]
         cached += served(url, name, questions[:1], args.max_tokens, 1)[0]
     serve.shutdown()
-    ray.shutdown()
 
     direct_rate = len(direct) / sum(direct)
     print(f"{args.requests} greedy requests of up to {args.max_tokens} tokens, model {model} (a chain of 3) "

@@ -6,6 +6,8 @@ One path for the CLI and for detached jobs: cli -> pipeline -> stage -> Ray.
     rollout  bread_ray.rollout.Rollout    the prompted teacher's trajectories of each target
     bake     bread_ray.bake.driver.Bake   the LoRA, published; then the bake commit (repo.complete_bake)
 
+When a run does the rollout, its targets' questions and trajectories stream through one
+Ray Data pipeline (bread_ray.stream), and the stages then complete each target from the store.
 Each stage says when an item is done (its result is in the store, bread_ray.store's layout), what
 would stop it (checked for every item before any work), and how to run it (bread_ray.stage).
 """
@@ -23,7 +25,7 @@ from bread_ray.preflight import base_model_problem
 from bread_ray.repo import BREAD_FILE, INPUT_FILE, BreadRepo, RepoError
 from bread_ray.rollout import Rollout
 from bread_ray.stage import Item, Run, Stage
-from bread_ray.stim import Stim
+from bread_ray.stim import Stim, StimError
 from bread_ray.store import ROLLOUT_MANIFEST, STIM_MANIFEST, Store, finished_shards, read_metrics_log
 
 if TYPE_CHECKING:
@@ -72,8 +74,15 @@ def run(repo: BreadRepo, stages: list[str], *, store: Store, progress: bool = Tr
     left = work_left(run)
     if left:
         ray_cluster.connect(address)
-    for stage, item in left:
-        stage.execute(run, item)
+    failed = stream(run, left)
+    for stage, item in work_left(run):  # after streaming: the stimuli and manifests to write, the bake
+        if failed and stage is BAKE:
+            break
+        if item.id not in failed:
+            stage.execute(run, item)
+    if failed:
+        raise StimError("; ".join(failed.values()) + ". Every finished request and rollout shard of every "
+                        "target is saved: a re-run makes only the rest")
     if BAKE.name not in run.stages:
         return RunResult(run.resolved)
     outcome = RunResult(run.resolved, bake=BAKE.result(run))
@@ -85,6 +94,15 @@ def run(repo: BreadRepo, stages: list[str], *, store: Store, progress: bool = Tr
         except Exception as error:  # the bake is published and committed: say why and go on
             outcome.eval_error = f"{type(error).__name__}: {error}"
     return outcome
+
+
+def stream(run: Run, left: list[tuple[Stage, Item]]) -> dict[str, str]:
+    """When a run does stim and rollout, or rollout on stored stimuli, the targets left go through
+    one streaming pipeline (bread_ray.stream); returns {target id: why its questions failed}."""
+    from bread_ray.stream import stream_targets
+
+    targets = [item for stage, item in left if stage is ROLLOUT]
+    return stream_targets(run, targets) if targets else {}
 
 
 def evaluate_bake(run: Run, model: str, *, progress: bool, address: str | None) -> EvalReport:

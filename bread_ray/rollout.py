@@ -62,7 +62,8 @@ class Rollout(Stage):
     def execute(self, run: Run, target: ResolvedTarget) -> dict[str, Any]:
         prefix = run.target_prefix(target.id)
         questions = [record["question"] for record in read_stimuli(run.store, prefix)]
-        return run_rollout(target, questions, store=run.store, prefix=prefix, progress=run.progress)
+        return run_rollout(target, questions, store=run.store, prefix=prefix, progress=run.progress,
+                           streamed=run.shards_streamed.get(target.id, 0))
 
 
 def plan_shards(stimuli: list[str], shard_size: int) -> list[dict[str, Any]]:
@@ -93,9 +94,10 @@ def sample_shards(target: ResolvedTarget, shards: list[dict[str, Any]], *, store
 
     from bread_ray.teacher import TeacherSampler
 
-    dataset = ray.data.from_items(shards, override_num_blocks=len(shards)).map_batches(
+    rows = [{"target": target.id, **shard} for shard in shards]
+    dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         TeacherSampler,
-        fn_constructor_kwargs={"target": target, "store_uri": store.uri, "prefix": prefix},
+        fn_constructor_kwargs={"targets": {target.id: (target, prefix)}, "store_uri": store.uri},
         compute=ray.data.ActorPoolStrategy(size=min(num_actors, len(shards))),
         batch_size=1,
         num_gpus=gpus_per_actor(),
@@ -128,10 +130,11 @@ def check_complete(table: pa.Table, stimuli: list[str], num_traj: int, where: st
 
 
 def run_rollout(target: ResolvedTarget, stimuli: list[str], *, store: Store, prefix: str,
-                num_actors: int = 2, shard_size: int = 8, progress: bool = True) -> dict[str, Any]:
+                num_actors: int = 2, shard_size: int = 8, progress: bool = True, streamed: int = 0) -> dict[str, Any]:
     """Sample `num_traj_per_stimulus` teacher responses per stimulus into `<prefix>/rollout/`;
     returns the manifest. Shards already in the store are kept; a complete rollout (its manifest
-    exists) is returned as is, without starting Ray."""
+    exists) is returned as is, without starting Ray. `streamed`: shards this run already sampled
+    (bread_ray.stream), counted as generated."""
     import pyarrow.compute as pc  # pyarrow, Ray and torch: only when a rollout runs
 
     from bread_ray.trajectories import read_parts, sampling_settings
@@ -155,7 +158,7 @@ def run_rollout(target: ResolvedTarget, stimuli: list[str], *, store: Store, pre
         "trajectories": table.num_rows,
         "tokens": int(pc.sum(pc.list_value_length(table["response_token_ids"])).as_py() or 0),
         "shards": len(shards),
-        "shards_generated": len(todo),  # by the run that completed it; the rest were resumed
+        "shards_generated": len(todo) + streamed,  # by the run that completed it; the rest were resumed
         "shard_size": shard_size,
         "num_traj_per_stimulus": num_traj,
         "model": target.teacher_model,

@@ -34,6 +34,7 @@ class Run:
     progress: bool = True
     workers: int | None = None  # bake workers (default: one per GPU, else one)
     models: ModelReader = field(init=False)  # model files read for the checks, once per run
+    shards_streamed: dict[str, int] = field(default_factory=dict)  # rollout shards sampled by bread_ray.stream
 
     def __post_init__(self) -> None:
         self.models = ModelReader(self.resolved.parent_model, self.repo.base_model, self.store)

@@ -6,12 +6,14 @@
     persona       an LLM writes numq questions that probe the teacher prompt's persona
 
 The LLM generators split numq into requests of at most REQUEST_SIZE questions. Anthropic requests
-run on Ray Data: an actor pool of at most `max_concurrency` actors, each with one request in flight,
+run on Ray Data: one writer actor with at most `max_concurrency` requests in flight (threads),
 each request retrying 429 / 529 / 5xx / timeouts itself with exponential backoff and jitter. The
 questions are parsed, de-duplicated, and more requests are made while a generator is short.
 A local writer (`model: local:<path or hub id>` or `model: parent`) generates in this process.
 Each finished request's questions are stored as it finishes, so a re-run after a failure makes
-only the missing requests; the manifest is written last (the layout: bread_ray.store).
+only the missing requests; the manifest is written last (the layout: bread_ray.store). When the
+run also does the rollout, bread_ray.stream makes the first requests of every target at once and
+rolls out each question as it arrives; this stage then only writes what they made.
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from bread_ray.chat_format import encode_chat
 from bread_ray.config import ResolvedTarget
 from bread_ray.config_errors import ConfigError, Path_, Problem
+from bread_ray.errors import UserError
 from bread_ray.model_sources import ModelNotFoundError, resolve_model_source
 from bread_ray.stage import Run, Stage
 from bread_ray.store import STIM_MANIFEST, Store
 
 REQUEST_SIZE = 20  # questions per LLM request: long lists drift and repeat themselves
 MAX_ROUNDS = 5  # rounds of requests per generator before giving up on reaching numq
-WRITER_CPUS = 0.1  # a writer actor mostly waits on the network; 10 of them fit in one CPU
+WRITER_CPUS = 0.1  # the writer actor mostly waits on the network
 LLM_TYPES = ("oneshot_qs", "persona")
 TEMPLATE_FIELDS = {"numq", "prompt_u"}
 QUESTION_COLUMNS = ("question", "prompt", "instruction", "text", "input")
@@ -92,8 +95,9 @@ LIST_ITEM = re.compile(r"^\s*(?:\d+\s*[.):]|[-*•])\s+(.*\S)\s*$")
 FENCED = re.compile(r"```[\w-]*\s*\n(.*?)```", re.DOTALL)
 
 
-class StimError(RuntimeError):
-    """Stimuli could not be generated (an LLM kept failing, too few distinct questions, ...)."""
+class StimError(UserError, RuntimeError):
+    """Stimuli could not be generated (an LLM kept failing, too few distinct questions, ...): one
+    line for the user, saying which target and what is kept."""
 
 
 @dataclass(frozen=True)
@@ -247,12 +251,7 @@ def generate_stimuli(
     if problems:
         raise ConfigError("input.yml", problems)
     generators = target.spec.generators
-    per_generator: dict[int, list[str]] = {}
-    for j, generator in enumerate(generators):
-        if generator.type == "hardcoded":
-            per_generator[j] = generator.questions[: generator.numq or len(generator.questions)]
-        elif generator.type == "from_dataset":
-            per_generator[j] = sample_dataset(generator, Path(base_dir), where=("TARGET", target_index, "generators", j))
+    per_generator = fixed_questions(target, Path(base_dir), target_index)
     llm_generators = {j: g for j, g in enumerate(generators) if g.type in LLM_TYPES}
     if llm_generators:
         per_generator |= write_llm_questions(
@@ -269,6 +268,17 @@ def generate_stimuli(
         "generators": [{"index": j, "type": g.type, "count": len(per_generator[j])} for j, g in enumerate(generators)],
     })
     return [record["question"] for record in records]
+
+
+def fixed_questions(target: ResolvedTarget, base_dir: Path, target_index: int = 0) -> dict[int, list[str]]:
+    """The questions of the generators that need no LLM (hardcoded, from_dataset), by index."""
+    fixed = {}
+    for j, generator in enumerate(target.spec.generators):
+        if generator.type == "hardcoded":
+            fixed[j] = generator.questions[: generator.numq or len(generator.questions)]
+        elif generator.type == "from_dataset":
+            fixed[j] = sample_dataset(generator, base_dir, where=("TARGET", target_index, "generators", j))
+    return fixed
 
 
 def read_stimuli(store: Store, prefix: str) -> list[dict[str, Any]]:
@@ -395,22 +405,9 @@ def write_llm_questions(
     not yet in the store (all generators together, so the concurrency bound is global), then plans
     more requests for any generator still short."""
     prompt_u = render_teacher_prompt(target)
-    local_writers: dict[str, tuple[Any, Any]] = {}  # loaded once for all rounds
-
-    def load_writer(source: str) -> tuple[Any, Any]:
-        """(tokenizer, model) of a local question writer; a lineage name loads with its adapters."""
-        from bread_ray.models import load_teacher
-
-        if source not in local_writers:
-            model, tokenizer = load_teacher(source, store)
-            local_writers[source] = (tokenizer, model)
-        return local_writers[source]
-    planned = {j: plan_requests(j, g, first=0, numq=g.numq, prompt_u=prompt_u, base_dir=base_dir,
-                                parent_model=parent_model) for j, g in generators.items()}
-    parts = {}
-    for key in store.list(f"{prefix}/stim/parts"):
-        part = store.get_json(key)
-        parts[part["generator"], part["request"]] = part["questions"]
+    load_writer = local_writer_loader(store)  # loaded once for all rounds
+    planned = first_round(target, generators, base_dir=base_dir, parent_model=parent_model)
+    parts = stored_parts(store, prefix)
 
     def collected(j: int) -> list[str]:
         return distinct([q for r in planned[j] for q in parts.get((j, r["request"]), [])])
@@ -426,9 +423,9 @@ def write_llm_questions(
                 if result["error"]:
                     failures.append(result)
                     continue
-                j, index, questions = result["generator"], result["request"], result["questions"]
-                store.put_json(part_key(prefix, j, index), {"generator": j, "request": index, "questions": questions})
-                parts[j, index] = questions
+                j = result["generator"]
+                store_part(store, prefix, result)
+                parts[j, result["request"]] = result["questions"]
                 bars.update(bar[j], completed=min(len(collected(j)), generators[j].numq))
             if failures:
                 raise StimError(
@@ -448,6 +445,44 @@ def write_llm_questions(
         f"target {target.name}: generator {j} ({generators[j].type}) has only {generators[j].numq - shortfall} "
         f"distinct questions of {generators[j].numq} after {MAX_ROUNDS} rounds of requests"
     )
+
+
+def first_round(target: ResolvedTarget, generators: dict[int, Any], *, base_dir: Path,
+                parent_model: str) -> dict[int, list[dict[str, Any]]]:
+    """Each LLM generator's first requests: numq questions in requests of at most REQUEST_SIZE."""
+    prompt_u = render_teacher_prompt(target)
+    return {j: plan_requests(j, g, first=0, numq=g.numq, prompt_u=prompt_u, base_dir=base_dir,
+                             parent_model=parent_model) for j, g in generators.items()}
+
+
+def stored_parts(store: Store, prefix: str) -> dict[tuple[int, int], list[str]]:
+    """{(generator, request): questions} of the requests already made for a target."""
+    parts = {}
+    for key in store.list(f"{prefix}/stim/parts"):
+        part = store.get_json(key)
+        parts[part["generator"], part["request"]] = part["questions"]
+    return parts
+
+
+def store_part(store: Store, prefix: str, result: dict[str, Any]) -> None:
+    """Keep one finished request's questions (a result of `run_requests`)."""
+    j, index = result["generator"], result["request"]
+    store.put_json(part_key(prefix, j, index), {"generator": j, "request": index, "questions": result["questions"]})
+
+
+def local_writer_loader(store: Store) -> Callable[[str], tuple[Any, Any]]:
+    """`load(source) -> (tokenizer, model)` of local question writers, each loaded once; a lineage
+    name loads with its adapters."""
+    loaded: dict[str, tuple[Any, Any]] = {}
+
+    def load(source: str) -> tuple[Any, Any]:
+        from bread_ray.models import load_teacher
+
+        if source not in loaded:
+            model, tokenizer = load_teacher(source, store)
+            loaded[source] = (tokenizer, model)
+        return loaded[source]
+    return load
 
 
 def question_progress(enabled: bool) -> Progress:
@@ -477,8 +512,9 @@ def run_requests(
 
 
 def write_on_ray(requests: list[dict[str, Any]], *, max_concurrency: int, retry: RetryPolicy) -> Iterator[dict]:
-    """One request per batch on a fixed pool of min(max_concurrency, requests) actors: never more
-    than max_concurrency requests in flight. One block per request, so every actor gets work."""
+    """One request per batch, on one writer actor that runs min(max_concurrency, requests) of
+    them at once in threads: never more than max_concurrency requests in flight, and one process
+    to start (the requests wait on the network, not on a CPU). One block per request."""
     import ray.data
 
     dataset = ray.data.from_items(requests, override_num_blocks=len(requests)).map_batches(
@@ -488,19 +524,22 @@ def write_on_ray(requests: list[dict[str, Any]], *, max_concurrency: int, retry:
             "base_url": os.environ.get("ANTHROPIC_BASE_URL"),  # read here: actors may not share our env
             "retry": retry,
         },
-        compute=ray.data.ActorPoolStrategy(size=min(max_concurrency, len(requests))),
+        compute=ray.data.ActorPoolStrategy(
+            size=1, max_concurrent_calls_per_actor=min(max_concurrency, len(requests)),
+            max_tasks_in_flight_per_actor=min(max_concurrency, len(requests)), enable_true_multi_threading=True),
         batch_size=1,
         num_cpus=WRITER_CPUS,
     )
     dataset.context.enable_progress_bars = False  # ours counts questions
     for row in dataset.iter_rows():
-        yield {"generator": int(row["generator"]), "request": int(row["request"]),
+        yield {"target": str(row["target"]), "generator": int(row["generator"]), "request": int(row["request"]),
                "questions": json.loads(row["questions"]), "error": str(row["error"])}
 
 
 class AnthropicQuestionWriter:
-    """A Ray Data actor: one Anthropic client, each batch one request. A request that still fails
-    after its retries becomes an `error` row, so the requests that finished are kept."""
+    """A Ray Data actor: one Anthropic client (thread-safe), shared by the calls that run at once;
+    each batch one request. A request that still fails after its retries becomes an `error` row,
+    so the requests that finished are kept."""
 
     def __init__(self, api_key: str | None, base_url: str | None, retry: RetryPolicy):
         import anthropic
@@ -509,13 +548,14 @@ class AnthropicQuestionWriter:
         self.retry = retry
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        out: dict[str, list] = {"generator": [], "request": [], "questions": [], "error": []}
+        out: dict[str, list] = {"target": [], "generator": [], "request": [], "questions": [], "error": []}
         for i in range(len(batch["request"])):
             request = {key: batch[key][i] for key in batch}
             try:
                 questions, error = ask_anthropic(self.client, request, self.retry), ""
             except Exception as failure:  # noqa: BLE001 - reported per request, with its type
                 questions, error = [], f"{type(failure).__name__}: {failure}"
+            out["target"].append(str(request.get("target", "")))  # set by the streaming pipeline
             out["generator"].append(int(request["generator"]))
             out["request"].append(int(request["request"]))
             out["questions"].append(json.dumps(questions))

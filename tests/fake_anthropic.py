@@ -8,7 +8,12 @@
 `POST /v1/messages` answers with numbered questions, as many as the prompt asks for (the number
 before the word "questions"), in rotating formats: a JSON array, a numbered list, a fenced JSON
 array, a bulleted list. Every question is new (a server-wide counter), except in "duplicates"
-replies. Each request takes `delay_s`, so requests in flight at once can be counted.
+replies. Each request takes `delay_s`, so requests in flight at once can be counted; a pair
+(low, high) draws each request's latency uniformly from it, as a real API's varies.
+
+`deterministic=True` makes every reply a function of its prompt alone (the n-th question of a
+prompt is always the same), so two runs that send the same prompts get the same questions in
+whatever order their requests arrive.
 
 `judge`, if given, answers the prompts of `bgit eval`'s judge (those asking for "one integer"): it
 takes the prompt and returns the reply's text.
@@ -21,11 +26,14 @@ Scripted behaviours, consumed one per request in order (then normal replies agai
     "not_json"    a 200 reply whose body is cut off mid-JSON
     "duplicates"  a 200 reply repeating questions (case and spacing changed), half of them new
 `fail_from(n)` answers 500 to every request after the first n, until `recover()`.
+`refuse(text)` answers 400 (not retried) to every prompt containing `text`, until `recover()`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import re
 import threading
 import time
@@ -37,8 +45,10 @@ COUNT = re.compile(r"(\d+) (?:\w+ ){0,3}questions")
 
 
 class FakeAnthropic:
-    def __init__(self, delay_s: float = 0.2, retry_after: str = "1", judge: Callable[[str], str] | None = None):
+    def __init__(self, delay_s: float | tuple[float, float] = 0.2, retry_after: str = "1",
+                 judge: Callable[[str], str] | None = None, deterministic: bool = False):
         self.delay_s = delay_s
+        self.deterministic = deterministic
         self.judge = judge
         self.retry_after = retry_after
         self.requests = 0  # every POST, failed ones included
@@ -49,6 +59,7 @@ class FakeAnthropic:
         self.last_api_key: str | None = None
         self._script: list[str] = []
         self._fail_from: int | None = None
+        self._refused: str | None = None
         self._questions_made = 0
         self._recent: list[str] = []
         self._lock = threading.Lock()
@@ -74,9 +85,15 @@ class FakeAnthropic:
         with self._lock:
             self._fail_from = self.requests + count
 
+    def refuse(self, text: str) -> None:
+        """Answer 400 invalid_request_error to every prompt that contains `text`."""
+        with self._lock:
+            self._refused = text
+
     def recover(self) -> None:
         with self._lock:
             self._fail_from = None
+            self._refused = None
 
     def reset_counts(self) -> None:
         with self._lock:
@@ -111,6 +128,9 @@ class FakeAnthropic:
             return self.judge(prompt)
         match = COUNT.search(prompt)
         count = int(match.group(1)) if match else 5
+        if self.deterministic:
+            digest = hashlib.sha256(prompt.encode()).hexdigest()[:8]
+            return json.dumps([f"Question {digest}-{i}: what would a pirate say about topic {i}?" for i in range(count)])
         with self._lock:
             questions = self._questions(count, behaviour)
             style = self._questions_made % 4
@@ -150,7 +170,8 @@ class FakeAnthropic:
                     fake.last_api_key = self.headers.get("x-api-key") or bearer or None
                     behaviour = fake._behaviour()
                 try:
-                    time.sleep(fake.delay_s)
+                    delay = fake.delay_s
+                    time.sleep(random.uniform(*delay) if isinstance(delay, tuple) else delay)
                     if self.path != "/v1/messages":
                         self._send(404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}})
                         return
@@ -162,6 +183,10 @@ class FakeAnthropic:
                     with fake._lock:
                         fake.prompts.append(prompt)
                         fake.bodies.append(request)
+                    if fake._refused is not None and fake._refused in prompt:
+                        error = {"type": "invalid_request_error", "message": "scripted refusal"}
+                        self._send(400, {"type": "error", "error": error})
+                        return
                     if behaviour in ("429", "500", "529"):
                         status = int(behaviour)
                         headers = {"retry-after": fake.retry_after} if status == 429 else None

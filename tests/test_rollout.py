@@ -175,6 +175,34 @@ def test_greedy_ignores_the_seed_and_extra_kwargs_reach_generate(tiny_model):
     assert teacher.hf_generate(model, tokenizer, prompts, sampled, seed=3) != expected
 
 
+def test_the_shared_prefix_runs_once_and_changes_no_token(tiny_model):
+    """In process: a shard's prompts share the teacher prompt, which then runs as one row and is
+    reused by every row. Greedy tokens are the plain path's, and seeded samples too: the logits
+    agree up to rounding, so each draw falls the same way."""
+    model, tokenizer = load_teacher(str(tiny_model), LocalStore("/nonexistent"), device="cpu")
+    target = make_target(tiny_model)
+    prompts = [teacher.teacher_prompt(tokenizer, target, s) for s in STIMULI[:4] + ["Why?"] for _ in range(2)]
+    shared = len(os.path.commonprefix(prompts))
+    assert shared >= teacher.MIN_SHARED_PREFIX and len({len(p) for p in prompts}) > 1
+    prefilled = []  # tokens of each forward pass that runs more than one token per row
+    hook = model.model.register_forward_pre_hook(
+        lambda _, args, kwargs: prefilled.append(kwargs["input_ids"].numel())
+        if kwargs["input_ids"].shape[1] > 1 else None, with_kwargs=True)
+    try:
+        for sampling in ({"temperature": 0.0, "max_tokens": 12, "extra_kwargs": {}},
+                         {"temperature": 1.0, "max_tokens": 12, "extra_kwargs": {}}):
+            prefilled.clear()
+            plain = teacher.hf_generate(model, tokenizer, prompts, sampling, seed=5, reuse_prefix=False)
+            assert prefilled == [len(prompts) * max(map(len, prompts))]
+            prefilled.clear()
+            assert teacher.hf_generate(model, tokenizer, prompts, sampling, seed=5) == plain
+            widest_rest = max(map(len, prompts)) - shared
+            assert prefilled == [shared, len(prompts) * widest_rest]
+    finally:
+        hook.remove()
+    assert len({tuple(r) for r in plain}) > 1
+
+
 def make_lora(model_dir, out_dir, seed, **lora):
     """A LoRA adapter with random, non-zero B (a fresh one has B = 0 and changes nothing)."""
     torch.manual_seed(seed)

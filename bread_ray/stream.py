@@ -1,0 +1,304 @@
+"""`bgit run stim rollout`: the questions and the trajectories of every target in one streaming run.
+
+    question writers (Ray Data, <= max_concurrency)  --parts-->  driver  -->  ShardBoard (Ray actor)
+    teacher samplers (Ray Data, one pool for all targets)  <--shards as their questions are known--
+
+A target's stimuli are its generators' questions in order, and generator j holds a number fixed
+in advance (numq, or the hardcoded list), so where each question will sit is known before any
+question is. A rollout shard (shard_size stimuli by index, bread_ray.rollout) is ready as soon as
+each of its stimuli is known: hardcoded and dataset questions at once; an LLM generator's once the
+requests before them have arrived (duplicates dropped in request order, as stim does). The board
+hands ready shards to the sampler pool as they come, of any target, so the teacher answers the
+first questions while an LLM API still writes the rest; one pool serves every target, and each
+teacher model is loaded once per actor.
+
+Everything goes to the store as it is made, in the layout and with the seeds of the stage by stage
+path (`bgit run stim`, then `bgit run rollout`): question parts as requests finish, rollout parts
+as shards finish. That path then completes each target (bread_ray.pipeline): it writes the stimuli
+and the manifests, asks again for a generator left short by duplicates, and rolls out any shard
+left. So the stored stimuli and trajectories are byte for byte the stage by stage path's, a re-run
+does only what is missing, and a failed target keeps every finished part of every target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from bread_ray.config import ResolvedTarget
+from bread_ray.rollout import ACTOR_CPUS, gpus_per_actor
+from bread_ray.stage import Run
+from bread_ray.stim import (
+    LLM_TYPES,
+    RetryPolicy,
+    distinct,
+    first_round,
+    fixed_questions,
+    local_writer_loader,
+    read_stimuli,
+    store_part,
+    stored_parts,
+    write_locally,
+    write_on_ray,
+)
+from bread_ray.store import STIM_MANIFEST, finished_shards
+
+SHARD_SIZE = 8  # stimuli per rollout shard: run_rollout's default, so both paths cut the same shards
+
+
+@dataclass
+class TargetStimuli:
+    """What is known of one target's stimuli while its questions arrive."""
+
+    target_id: str
+    counts: list[int]  # stimuli per generator, fixed in advance
+    fixed: dict[int, list[str]]  # the questions of generators that need no request, by generator
+    requests: dict[int, list[int]] = field(default_factory=dict)  # LLM generator -> its first requests, in order
+    parts: dict[tuple[int, int], list[str]] = field(default_factory=dict)  # (generator, request) -> questions
+    shard_size: int = SHARD_SIZE
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.total // self.shard_size)
+
+    def known(self, j: int) -> list[str]:
+        """Generator j's questions known so far: the distinct questions of its requests up to the
+        first one still missing, at most its count."""
+        if j in self.fixed:
+            return self.fixed[j]
+        arrived = []
+        for request in self.requests[j]:
+            if (j, request) not in self.parts:
+                break
+            arrived += self.parts[j, request]
+        return distinct(arrived)[: self.counts[j]]
+
+    def stimuli(self) -> list[str | None]:
+        """Every stimulus in order; None where it is not known yet."""
+        stimuli: list[str | None] = []
+        for j, count in enumerate(self.counts):
+            known = self.known(j)
+            stimuli += known + [None] * (count - len(known))
+        return stimuli
+
+    def ready_shards(self) -> dict[int, list[str]]:
+        """{shard index: its stimuli} of the shards whose stimuli are all known."""
+        stimuli = self.stimuli()
+        chunks = {k: stimuli[start:start + self.shard_size]
+                  for k, start in enumerate(range(0, len(stimuli), self.shard_size))}
+        return {k: chunk for k, chunk in chunks.items() if None not in chunk}
+
+    def questions_known(self) -> int:
+        return sum(len(self.known(j)) for j in range(len(self.counts)))
+
+
+class ShardBoard:
+    """A Ray actor between the two pools: the driver adds each request's questions as it arrives;
+    each sampler task (a slot) waits for the next ready shard. A slot asked again (its task retried
+    after its actor died) gets the shard it was given, so no shard is lost or given twice."""
+
+    def __init__(self, targets: list[TargetStimuli], finished: dict[str, set[int]]):
+        self.targets = targets
+        self.given = {(t.target_id, k) for t in targets for k in finished.get(t.target_id, ())}
+        self.slots: dict[int, dict[str, Any] | None] = {}
+        self.closed = False  # no more questions will come
+        self.changed = asyncio.Condition()
+
+    async def add(self, target_id: str, generator: int, request: int, questions: list[str]) -> None:
+        target = next(t for t in self.targets if t.target_id == target_id)
+        target.parts[generator, request] = questions
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def close(self) -> None:
+        async with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+    async def next_shard(self, slot: int) -> dict[str, Any] | None:
+        """The shard of `slot`: {"target", "shard_index", "start", "stimuli"}; None once no shard
+        is left to give (the rest of a failed or short target goes to the stage by stage path)."""
+        if slot not in self.slots:
+            async with self.changed:
+                while (shard := self.first_ready()) is None and not self.closed:
+                    await self.changed.wait()
+            self.slots[slot] = shard
+            if shard is not None:
+                self.given.add((shard["target"], shard["shard_index"]))
+        return self.slots[slot]
+
+    def first_ready(self) -> dict[str, Any] | None:
+        for target in self.targets:
+            for k, stimuli in sorted(target.ready_shards().items()):
+                if (target.target_id, k) not in self.given:
+                    return {"target": target.target_id, "shard_index": k, "start": k * target.shard_size,
+                            "stimuli": stimuli}
+        return None
+
+
+def streaming_sampler():
+    """The sampler class of the streaming pool: a TeacherSampler whose shards come from the board
+    (imported here: torch loads only when there is something to sample)."""
+    import ray
+
+    from bread_ray.teacher import TeacherSampler
+
+    class StreamingSampler(TeacherSampler):
+        def __init__(self, targets: dict[str, tuple[ResolvedTarget, str]], store_uri: str, board: Any):
+            super().__init__(targets, store_uri)
+            self.board = board
+
+        def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+            shard = ray.get(self.board.next_shard.remote(int(batch["slot"][0])))
+            if shard is None:
+                return {"target": [""], "shard_index": [-1], "trajectories": [0], "tokens": [0]}
+            return self.sample(shard["target"], shard["shard_index"], shard["start"], shard["stimuli"])
+
+    return StreamingSampler
+
+
+def stream_targets(run: Run, targets: list[ResolvedTarget], *, num_actors: int = 2,
+                   retry: RetryPolicy = RetryPolicy()) -> dict[str, str]:
+    """Stim and rollout of `targets` at once; returns {target id: why its questions failed}.
+
+    Leaves in the store every question part and rollout part it could make; the stage by stage
+    path (bread_ray.pipeline) completes each target that did not fail.
+    """
+    import ray
+
+    plans, requests = [], []
+    for target in targets:
+        plan, pending = plan_target(run, target)
+        plans.append(plan)
+        requests += pending
+    finished = {t.id: finished_shards(run.store, run.target_prefix(t.id)) for t in targets}
+    slots = sum(plan.num_shards - len(finished[plan.target_id]) for plan in plans)
+    board = ray.remote(num_cpus=0)(ShardBoard).remote(plans, finished)
+    failures: dict[str, list[str]] = {}
+    by_id = {t.id: t for t in targets}
+    with StreamProgress(run.progress, targets, plans, finished) as view:
+        sampling = threading.Thread(target=view.follow, args=(lambda: sample_slots(
+            run, targets, board, slots, num_actors),), daemon=True)
+        sampling.start()
+        try:
+            if requests:
+                max_concurrency = min(by_id[r["target"]].spec.max_concurrency for r in requests)
+                for result in write_on_ray(requests, max_concurrency=max_concurrency, retry=retry):
+                    target_id = result["target"]
+                    if result["error"]:
+                        failures.setdefault(target_id, []).append(result["error"])
+                        continue
+                    store_part(run.store, run.target_prefix(target_id), result)
+                    board.add.remote(target_id, result["generator"], result["request"], result["questions"])
+                    view.question_arrived(target_id, result)
+        finally:
+            board.close.remote()
+            sampling.join()
+    if view.error is not None:
+        raise view.error
+    run.shards_streamed = view.shards
+    total = {t: sum(1 for r in requests if r["target"] == t) for t in failures}
+    return {target_id: (f"target {by_id[target_id].name}: {len(errors)} of {total[target_id]} question requests "
+                        f"failed; first error: {errors[0]}")
+            for target_id, errors in failures.items()}
+
+
+def plan_target(run: Run, target: ResolvedTarget) -> tuple[TargetStimuli, list[dict[str, Any]]]:
+    """What is known of the target's stimuli before streaming (its stored stimuli, or its fixed
+    questions and stored request parts), and the Anthropic requests still to make. A local writer
+    answers its requests here, in this process, first."""
+    prefix = run.target_prefix(target.id)
+    if run.store.exists(f"{prefix}/{STIM_MANIFEST}"):
+        questions = [record["question"] for record in read_stimuli(run.store, prefix)]
+        return TargetStimuli(target.id, [len(questions)], {0: questions}), []
+    generators = target.spec.generators
+    llm = {j: g for j, g in enumerate(generators) if g.type in LLM_TYPES}
+    fixed = fixed_questions(target, run.repo.root, run.target_index(target))
+    planned = first_round(target, llm, base_dir=run.repo.root, parent_model=run.repo.parent_model)
+    plan = TargetStimuli(target.id, [len(fixed[j]) if j in fixed else g.numq for j, g in enumerate(generators)],
+                         fixed, {j: [r["request"] for r in rs] for j, rs in planned.items()},
+                         stored_parts(run.store, prefix))
+    missing = [r for rs in planned.values() for r in rs if (r["generator"], r["request"]) not in plan.parts]
+    local = [r for r in missing if r["model"].startswith("local:")]  # plan_requests names local writers so
+    for result in write_locally(local, local_writer_loader(run.store)):
+        store_part(run.store, prefix, result)
+        plan.parts[result["generator"], result["request"]] = result["questions"]
+    return plan, [{**r, "target": target.id} for r in missing if not r["model"].startswith("local:")]
+
+
+def sample_slots(run: Run, targets: list[ResolvedTarget], board: Any, slots: int, num_actors: int):
+    """The rows of the sampler pool, one per finished shard: {"target", "shard_index",
+    "trajectories", "tokens"} (shard_index -1: a slot left without a shard)."""
+    import ray.data
+
+    if not slots:
+        return
+    dataset = ray.data.from_items([{"slot": i} for i in range(slots)], override_num_blocks=slots).map_batches(
+        streaming_sampler(),
+        fn_constructor_kwargs={"targets": {t.id: (t, run.target_prefix(t.id)) for t in targets},
+                               "store_uri": run.store.uri, "board": board},
+        compute=ray.data.ActorPoolStrategy(size=min(num_actors, slots)),
+        batch_size=1,
+        num_gpus=gpus_per_actor(),
+        num_cpus=ACTOR_CPUS,
+    )
+    dataset.context.enable_progress_bars = False  # ours shows every target
+    yield from dataset.iter_rows()
+
+
+class StreamProgress:
+    """One live view of every target: questions and trajectories, and the teacher's tokens/s."""
+
+    def __init__(self, enabled: bool, targets: list[ResolvedTarget], plans: list[TargetStimuli],
+                 finished: dict[str, set[int]]):
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
+                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
+        self.bars = Progress(*columns, console=Console(stderr=True), disable=not enabled)
+        self.plans = {plan.target_id: plan for plan in plans}
+        self.questions, self.trajectories = {}, {}
+        for target, plan in zip(targets, plans):
+            traj = target.spec.num_traj_per_stimulus
+            done = sum(min(plan.shard_size, plan.total - k * plan.shard_size) for k in finished[target.id])
+            self.questions[target.id] = self.bars.add_task(
+                f"{target.name}", total=plan.total, completed=plan.questions_known(), unit="questions", rate="")
+            self.trajectories[target.id] = self.bars.add_task(
+                f"{target.name}", total=plan.total * traj, completed=done * traj, unit="trajectories", rate="")
+        self.shards: dict[str, int] = {}  # shards sampled, by target
+        self.error: BaseException | None = None
+
+    def __enter__(self) -> StreamProgress:
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bars.__exit__(*exc)
+
+    def question_arrived(self, target_id: str, result: dict[str, Any]) -> None:
+        plan = self.plans[target_id]
+        plan.parts[result["generator"], result["request"]] = result["questions"]
+        self.bars.update(self.questions[target_id], completed=plan.questions_known())
+
+    def follow(self, rows) -> None:
+        """Count the sampler pool's rows (run in a thread); keep its error for the driver."""
+        started, tokens = time.monotonic(), 0
+        try:
+            for row in rows():
+                if row["shard_index"] < 0:
+                    continue
+                tokens += row["tokens"]
+                self.shards[row["target"]] = self.shards.get(row["target"], 0) + 1
+                rate = f"{tokens / (time.monotonic() - started):,.0f} tokens/s"
+                self.bars.update(self.trajectories[row["target"]], advance=row["trajectories"], rate=rate)
+        except BaseException as error:  # noqa: BLE001 - raised again in the driver's thread
+            self.error = error
+
