@@ -53,7 +53,7 @@ from bread_ray.pipeline import (
 from bread_ray.repo import DEFAULT_BASE_MODEL, INPUT_FILE, BreadRepo, RepoError, render_lineage_tree
 from bread_ray.schema import DEFAULT_QUESTION_MODEL
 from bread_ray.stim import read_stimuli
-from bread_ray.store import BAKE_RESULT, bake_prefix, open_store, read_metrics_log
+from bread_ray.store import BAKE_RESULT, Store, bake_prefix, open_store, read_metrics_log
 from bread_ray.yaml_lines import decode_config
 
 PASSTHROUGH = {
@@ -385,11 +385,16 @@ def resolved_summary(resolved: ResolvedConfig) -> dict:
 
 def cmd_status(args: argparse.Namespace) -> int:
     repo = BreadRepo.find()
+    try:
+        store = repo.open_store()
+        where = store.uri
+    except UserError as error:  # status still reports the plan without a store
+        store, where = None, f"unavailable: {error}"
     parent = repo.parent_model
     print(f"On branch {repo.current_branch()}")
     print(f"Repository {repo.owner}/{repo.name}, base model {repo.base_model}")
     print(f"Parent model: {parent}" + ("  (the base: nothing baked on this branch yet)" if parent == repo.base_model
-                                        else fidelity_note(repo)(parent)))
+                                        else fidelity_note(store)(parent)))
     print(f"input.yml: {repo.input_state().describe()}")
     print_job_state(repo)
     try:
@@ -404,11 +409,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     if resolved.is_empty:
         print("\n`bgit run` has nothing to do: the staged input.yml has no TARGET or BAKE.")
         return 0
-    try:
-        store = repo.open_store()
-        where = store.uri
-    except UserError as error:  # status still reports the plan without a store
-        store, where = None, f"unavailable: {error}"
     print(f"Store: {where}")
     run = planned_run(repo, resolved, store)
     base_problem, problems = preflight(run, items_to_check(run))
@@ -664,17 +664,19 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_tree(args: argparse.Namespace) -> int:
     repo = BreadRepo.find()
-    print(render_lineage_tree(repo.base_model, repo.bake_chains(), notes=fidelity_note(repo)))
+    try:
+        store = repo.open_store()
+    except UserError:  # the tree is in git: it is drawn without the notes
+        store = None
+    print(render_lineage_tree(repo.base_model, repo.bake_chains(), notes=fidelity_note(store)))
     return 0
 
 
-def fidelity_note(repo: BreadRepo):
-    """`model -> "  (its bake's gap left: 0.05)"`: its fidelity, where an eval stored it (nothing without a readable store)."""
+def fidelity_note(store: Store | None):
+    """`model -> "  (its bake's gap left: 0.05)"`: its fidelity, where an eval stored it (nothing without a store)."""
     from bread_ray.evaluation import stored_fidelity
 
-    try:
-        store = repo.open_store()
-    except UserError:
+    if store is None:
         return lambda model: ""
 
     def note(model: str) -> str:

@@ -707,19 +707,11 @@ class EvalActor:
     def load(self, model: str) -> None:
         import tempfile
 
-        from peft import PeftModel
-
-        from bread_ray.models import download_folded_adapter
+        from bread_ray.models import add_adapter, download_folded_adapter
 
         name = f"m{len(self.adapters)}"  # PEFT adapter names cannot hold '/'
         with tempfile.TemporaryDirectory(prefix="bread-eval-") as folder:
-            adapter_dir = download_folded_adapter(model, self.store, Path(folder))
-            if isinstance(self.model, PeftModel):
-                self.model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
-            else:
-                self.model = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=name,
-                                                       is_trainable=False)
-        self.model.eval()
+            self.model = add_adapter(self.model, download_folded_adapter(model, self.store, Path(folder)), name)
         self.adapters[model] = name
 
     def hidden(self, ids, mask, positions):

@@ -36,6 +36,7 @@ from bread_ray.chat_format import encode_chat
 from bread_ray.lineage import InvalidModelName, ModelName, read_adapter
 from bread_ray.model_sources import resolve_model_source
 from bread_ray.models import (
+    add_adapter,
     download_folded_adapter,
     eos_token_ids,
     load_causal_lm,
@@ -348,16 +349,11 @@ class HfChatEngine(ChatEngine):
         self._adapters.created += 1
         adapter_name = f"a{self._adapters.created}"
         try:
-            if isinstance(self.model, PeftModel):
-                self.model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
-            else:
-                self.model = PeftModel.from_pretrained(self.model, str(adapter_dir),
-                                                       adapter_name=adapter_name, is_trainable=False)
+            self.model = add_adapter(self.model, adapter_dir, adapter_name)
         except Exception as err:
             if isinstance(self.model, PeftModel) and adapter_name in self.model.peft_config:
                 self.model.delete_adapter(adapter_name)
             raise AdapterLoadError(f"the adapter of model {name!r} could not be loaded: {err}") from err
-        self.model.eval()
         self.model.set_adapter(adapter_name)  # before evicting: PEFT warns when the active one goes
         self._adapters.names[name] = adapter_name
         while len(self._adapters.names) > self.adapter_cache_size:

@@ -95,6 +95,17 @@ def download_folded_adapter(model_name: str, store: Store, out_dir: Path,
     return out_dir
 
 
+def add_adapter(model: Any, adapter_dir: Path, name: str) -> PeftModel:
+    """`model` with the PEFT adapter in `adapter_dir` added under `name`, in eval mode: the first
+    adapter wraps the model in a PeftModel, later ones load beside it (select one with
+    `set_adapter`). Returns the PeftModel."""
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
+    else:
+        model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name, is_trainable=False)
+    return model.eval()
+
+
 def load_teacher(
     model_name: str,
     store: Store,
