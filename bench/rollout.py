@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shard-size", type=int, default=8)
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--long-tokens", type=int, default=1000, help="length of the long teacher prompt's document")
+    parser.add_argument("--prompt", choices=("short", "long", "both"), default="both", help="which teacher prompts")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
@@ -85,7 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nmodel {model}: {len(stimuli)} stimuli x {args.traj} trajectories, max {args.max_tokens} tokens, "
           f"shards of {args.shard_size}; torch threads: {torch.get_num_threads()} in the single process")
     print(f"{'teacher prompt':>16} {'':>22} {'seconds':>8} {'traj/s':>8} {'tokens/s':>9}")
-    for label, system in (("short", TEACHER), ("long", TEACHER + "\n\n" + ship_manual(model, args.long_tokens))):
+    prompts = {"short": lambda: TEACHER, "long": lambda: TEACHER + "\n\n" + ship_manual(model, args.long_tokens)}
+    for label in prompts if args.prompt == "both" else [args.prompt]:
+        system = prompts[label]()
         target = resolve_target(
             Target(generators=[{"type": "hardcoded", "questions": ["unused"]}], max_tokens=args.max_tokens,
                    num_traj_per_stimulus=args.traj, temperature=1.0),
