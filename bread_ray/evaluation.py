@@ -754,7 +754,7 @@ class EvalActor:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         with self.using(model):
-            return [self.tokenizer.decode(hf_generate(self.model, self.tokenizer, [prompt], greedy, 0)[0],
+            return [self.tokenizer.decode(hf_generate(self.model, self.tokenizer, [prompt], greedy, [0])[0],
                                           skip_special_tokens=True) for prompt in prompts]
 
     def respond(self, index: int, question: str) -> dict[str, list[Any]]:
@@ -767,5 +767,5 @@ class EvalActor:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         with self.using(self.base_model):
-            response = hf_generate(self.model, self.tokenizer, [prompt], sampling, derive_seed(NEUTRAL_SEED, index))[0]
+            response = hf_generate(self.model, self.tokenizer, [prompt], sampling, [derive_seed(NEUTRAL_SEED, index)])[0]
         return {"index": [index], "question": [question], "response": [json.dumps(response)]}

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import torch
 from peft import PeftModel
+from transformers import DynamicCache
 
 from bread_ray.chat_format import encode_chat
 from bread_ray.lineage import InvalidModelName, ModelName, read_adapter
@@ -39,6 +40,7 @@ from bread_ray.models import (
     add_adapter,
     download_folded_adapter,
     eos_token_ids,
+    kv_cache_argument,
     load_causal_lm,
     load_tokenizer,
     vllm_available,
@@ -110,10 +112,10 @@ def sample_tokens(model: Any, prompt_ids: list[int], params: SamplingParams, eos
     else:
         generator.manual_seed(params.seed)
     input_ids = torch.tensor([prompt_ids], device=model.device)
-    cache = None
+    cache = DynamicCache(config=model.config)
+    with_cache = {kv_cache_argument(model): cache, "use_cache": True, "logits_to_keep": 1}
     for _ in range(params.max_tokens):
-        output = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = output.past_key_values
+        output = model(input_ids=input_ids, **with_cache)
         token = next_token(output.logits[0, -1].float(), params, generator)
         if not on_token(token) or token in eos_ids:
             return "stop"

@@ -7,6 +7,7 @@ weights, dtype and chat template everywhere.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import tempfile
 from pathlib import Path
@@ -134,6 +135,13 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
     configured = model.generation_config.eos_token_id
     ids = configured if isinstance(configured, list) else [configured]
     return sorted({i for i in [*ids, tokenizer.eos_token_id] if i is not None})
+
+
+def kv_cache_argument(model: Any) -> str:
+    """The keyword under which `model`'s forward takes its KV cache: `cache` in recent transformers,
+    `past_key_values` (deprecated there) before."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def cut_at_eos(token_ids: list[int], eos_ids: list[int]) -> list[int]:

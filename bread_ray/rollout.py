@@ -87,23 +87,32 @@ def gpus_per_actor() -> int:
     return 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
 
 
+def sampler_pool(rows: list[dict[str, Any]], sampler_class: type, constructor_kwargs: dict[str, Any],
+                 num_actors: int) -> Any:
+    """A Ray Data dataset of `rows` mapped, one row per call, by a pool of at most `num_actors`
+    teacher samplers (`sampler_class(**constructor_kwargs)`), each with a GPU where there are any."""
+    import ray.data
+
+    gpus = gpus_per_actor()  # connects to the cluster first
+    dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        sampler_class,
+        fn_constructor_kwargs=constructor_kwargs,
+        compute=ray.data.ActorPoolStrategy(size=min(num_actors, len(rows))),
+        batch_size=1,
+        num_gpus=gpus,
+        num_cpus=ACTOR_CPUS,
+    )
+    dataset.context.enable_progress_bars = False  # the callers show trajectories and tokens/s
+    return dataset
+
+
 def sample_shards(target: ResolvedTarget, shards: list[dict[str, Any]], *, store: Store, prefix: str,
                   num_actors: int, progress: bool) -> None:
     """Run the shards through a pool of TeacherSampler actors, showing trajectories and tokens/s."""
-    import ray.data  # Ray and torch: only when there is something to sample
+    from bread_ray.teacher import TeacherSampler  # torch: only when there is something to sample
 
-    from bread_ray.teacher import TeacherSampler
-
-    rows = [{"target": target.id, **shard} for shard in shards]
-    dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-        TeacherSampler,
-        fn_constructor_kwargs={"targets": {target.id: (target, prefix)}, "store_uri": store.uri},
-        compute=ray.data.ActorPoolStrategy(size=min(num_actors, len(shards))),
-        batch_size=1,
-        num_gpus=gpus_per_actor(),
-        num_cpus=ACTOR_CPUS,
-    )
-    dataset.context.enable_progress_bars = False  # ours below says it in trajectories and tokens
+    dataset = sampler_pool([{"target": target.id, **shard} for shard in shards], TeacherSampler,
+                           {"targets": {target.id: (target, prefix)}, "store_uri": store.uri}, num_actors)
     stimuli = sum(len(json.loads(shard["stimuli"])) for shard in shards)
     total = stimuli * target.spec.num_traj_per_stimulus
     columns = [TextColumn("rollout"), BarColumn(), MofNCompleteColumn(), TextColumn("trajectories"),

@@ -35,6 +35,7 @@ class Run:
     workers: int | None = None  # bake workers (default: one per GPU, else one)
     models: ModelReader = field(init=False)  # model files read for the checks, once per run
     shards_streamed: dict[str, int] = field(default_factory=dict)  # rollout shards sampled by bread_ray.stream
+    local_writers: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # question-writer models loaded, by source
 
     def __post_init__(self) -> None:
         self.models = ModelReader(self.resolved.parent_model, self.repo.base_model, self.store)

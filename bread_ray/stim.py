@@ -225,7 +225,8 @@ class Stim(Stage):
     def execute(self, run: Run, target: ResolvedTarget) -> list[str]:
         return generate_stimuli(target, store=run.store, prefix=run.target_prefix(target.id),
                                 parent_model=run.repo.parent_model, base_dir=run.repo.root, progress=run.progress,
-                                target_index=run.target_index(target))
+                                target_index=run.target_index(target),
+                                load_writer=local_writer_loader(run.store, run.local_writers))
 
 
 def generate_stimuli(
@@ -239,11 +240,13 @@ def generate_stimuli(
     progress: bool = True,
     retry: RetryPolicy = RetryPolicy(),
     target_index: int = 0,
+    load_writer: Callable[[str], tuple[Any, Any]] | None = None,
 ) -> list[str]:
     """All generators' questions, in order, written to `<prefix>/stim/`; stored ones when present.
 
     `max_concurrency` bounds the LLM requests in flight (default: the target's). The cheap
     generators run first, so a bad dataset column fails before any LLM request is made.
+    `load_writer` loads local question writers (default: each once, for this call).
     """
     if store.exists(f"{prefix}/{STIM_MANIFEST}"):
         return [record["question"] for record in read_stimuli(store, prefix)]
@@ -257,6 +260,7 @@ def generate_stimuli(
         per_generator |= write_llm_questions(
             target, llm_generators, store=store, prefix=prefix, parent_model=parent_model, base_dir=Path(base_dir),
             max_concurrency=max_concurrency or target.spec.max_concurrency, progress=progress, retry=retry,
+            load_writer=load_writer or local_writer_loader(store),
         )
     records = [{"generator": j, "question": q} for j in range(len(generators)) for q in per_generator[j]]
     records = [{"index": index, **record} for index, record in enumerate(records)]
@@ -400,12 +404,12 @@ def distinct(questions: list[str]) -> list[str]:
 def write_llm_questions(
     target: ResolvedTarget, generators: dict[int, Any], *, store: Store, prefix: str, parent_model: str,
     base_dir: Path, max_concurrency: int, progress: bool, retry: RetryPolicy,
+    load_writer: Callable[[str], tuple[Any, Any]],
 ) -> dict[int, list[str]]:
     """Exactly numq distinct questions per LLM generator, in rounds: each round makes the requests
     not yet in the store (all generators together, so the concurrency bound is global), then plans
     more requests for any generator still short."""
     prompt_u = render_teacher_prompt(target)
-    load_writer = local_writer_loader(store)  # loaded once for all rounds
     planned = first_round(target, generators, base_dir=base_dir, parent_model=parent_model)
     parts = stored_parts(store, prefix)
 
@@ -470,10 +474,10 @@ def store_part(store: Store, prefix: str, result: dict[str, Any]) -> None:
     store.put_json(part_key(prefix, j, index), {"generator": j, "request": index, "questions": result["questions"]})
 
 
-def local_writer_loader(store: Store) -> Callable[[str], tuple[Any, Any]]:
-    """`load(source) -> (tokenizer, model)` of local question writers, each loaded once; a lineage
-    name loads with its adapters."""
-    loaded: dict[str, tuple[Any, Any]] = {}
+def local_writer_loader(store: Store, loaded: dict[str, tuple[Any, Any]] | None = None) -> Callable[[str], tuple[Any, Any]]:
+    """`load(source) -> (tokenizer, model)` of local question writers, each loaded once (kept in
+    `loaded`, which a run shares between its stages); a lineage name loads with its adapters."""
+    loaded = {} if loaded is None else loaded
 
     def load(source: str) -> tuple[Any, Any]:
         from bread_ray.models import load_teacher

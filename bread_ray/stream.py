@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bread_ray.config import ResolvedTarget
-from bread_ray.rollout import ACTOR_CPUS, gpus_per_actor
+from bread_ray.rollout import sampler_pool
 from bread_ray.stage import Run
 from bread_ray.stim import (
     LLM_TYPES,
@@ -108,15 +108,27 @@ class ShardBoard:
     after its actor died) gets the shard it was given, so no shard is lost or given twice."""
 
     def __init__(self, targets: list[TargetStimuli], finished: dict[str, set[int]]):
-        self.targets = targets
-        self.given = {(t.target_id, k) for t in targets for k in finished.get(t.target_id, ())}
+        self.targets = {t.target_id: t for t in targets}
+        self.queued = {(t.target_id, k) for t in targets for k in finished.get(t.target_id, ())}
+        self.ready: list[dict[str, Any]] = []  # shards ready and not given yet, in the order they became ready
         self.slots: dict[int, dict[str, Any] | None] = {}
         self.closed = False  # no more questions will come
         self.changed = asyncio.Condition()
+        for target in targets:
+            self.queue_ready(target)
+
+    def queue_ready(self, target: TargetStimuli) -> None:
+        """Queue the target's shards that became ready (once per arrival, not per request for a shard)."""
+        for k, stimuli in sorted(target.ready_shards().items()):
+            if (target.target_id, k) not in self.queued:
+                self.queued.add((target.target_id, k))
+                self.ready.append({"target": target.target_id, "shard_index": k, "start": k * target.shard_size,
+                                   "stimuli": stimuli})
 
     async def add(self, target_id: str, generator: int, request: int, questions: list[str]) -> None:
-        target = next(t for t in self.targets if t.target_id == target_id)
+        target = self.targets[target_id]
         target.parts[generator, request] = questions
+        self.queue_ready(target)
         async with self.changed:
             self.changed.notify_all()
 
@@ -130,20 +142,10 @@ class ShardBoard:
         is left to give (the rest of a failed or short target goes to the stage by stage path)."""
         if slot not in self.slots:
             async with self.changed:
-                while (shard := self.first_ready()) is None and not self.closed:
+                while not self.ready and not self.closed:
                     await self.changed.wait()
-            self.slots[slot] = shard
-            if shard is not None:
-                self.given.add((shard["target"], shard["shard_index"]))
+            self.slots[slot] = self.ready.pop(0) if self.ready else None
         return self.slots[slot]
-
-    def first_ready(self) -> dict[str, Any] | None:
-        for target in self.targets:
-            for k, stimuli in sorted(target.ready_shards().items()):
-                if (target.target_id, k) not in self.given:
-                    return {"target": target.target_id, "shard_index": k, "start": k * target.shard_size,
-                            "stimuli": stimuli}
-        return None
 
 
 def streaming_sampler():
@@ -230,7 +232,7 @@ def plan_target(run: Run, target: ResolvedTarget) -> tuple[TargetStimuli, list[d
                          stored_parts(run.store, prefix))
     missing = [r for rs in planned.values() for r in rs if (r["generator"], r["request"]) not in plan.parts]
     local = [r for r in missing if r["model"].startswith("local:")]  # plan_requests names local writers so
-    for result in write_locally(local, local_writer_loader(run.store)):
+    for result in write_locally(local, local_writer_loader(run.store, run.local_writers)):
         store_part(run.store, prefix, result)
         plan.parts[result["generator"], result["request"]] = result["questions"]
     return plan, [{**r, "target": target.id} for r in missing if not r["model"].startswith("local:")]
@@ -239,21 +241,10 @@ def plan_target(run: Run, target: ResolvedTarget) -> tuple[TargetStimuli, list[d
 def sample_slots(run: Run, targets: list[ResolvedTarget], board: Any, slots: int, num_actors: int):
     """The rows of the sampler pool, one per finished shard: {"target", "shard_index",
     "trajectories", "tokens"} (shard_index -1: a slot left without a shard)."""
-    import ray.data
-
-    if not slots:
-        return
-    dataset = ray.data.from_items([{"slot": i} for i in range(slots)], override_num_blocks=slots).map_batches(
-        streaming_sampler(),
-        fn_constructor_kwargs={"targets": {t.id: (t, run.target_prefix(t.id)) for t in targets},
-                               "store_uri": run.store.uri, "board": board},
-        compute=ray.data.ActorPoolStrategy(size=min(num_actors, slots)),
-        batch_size=1,
-        num_gpus=gpus_per_actor(),
-        num_cpus=ACTOR_CPUS,
-    )
-    dataset.context.enable_progress_bars = False  # ours shows every target
-    yield from dataset.iter_rows()
+    if slots:
+        yield from sampler_pool([{"slot": i} for i in range(slots)], streaming_sampler(),
+                                {"targets": {t.id: (t, run.target_prefix(t.id)) for t in targets},
+                                 "store_uri": run.store.uri, "board": board}, num_actors).iter_rows()
 
 
 class StreamProgress:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from bread_ray import rollout, teacher
 from bread_ray.config import resolve_target
-from bread_ray.models import lineage_chain, load_causal_lm, load_teacher, load_tokenizer
+from bread_ray.models import cut_at_eos, eos_token_ids, lineage_chain, load_causal_lm, load_teacher, load_tokenizer
 from bread_ray.rollout import run_rollout
 from bread_ray.schema import Prompt, Target
 from bread_ray.store import ROLLOUT_MANIFEST, LocalStore, rollout_part_key
@@ -161,7 +161,7 @@ def test_an_actor_killed_midway_is_restarted_and_only_its_shard_redone(
     assert read_rollout(store, PREFIX) == expected
 
 
-def test_greedy_ignores_the_seed_and_extra_kwargs_reach_generate(tiny_model):
+def test_greedy_ignores_the_seed_and_extra_kwargs_reach_the_sampler(tiny_model):
     """In process, no Ray: temperature 0 is greedy whatever the seed, and top_k=1 sampling (an
     extra_kwarg) is greedy too."""
     model, tokenizer = load_teacher(str(tiny_model), LocalStore("/nonexistent"), device="cpu")
@@ -169,10 +169,52 @@ def test_greedy_ignores_the_seed_and_extra_kwargs_reach_generate(tiny_model):
     greedy = {"temperature": 0.0, "max_tokens": 12, "extra_kwargs": {}}
     top1 = {"temperature": 1.0, "max_tokens": 12, "extra_kwargs": {"top_k": 1}}
     sampled = {"temperature": 1.0, "max_tokens": 12, "extra_kwargs": {}}
-    expected = teacher.hf_generate(model, tokenizer, prompts, greedy, seed=1)
-    assert teacher.hf_generate(model, tokenizer, prompts, greedy, seed=2) == expected
-    assert teacher.hf_generate(model, tokenizer, prompts, top1, seed=3) == expected
-    assert teacher.hf_generate(model, tokenizer, prompts, sampled, seed=3) != expected
+    expected = teacher.hf_generate(model, tokenizer, prompts, greedy, [1, 2, 3])
+    assert teacher.hf_generate(model, tokenizer, prompts, greedy, [4, 5, 6]) == expected
+    assert teacher.hf_generate(model, tokenizer, prompts, top1, [7, 8, 9]) == expected
+    assert teacher.hf_generate(model, tokenizer, prompts, sampled, [7, 8, 9]) != expected
+
+
+def generate_reference(model, tokenizer, prompts, **settings):
+    """transformers' own generate on the left-padded prompts, cut after each row's end token."""
+    eos = eos_token_ids(model, tokenizer)
+    batch = tokenizer.pad({"input_ids": prompts}, padding=True, padding_side="left", return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**batch, **settings, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    return [cut_at_eos(row, eos) for row in output[:, batch["input_ids"].shape[1]:].tolist()]
+
+
+def test_the_decode_loop_gives_generates_tokens_and_rows_leave_when_they_end(tiny_model):
+    """In process: greedy, the loop's tokens are transformers' generate's, with and without a
+    repetition penalty. With many end tokens, rows end at different steps: each leaves the batch
+    then (the decode steps shrink), and its tokens stay what they were."""
+    model, tokenizer = load_teacher(str(tiny_model), LocalStore("/nonexistent"), device="cpu")
+    prompts = [tokenizer.encode(s) for s in STIMULI]
+    greedy = {"temperature": 0.0, "max_tokens": 12, "extra_kwargs": {}}
+    assert teacher.hf_generate(model, tokenizer, prompts, greedy, [0] * 6) == generate_reference(
+        model, tokenizer, prompts, do_sample=False, max_new_tokens=12)
+    penalised = {**greedy, "extra_kwargs": {"repetition_penalty": 1.8}}
+    for prompt in prompts[:3]:  # one row each: generate's penalty would also count the pads of a batch
+        assert teacher.hf_generate(model, tokenizer, [prompt], penalised, [0]) == generate_reference(
+            model, tokenizer, [prompt], do_sample=False, max_new_tokens=12, repetition_penalty=1.8)
+
+    sampled = {"temperature": 1.0, "max_tokens": 40, "extra_kwargs": {}}
+    alone = [teacher.hf_generate(model, tokenizer, [p], sampled, [row])[0] for row, p in enumerate(prompts)]
+    model.generation_config.eos_token_id = list(range(0, tokenizer.vocab_size, 20))  # 1 in 20 ends a row
+    steps = []  # rows in each decode step
+    hook = model.model.register_forward_pre_hook(
+        lambda _, args, kwargs: steps.append(kwargs["input_ids"].shape[0])
+        if kwargs["input_ids"].shape[1] == 1 else None, with_kwargs=True)
+    try:
+        ending = teacher.hf_generate(model, tokenizer, prompts, sampled, list(range(6)))
+    finally:
+        hook.remove()
+    assert ending == [teacher.hf_generate(model, tokenizer, [p], sampled, [row])[0] for row, p in enumerate(prompts)]
+    lengths = [len(response) for response in ending]
+    assert len(set(lengths)) > 2
+    # Decode step k feeds token k of each row that has more to come: the rows still running.
+    assert steps == [sum(length > k for length in lengths) for k in range(1, max(lengths))]
+    assert [a[:len(b)] == b for a, b in zip(alone, ending)] == [True] * 6  # the same draws until they end
 
 
 def test_the_shared_prefix_runs_once_and_changes_no_token(tiny_model):
@@ -188,14 +230,15 @@ def test_the_shared_prefix_runs_once_and_changes_no_token(tiny_model):
     hook = model.model.register_forward_pre_hook(
         lambda _, args, kwargs: prefilled.append(kwargs["input_ids"].numel())
         if kwargs["input_ids"].shape[1] > 1 else None, with_kwargs=True)
+    seeds = list(range(len(prompts)))
     try:
         for sampling in ({"temperature": 0.0, "max_tokens": 12, "extra_kwargs": {}},
                          {"temperature": 1.0, "max_tokens": 12, "extra_kwargs": {}}):
             prefilled.clear()
-            plain = teacher.hf_generate(model, tokenizer, prompts, sampling, seed=5, reuse_prefix=False)
+            plain = teacher.hf_generate(model, tokenizer, prompts, sampling, seeds, reuse_prefix=False)
             assert prefilled == [len(prompts) * max(map(len, prompts))]
             prefilled.clear()
-            assert teacher.hf_generate(model, tokenizer, prompts, sampling, seed=5) == plain
+            assert teacher.hf_generate(model, tokenizer, prompts, sampling, seeds) == plain
             widest_rest = max(map(len, prompts)) - shared
             assert prefilled == [shared, len(prompts) * widest_rest]
     finally:
