@@ -1,8 +1,9 @@
 """Bake benchmarks: the chunked KL loss against plain autograd, the bake step against a minimal
 hand-written loop, and the step's FLOP/s against this machine's matmul FLOP/s.
 
-    .venv/bin/python bench/bake.py            # 2,048 tokens, Qwen3's vocabulary: 1-2 minutes on 2 cores
-    .venv/bin/python bench/bake.py --quick    # 512 tokens: under a minute
+    .venv/bin/python bench/bake.py            # 2,048 tokens, Qwen3's vocabulary: a few minutes on 2 cores
+    .venv/bin/python bench/bake.py --quick    # 512 tokens: about a minute
+    .venv/bin/python bench/bake.py --model smollm2-135m-instruct   # the bake step on the real chat model
 
 KL section: forward + backward of chunked_kl (default chunk_tokens) and of naive_kl (logits
 h @ W.T with autograd) at Qwen3's vocabulary of 151,936, a small hidden size, float32, on CPU.
@@ -16,13 +17,14 @@ collation, reporting) against a minimal PyTorch loop doing the same step (PEFT L
 teacher with the adapter disabled, chunked_kl, AdamW) on the same model and batches, both in this
 process: median tokens/s of each (warm-up steps excluded) and the ratio. Then the step's model
 FLOP/s (2·params per token forward, 2 more backward through the frozen weights, and the head's
-three matmuls per response token) as a fraction of the matmul FLOP/s measured just before.
+three matmuls per response token) as a fraction of the matmul FLOP/s measured just before; the
+padding of the micro batches as drawn and as grouped by length. Last, the same bake without the
+teacher cache: the seconds of its training steps against the cached run's, epoch 1 against later.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import resource
@@ -33,12 +35,11 @@ import time
 
 import torch
 
-from bread_ray.bake.loss import chunked_kl, naive_kl
+from bread_ray.bake.loss import CHUNK_TOKENS, chunked_kl, naive_kl
 
 QWEN3_VOCAB = 151_936
 KL_VARIANTS = ("naive", "chunked")
 GB = 1e9
-CHUNK_TOKENS = inspect.signature(chunked_kl).parameters["chunk_tokens"].default
 
 
 def current_rss_bytes() -> int:
@@ -144,15 +145,16 @@ def step_flops(linear_params: int, hidden: int, vocab: int, teacher_tokens: int,
     return 2 * linear_params * (teacher_tokens + 2 * student_tokens) + 3 * 2 * hidden * vocab * response_tokens
 
 
-def bench_bake_step(quick: bool) -> None:
-    """Framework loop against a hand-written loop on the same model and batches (one process)."""
+def bench_bake_step(quick: bool, model_name: str | None) -> None:
+    """Framework loop against a hand-written loop on the same model and batches (one process);
+    then the framework without its teacher cache."""
     import random
     import tempfile
     from pathlib import Path
 
     from peft import LoraConfig, get_peft_model
 
-    from bread_ray.bake.data import build_bake_data, collate
+    from bread_ray.bake.data import build_bake_data, collate, mix_targets, padding_fraction
     from bread_ray.bake.driver import run_standalone
     from bread_ray.bake.job import BakeJob
     from bread_ray.config import resolve_bake
@@ -162,28 +164,37 @@ def bench_bake_step(quick: bool) -> None:
     from bread_ray.tiny import build_tiny_model
 
     folder = Path(tempfile.mkdtemp(prefix="bench-bake-"))
-    hidden, layers = (128, 2) if quick else (256, 4)
-    model_dir = build_tiny_model(folder / "model", hidden_size=hidden, num_layers=layers, intermediate_size=3 * hidden)
+    if model_name:
+        model_dir = model_name
+    else:
+        hidden, layers = (128, 2) if quick else (256, 4)
+        model_dir = build_tiny_model(folder / "model", hidden_size=hidden, num_layers=layers, intermediate_size=3 * hidden)
     tokenizer = load_tokenizer(model_dir)
     rng = random.Random(0)
     user = lambda i: {"role": "user", "content": f"question number {i}"}  # noqa: E731
     records = [{"stimulus_index": i, "trajectory_index": 0, "teacher_tools": [],
                 "teacher_messages": [{"role": "system", "content": "You are a pirate."}, user(i)],
-                "student_messages": [user(i)], "response_token_ids": [rng.randrange(10, 900) for _ in range(128)]}
+                "student_messages": [user(i)],
+                "response_token_ids": [rng.randrange(10, 900) for _ in range(rng.randrange(32, 225))]}
                for i in range(64)]
     spec = Bake(name="bench", datasets=[{"target": "t"}], epochs=2 if quick else 3, micro_batch_size=8,
                 data={"train_eval_split": [1.0, 0.0]}, deepspeed={"zero_optimization": {"stage": 2}},
                 model={"disable_activation_checkpoint": True})
     data = build_bake_data({"t_1": records}, {"t_1": 1.0}, tokenizer, spec)
+    drawn = mix_targets({"t_1": list(range(len(data.train)))}, {"t_1": 1.0}, len(data.train), spec.seed, 0)
+    padding = (padding_fraction(drawn, data.train, spec.micro_batch_size),
+               padding_fraction(data.order[:len(data.train)], data.train, spec.micro_batch_size))
     store = LocalStore(folder / "store")
     job = BakeJob(bake=resolve_bake(spec, {"t_1": 1.0}, str(model_dir)), owner="bench", repo="bake",
                   base_model=str(model_dir), store_uri=store.uri, data=data)
     warmup = 2
 
     run_standalone(job)
-    framework = [entry["tokens_per_s"] for entry in read_metrics_log(store, job.prefix)][warmup:]
+    log = read_metrics_log(store, job.prefix)
+    framework = [entry["tokens_per_s"] for entry in log][warmup:]
 
     model = load_causal_lm(model_dir, device="cpu")
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
     linear_params = sum(m.weight.numel() for name, m in model.named_modules()
                         if isinstance(m, torch.nn.Linear) and "lm_head" not in name)
     head = model.get_output_embeddings().weight.detach().clone()
@@ -214,15 +225,33 @@ def bench_bake_step(quick: bool) -> None:
     flops = step_flops(linear_params, hidden, head.shape[0], teacher_tokens, student_tokens, response_tokens)
     framework_rate, hand_rate = statistics.median(framework), statistics.median(hand)
     step_seconds = (teacher_tokens + student_tokens) / framework_rate
-    print(f"\nbake step: Qwen3-architecture {linear_params / 1e6:.1f}M linear params (hidden {hidden}, {layers} layers), "
+    print(f"\nbake step: {model.config.model_type} {linear_params / 1e6:.1f}M linear params (hidden {hidden}, {layers} layers), "
           f"LoRA r {adapter.r} all-linear, micro batch {micro} x ~{(teacher_tokens + student_tokens) // (2 * micro)} tokens, "
           f"fp32, CPU, {torch.get_num_threads()} threads; median of {len(framework)} steps after {warmup} warm-up")
     print(f"{'':>40} {'tokens/s':>10}")
     print(f"{'bread_ray bake step (DeepSpeed ZeRO-2)':>40} {framework_rate:10,.0f}")
     print(f"{'hand-written PyTorch loop':>40} {hand_rate:10,.0f}")
-    print(f"{'ratio framework / hand-written':>40} {framework_rate / hand_rate:9.2f}x")
+    print(f"{'ratio framework / hand-written':>40} {framework_rate / hand_rate:9.2f}x  (the framework's epochs 2+ "
+          f"read the teacher's cached states; the hand loop runs the teacher every step)")
+    print(f"padding: {padding[0]:.1%} of the positions run in micro batches as drawn, {padding[1]:.1%} grouped by "
+          f"length (responses of 32 to 224 tokens; both loops train on the grouped order)")
     print(f"step model FLOP/s {flops / step_seconds / 1e9:.2f} G = {flops / step_seconds / matmul:.1%} of this "
           f"machine's fp32 matmul ({matmul / 1e9:.1f} GFLOP/s, measured in this run)")
+
+    # The same bake without the teacher cache: every epoch runs the teacher again.
+    uncached_job = BakeJob(**{**job.__dict__, "bake": resolve_bake(spec.model_copy(update={"name": "uncached"}),
+                                                                  {"t_1": 1.0}, str(model_dir)),
+                              "teacher_cache_bytes": 0})
+    run_standalone(uncached_job)
+    uncached_log = read_metrics_log(store, uncached_job.prefix)
+    steps_per_epoch = len(log) // spec.epochs
+    cached_s, uncached_s = [e["seconds"] for e in log], [e["seconds"] for e in uncached_log]
+    later = slice(steps_per_epoch, None)
+    print(f"\nteacher cache, {spec.epochs} epochs of {steps_per_epoch} steps: training steps take "
+          f"{sum(cached_s):.1f} s with it, {sum(uncached_s):.1f} s without: {sum(cached_s) / sum(uncached_s):.2f}x; "
+          f"a step of epoch 2+ {statistics.median(cached_s[later]):.2f} s against epoch 1's "
+          f"{statistics.median(cached_s[warmup:steps_per_epoch]):.2f} s (median); final loss "
+          f"{log[-1]['loss']:.6f} with it, {uncached_log[-1]['loss']:.6f} without")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -231,16 +260,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="a quarter of the tokens and of chunk_tokens, and 1024-square matmuls")
     parser.add_argument("--tokens", type=int, help="default 2048, or 512 with --quick")
     parser.add_argument("--chunk-tokens", type=int,
-                        help=f"chunked_kl's default ({CHUNK_TOKENS}), or 256 with --quick: the same 2 chunks")
+                        help=f"chunked_kl's default ({CHUNK_TOKENS}), or a quarter of it with --quick: as many chunks")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=QWEN3_VOCAB)
     parser.add_argument("--runs", type=int, default=3, help="timed runs of each KL variant")
+    parser.add_argument("--model", help="the bake step's model: hub id, local folder or packaged name "
+                                        "(default: a synthetic Qwen3-architecture model, built here)")
     parser.add_argument("--kl-worker", choices=KL_VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     tokens = args.tokens or (512 if args.quick else 2048)
-    chunk_tokens = args.chunk_tokens or (256 if args.quick else CHUNK_TOKENS)
+    chunk_tokens = args.chunk_tokens or (CHUNK_TOKENS // 4 if args.quick else CHUNK_TOKENS)
 
     if args.kl_worker:
         print(json.dumps(kl_worker(args.kl_worker, tokens, args.hidden, args.vocab, chunk_tokens, args.runs)))
@@ -248,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
 
     results = bench_kl(tokens, args.hidden, args.vocab, chunk_tokens, args.runs)
     print_kl_table(results, tokens, args.hidden, args.vocab, chunk_tokens, args.runs)
-    bench_bake_step(args.quick)
+    bench_bake_step(args.quick, args.model)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from bread_ray.bake.loss import CHUNK_TOKENS
+
 GB = 1e9
 # Qwen/Qwen3-32B's config.json
 QWEN3_32B = {"hidden": 5120, "layers": 64, "intermediate": 25600, "q_heads": 64, "kv_heads": 8, "head_dim": 128,
@@ -27,7 +29,7 @@ def linear_shapes(m: dict) -> list[tuple[int, int]]:
     return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
 
 
-def plan(m: dict, *, gpus: int, micro_batch: int, tokens: int, rank: int, chunk_tokens: int = 1024,
+def plan(m: dict, *, gpus: int, micro_batch: int, tokens: int, rank: int, chunk_tokens: int = CHUNK_TOKENS,
          prefetch_layers: int = 2) -> list[tuple[str, float]]:
     layer_params = sum(a * b for a, b in linear_shapes(m))
     embedding = m["vocab"] * m["hidden"]

@@ -24,7 +24,7 @@ The layout, relative to the store root (documented here only; the keys are built
         part-00000.parquet, ...            one row per trajectory, a part per shard of stimuli
         manifest.json                      counts; written last: the rollout is complete
     <owner>/<repo>/bakes/<bake_id>/
-        train_log_metrics.jsonl            one line per optimizer step: iter, loss, lr, epoch, tokens_per_s
+        train_log_metrics.jsonl            one line per optimizer step: iter, loss, lr, epoch, grad_norm, seconds, tokens_per_s
         checkpoints/                       Ray Train's run folder: DeepSpeed state + adapter every N steps
         result.json                        the models, losses and held-out KL; written last: the bake is done
     models/<owner>/<repo>/<bake_id>/<step>/

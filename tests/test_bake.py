@@ -18,7 +18,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bread_ray.bake.data import build_bake_data, collate, optimizer_steps, rank_slice, split_by_question
+from bread_ray.bake.data import (
+    build_bake_data,
+    collate,
+    mix_targets,
+    optimizer_steps,
+    padding_fraction,
+    rank_slice,
+    split_by_question,
+)
 from bread_ray.bake.deepspeed import lr_multiplier
 from bread_ray.config import resolve_bake
 from bread_ray.models import load_tokenizer
@@ -112,6 +120,20 @@ def test_targets_are_mixed_by_weight_over_epochs(tokenizer):
     assert data.order[:40] != data.order[40:]  # each epoch its own shuffle
 
 
+def test_micro_batches_group_similar_lengths_and_each_epoch_keeps_its_examples(tokenizer):
+    bake = bake_config(epochs=2, micro_batch_size=4)
+    data = build_bake_data({"t_1": trajectories(60)}, {"t_1": 1.0}, tokenizer, bake)
+    epoch = len(data.order) // 2
+    for e in range(2):
+        drawn = mix_targets({"t_1": list(range(len(data.train)))}, {"t_1": 1.0}, epoch, bake.seed, e)
+        assert sorted(data.order[e * epoch:(e + 1) * epoch]) == sorted(drawn)  # the same examples, regrouped
+        ungrouped, grouped = (padding_fraction(order, data.train, 4)
+                              for order in (drawn, data.order[e * epoch:(e + 1) * epoch]))
+        assert grouped < ungrouped / 3, (grouped, ungrouped)
+    first_batches = [data.order[k:k + 4] for k in range(0, epoch, 4)]
+    assert first_batches != sorted(first_batches, key=lambda b: len(data.train[b[0]].response_ids))  # still shuffled
+
+
 def test_every_rank_gets_the_same_number_of_steps_and_disjoint_examples():
     order = list(range(10))
     steps = optimizer_steps(len(order), micro_batch=2, accumulation=1, world_size=2)
@@ -149,16 +171,16 @@ def test_zero2_and_zero3_bakes_match_and_publish_real_adapters(ray_session, tiny
     from bread_ray.bake.driver import run_bake
 
     store = LocalStore(tmp_path / "store")
-    jobs = {stage: make_job(tokenizer, tiny_model, store, f"b{stage}",
+    jobs = {stage: make_job(tokenizer, tiny_model, store, f"b{stage}", epochs=2,  # epoch 2 reads cached teacher states
                             deepspeed={"zero_optimization": {"stage": stage}},
-                            checkpoint=[{"save_every_n_steps": 2}]) for stage in (2, 3)}
+                            checkpoint=[{"save_every_n_steps": 4}]) for stage in (2, 3)}
     results = {stage: run_bake(job, num_workers=2, use_gpu=False, progress=False) for stage, job in jobs.items()}
     zero2, zero3 = losses(store, jobs[2]), losses(store, jobs[3])
-    assert len(zero2) == len(zero3) == results[2]["steps"] == 6  # 22 examples / (2 per micro batch x 2 workers)
+    assert len(zero2) == len(zero3) == results[2]["steps"] == 11  # 2 epochs x 22 examples / (2 per micro batch x 2 workers)
     assert zero2 == pytest.approx(zero3, rel=1e-4)
     assert len(set(zero2)) > 1  # the losses move: equal curves are not trivially equal
     for stage, result in results.items():
-        assert result["model_names"] == [f"me/r/{jobs[stage].bake.id}/{s}" for s in (2, 4, 6)]
+        assert result["model_names"] == [f"me/r/{jobs[stage].bake.id}/{s}" for s in (4, 8, 11)]
         assert result["held_out_kl"]["after"] < result["held_out_kl"]["before"]
         assert len(result["worker_nodes"]) == 2 and all(result["worker_nodes"])  # each rank's Ray node
         final = store.download_model(result["model_names"][-1], tmp_path / f"adapter{stage}")
@@ -200,6 +222,42 @@ def test_a_worker_killed_mid_bake_resumes_from_its_checkpoint(ray_session, tiny_
     assert [entry["iter"] for entry in log] == list(range(1, 7))  # no step lost, none twice
     assert result["model_names"] == [f"me/r/{job.bake.id}/{s}" for s in (2, 4, 6)]
     assert store.model_exists(result["model_names"][-1])
+
+
+@pytest.mark.slow
+def test_later_epochs_and_evaluations_read_the_teachers_states_and_lose_nothing(tiny_model, tokenizer, tmp_path):
+    """Two epochs in one plain process, with the teacher cache and without: the same losses and
+    held-out KLs (up to float rounding: a cached state was computed in another micro batch), but
+    the teacher runs once per training example and once per held-out batch instead of every time."""
+    import pickle
+
+    store = LocalStore(tmp_path / "store")
+    jobs = [make_job(tokenizer, tiny_model, store, name, epochs=2) for name in ("cached", "uncached")]
+    jobs[1].teacher_cache_bytes = 0
+    (tmp_path / "jobs.pkl").write_bytes(pickle.dumps(jobs))
+    script = ("import pickle, json\n"
+              "from bread_ray.bake import worker\n"
+              "from bread_ray.bake.driver import run_standalone\n"
+              "passes = []\n"
+              "put = worker.TeacherCache.put\n"
+              "worker.TeacherCache.put = lambda self, split, *a: (passes.append(split), put(self, split, *a))[1]\n"
+              "for job in pickle.load(open(" + repr(str(tmp_path / "jobs.pkl")) + ", 'rb')):\n"
+              "    passes.clear()\n"
+              "    result = run_standalone(job)\n"
+              "    print(json.dumps({'result': result, 'train': passes.count('train'), 'eval': passes.count('eval')}))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cached, uncached = [json.loads(line) for line in done.stdout.strip().splitlines()[-2:]]
+    job = jobs[0]
+    micro_steps = cached["result"]["steps"]  # one micro batch of 2 per step, one worker
+    assert micro_steps == len(job.data.order) // 2 == 22  # 22 training examples x 2 epochs
+    assert uncached["train"] == micro_steps and cached["train"] == 11  # epoch one's micro batches only
+    eval_batches = -(-len(job.data.eval) // 2)
+    assert uncached["eval"] == 2 * eval_batches and cached["eval"] == eval_batches  # before and after
+    assert losses(store, jobs[0]) == pytest.approx(losses(store, jobs[1]), rel=1e-5)
+    assert len(set(losses(store, jobs[0]))) > 1
+    for moment in ("before", "after"):
+        assert cached["result"]["held_out_kl"][moment] == pytest.approx(uncached["result"]["held_out_kl"][moment], rel=1e-5)
 
 
 @pytest.mark.slow

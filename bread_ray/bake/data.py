@@ -108,12 +108,44 @@ def mix_targets(train_by_target: dict[str, list[int]], weights: dict[str, float]
     return drawn
 
 
+LENGTH_WINDOW = 16  # micro batches whose examples are sorted by length together
+
+
+def group_by_length(drawn: list[int], examples: list[Example], micro_batch: int, seed: int, epoch: int) -> list[int]:
+    """One epoch's draw reordered so that each micro batch holds examples of similar length:
+    windows of LENGTH_WINDOW micro batches are sorted by length (the teacher's context: prompt
+    and response) and cut into micro batches, which are shuffled again. The epoch trains on the
+    same examples; a micro batch pads to its longest example, so similar lengths pad less.
+    (collate pads each micro batch; rank_slice hands consecutive micro batches to the ranks.)"""
+    rng = random.Random(f"{seed}:{epoch}:length")
+    window, grouped = LENGTH_WINDOW * micro_batch, []
+    for start in range(0, len(drawn), window):
+        ranked = sorted(drawn[start:start + window],
+                        key=lambda i: len(examples[i].teacher_prompt_ids) + len(examples[i].response_ids))
+        batches = [ranked[k:k + micro_batch] for k in range(0, len(ranked), micro_batch)]
+        rng.shuffle(batches)
+        grouped += [i for batch in batches for i in batch]
+    return grouped
+
+
+def padding_fraction(order: list[int], examples: list[Example], micro_batch: int) -> float:
+    """The share of the positions that micro batches of `order` run (both contexts) that are padding."""
+    run = real = 0
+    for start in range(0, len(order), micro_batch):
+        batch = [examples[i] for i in order[start:start + micro_batch]]
+        for prompt in ("teacher_prompt_ids", "student_prompt_ids"):
+            lengths = [len(getattr(e, prompt)) + len(e.response_ids) for e in batch]
+            run, real = run + len(batch) * max(lengths), real + sum(lengths)
+    return 1 - real / run if run else 0.0
+
+
 def build_bake_data(trajectories: dict[str, list[dict[str, Any]]], weights: dict[str, float], tokenizer: Any,
                     bake: Bake) -> BakeData:
     """Tokenize every target's trajectories, hold out questions, and lay out the epochs.
 
     `trajectories`: rollout records per target id; `weights`: BAKE.datasets' weights.
-    Every epoch draws `total_trajectories` (default: all training trajectories) by weight.
+    Every epoch draws `total_trajectories` (default: all training trajectories) by weight, in
+    micro batches of similar lengths (group_by_length).
     """
     max_length = bake.data.max_length
     eval_fraction = bake.data.train_eval_split[1]
@@ -129,7 +161,9 @@ def build_bake_data(trajectories: dict[str, list[dict[str, Any]]], weights: dict
         held_out.extend(target_eval)
         counts[target_id] = {"train": len(target_train), "eval": len(target_eval), "truncated": truncated}
     total = bake.total_trajectories or len(train)
-    order = [i for epoch in range(bake.epochs) for i in mix_targets(by_target, weights, total, seed, epoch)]
+    order = [i for epoch in range(bake.epochs)
+             for i in group_by_length(mix_targets(by_target, weights, total, seed, epoch), train,
+                                      bake.micro_batch_size, seed, epoch)]
     for target_id in by_target:
         counts[target_id]["drawn"] = sum(train[i].target_id == target_id for i in order)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

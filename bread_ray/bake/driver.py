@@ -127,6 +127,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn that it guessed
+        # Ray starts a worker with one thread (OMP_NUM_THREADS: its one CPU of resources); a CPU bake
+        # is the node's work, so its workers share the node's cores (bench/peers.py: 2.7x with 1 worker on 2 cores).
+        cores = len(os.sched_getaffinity(0))
+        torch.set_num_threads(max(1, cores // ray.train.get_context().get_local_world_size()))
 
     def report(metrics: dict[str, Any], checkpoint_dir: str) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))  # ranks' files merge
@@ -206,10 +210,11 @@ def show_progress(thread: threading.Thread, store: Store, prefix: str, total_ste
                            stats=f"loss {last['loss']:.4g}  {last['tokens_per_s']:,.0f} tokens/s")
 
 
-def run_standalone(job: BakeJob) -> dict[str, Any] | None:
+def run_standalone(job: BakeJob, after_step: Callable[[int, int, WorkerSession], None] | None = None
+                   ) -> dict[str, Any] | None:
     """The bake without Ray: one process, or every rank of `torchrun --nproc-per-node N`.
     No checkpoint is resumed (Ray Train does that); the result is published as under Ray.
-    Returns its result.json on rank 0."""
+    Returns its result.json on rank 0. `after_step` as for run_bake."""
     import torch
 
     from bread_ray.bake.worker import bake_worker  # DeepSpeed: in the worker's process only
@@ -221,4 +226,4 @@ def run_standalone(job: BakeJob) -> dict[str, Any] | None:
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return bake_worker(job, WorkerSession())
+    return bake_worker(job, WorkerSession(after_step=after_step))

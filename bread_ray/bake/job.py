@@ -26,7 +26,8 @@ class BakeJob:
     store_uri: str
     data: BakeData
     commit: str | None = None  # the git commit whose input.yml this bake trains
-    kl_chunk_tokens: int = 1024
+    kl_chunk_tokens: int | None = None  # rows of logits per chunk of the loss (None: bread_ray.bake.loss.CHUNK_TOKENS)
+    teacher_cache_bytes: int = 4 * 2**30  # per worker, CPU memory for the teacher's hidden states (0: none)
 
     @property
     def parent_lineage_model(self) -> str | None:

@@ -21,6 +21,11 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+# Rows of logits held at once: 3 x 256 x 151,936 floats (Qwen3's vocabulary) is 0.47 GB in
+# float32, under a tenth of what plain autograd holds for 2,048 tokens (bench/bake.py), and each
+# chunk's matmul with the head is still large enough to run at full speed.
+CHUNK_TOKENS = 256
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Softmaxes run in float32 at least: bf16's 8-bit mantissa loses the small probabilities."""
@@ -94,7 +99,7 @@ class _ChunkedKL(torch.autograd.Function):
 
 
 def chunked_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, head_weight: torch.Tensor,
-               *, top_k: int | None = None, chunk_tokens: int = 1024) -> torch.Tensor:
+               *, top_k: int | None = None, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
     """Mean over response tokens of KL(teacher ‖ student).
 
     student_hidden: [tokens, hidden] final (normed) hidden states of the student at the positions

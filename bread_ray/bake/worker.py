@@ -1,7 +1,8 @@
 """A bake worker: the training recipe each rank runs, plain Python over torch.distributed and DeepSpeed.
 
     setup         the parent (its chain of adapters added in) with a fresh LoRA, in a DeepSpeed engine
-    train_step    one optimizer step: teacher and student passes, the chunked KL, backward
+    train_step    one optimizer step: teacher and student passes, the chunked KL, backward; the
+                  teacher's hidden states are kept after an example's first pass (TeacherCache)
     evaluate      the held-out KL, all ranks together
     checkpoint    the training state and the adapter, for the runner to keep; the adapter published
     finish        the final adapter published as the bake's model, and the bake's result
@@ -32,10 +33,10 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from transformers import AutoConfig
 from transformers.integrations import HfDeepSpeedConfig
 
-from bread_ray.bake.data import Batch, collate, optimizer_steps, rank_slice
+from bread_ray.bake.data import BakeData, Batch, Example, collate, optimizer_steps, rank_slice
 from bread_ray.bake.deepspeed import build_optimizer, build_scheduler, deepspeed_config
 from bread_ray.bake.job import BakeJob, WorkerSession
-from bread_ray.bake.loss import chunked_kl
+from bread_ray.bake.loss import CHUNK_TOKENS, chunked_kl
 from bread_ray.lineage import check_foldable, lora_deltas, read_adapter
 from bread_ray.model_sources import resolve_model_source
 from bread_ray.models import download_folded_adapter, load_causal_lm
@@ -44,6 +45,45 @@ from bread_ray.store import BAKE_RESULT, Store, open_store, read_metrics_log, wr
 STATE_TAG = "state"  # DeepSpeed's tag for the training state inside a checkpoint
 ADAPTER_FOLDER = "adapter"  # the gathered LoRA adapter inside a checkpoint
 LOG_EVERY_S = 2.0  # rank 0 rewrites the metrics log in the store at most this often between checkpoints
+
+
+class TeacherCache:
+    """The teacher's final hidden states of each example, kept after its first forward pass.
+
+    The teacher (the parent with the adapter disabled) does not change during a bake, so every
+    epoch after the first, and every held-out evaluation after the first, reads them instead of
+    running the teacher again. The loss is exact: it gets the tensor the teacher computed, and
+    the head projects it to the full distribution as before (kl_top_k included).
+    Per example [response tokens, hidden] in CPU memory, for the splits ("train", "eval") whose
+    examples run more than once, when they fit the budget.
+    """
+
+    def __init__(self, splits: frozenset[str]):
+        self.splits = splits
+        self.states: dict[tuple[str, int], torch.Tensor] = {}  # (split, example index) -> [tokens, hidden]
+
+    @classmethod
+    def for_bake(cls, data: BakeData, hidden_size: int, element_bytes: int, budget: int) -> TeacherCache:
+        """Held-out examples run at least twice (before and after training); training examples
+        when the bake has several epochs. Nothing is kept if all would not fit `budget` bytes."""
+        examples = {"train": data.train, "eval": data.eval}
+        splits = {"eval"} if data.eval else set()
+        if len(data.order) > len(set(data.order)):
+            splits.add("train")
+        tokens = sum(len(e.response_ids) for split in splits for e in examples[split])
+        return cls(frozenset(splits) if tokens * hidden_size * element_bytes <= budget else frozenset())
+
+    def get(self, split: str, indices: list[int], device: torch.device) -> torch.Tensor | None:
+        """The stored states of these examples, concatenated [tokens, hidden]; None if any is missing."""
+        if split not in self.splits or any((split, i) not in self.states for i in indices):
+            return None
+        return torch.cat([self.states[split, i] for i in indices]).to(device)
+
+    def put(self, split: str, indices: list[int], examples: list[Example], hidden: torch.Tensor) -> None:
+        """Keep each example's rows of `hidden` [tokens, hidden] (examples in batch order)."""
+        if split in self.splits:
+            for i, rows in zip(indices, hidden.detach().split([len(e.response_ids) for e in examples])):
+                self.states.setdefault((split, i), rows.to("cpu", copy=True))
 
 
 @dataclass
@@ -58,6 +98,8 @@ class Trainer:
     world: int
     device: torch.device
     total_steps: int
+    teacher_cache: TeacherCache
+    zero3: bool  # weights are gathered collectively in each forward pass: every rank must run the same ones
 
 
 @dataclass
@@ -90,7 +132,9 @@ def setup(job: BakeJob) -> Trainer:
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(trainable, spec),
                                       lr_scheduler=build_scheduler(spec, total_steps), config=ds_config)
-    return Trainer(engine, head.to(device), zero3_loading, store, rank, world, device, total_steps)
+    cache = TeacherCache.for_bake(job.data, hidden_size, head.element_size(), job.teacher_cache_bytes)
+    return Trainer(engine, head.to(device), zero3_loading, store, rank, world, device, total_steps, cache,
+                   zero3=ds_config["zero_optimization"]["stage"] == 3)
 
 
 def apply_adapter(model: torch.nn.Module, adapter_dir: Path) -> int:
@@ -164,12 +208,32 @@ def final_hidden(engine: Any, ids: torch.Tensor, mask: torch.Tensor, positions: 
     return hidden.flatten(0, 1)[positions]
 
 
-def teacher_student_hidden(engine: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(student [tokens, hidden] with grad, teacher [tokens, hidden] without), aligned on the response."""
-    with torch.no_grad(), engine.module.disable_adapter():
-        teacher = final_hidden(engine, batch.teacher_ids, batch.teacher_mask, batch.teacher_positions)
-    student = final_hidden(engine, batch.student_ids, batch.student_mask, batch.student_positions)
-    return student, teacher
+def teacher_hidden(trainer: Trainer, batch: Batch, split: str, indices: list[int], examples: list[Example]) -> torch.Tensor:
+    """The teacher's hidden states [tokens, hidden], aligned on the response: from the cache, or
+    from a forward pass without the adapter (then cached). Under ZeRO-3 a rank runs the pass
+    whenever any rank needs it, as the pass gathers the weights from all of them."""
+    cached = trainer.teacher_cache.get(split, indices, trainer.device)
+    needed = torch.tensor([cached is None], dtype=torch.int32, device=trainer.device)
+    if trainer.zero3 and trainer.world > 1 and split in trainer.teacher_cache.splits:
+        dist.all_reduce(needed, op=dist.ReduceOp.MAX)
+    if not needed.item():
+        return cached
+    with torch.no_grad(), trainer.engine.module.disable_adapter():
+        teacher = final_hidden(trainer.engine, batch.teacher_ids, batch.teacher_mask, batch.teacher_positions)
+    trainer.teacher_cache.put(split, indices, examples, teacher)
+    return teacher
+
+
+def batch_kl(trainer: Trainer, job: BakeJob, split: str, indices: list[int]) -> tuple[torch.Tensor, Batch]:
+    """Mean KL(teacher ‖ student) per response token over the examples `indices` of `split`
+    ("train" or "eval"), with the gradient to the student where grad mode is on; and their batch."""
+    examples = [(job.data.train if split == "train" else job.data.eval)[i] for i in indices]
+    batch = collate(examples, job.data.pad_id).to(trainer.device)
+    teacher = teacher_hidden(trainer, batch, split, indices, examples)
+    student = final_hidden(trainer.engine, batch.student_ids, batch.student_mask, batch.student_positions)
+    kl = chunked_kl(student, teacher, trainer.head, top_k=job.bake.spec.kl_top_k,
+                    chunk_tokens=job.kl_chunk_tokens or CHUNK_TOKENS)
+    return kl, batch
 
 
 def train_step(trainer: Trainer, job: BakeJob, step: int) -> dict[str, Any]:
@@ -181,24 +245,22 @@ def train_step(trainer: Trainer, job: BakeJob, step: int) -> dict[str, Any]:
     losses, tokens = [], 0
     for k in range(accumulation):
         micro_step = (step - 1) * accumulation + k
-        examples = [job.data.train[i] for i in rank_slice(job.data.order, micro_step, rank, world, spec.micro_batch_size)]
-        batch = collate(examples, job.data.pad_id).to(trainer.device)
         # LoRA dropout draws from the global RNG: seeding each micro step makes a resumed run and
         # any ZeRO stage draw the same masks
         torch.manual_seed(spec.seed * 1_000_003 + micro_step * world + rank)
-        student, teacher = teacher_student_hidden(engine, batch)
-        loss = chunked_kl(student, teacher, trainer.head, top_k=spec.kl_top_k, chunk_tokens=job.kl_chunk_tokens)
+        loss, batch = batch_kl(trainer, job, "train",
+                               rank_slice(job.data.order, micro_step, rank, world, spec.micro_batch_size))
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach())
         tokens += batch.tokens
     stats = torch.tensor([torch.stack(losses).mean().item(), tokens], dtype=torch.float64, device=trainer.device)
     dist.all_reduce(stats)
-    grad_norm = engine.get_global_grad_norm()
+    grad_norm, seconds = engine.get_global_grad_norm(), time.perf_counter() - started
     return {"iter": step, "loss": float(stats[0]) / world, "lr": lr,
             "epoch": round(step * spec.epochs / trainer.total_steps, 4),
             "grad_norm": None if grad_norm is None else float(grad_norm),
-            "tokens_per_s": float(stats[1]) / (time.perf_counter() - started)}
+            "seconds": round(seconds, 4), "tokens_per_s": float(stats[1]) / seconds}
 
 
 def evaluate(trainer: Trainer, job: BakeJob) -> float | None:
@@ -217,9 +279,7 @@ def evaluate(trainer: Trainer, job: BakeJob) -> float | None:
         for b in range(batches):
             indices = mine[b * micro:(b + 1) * micro]
             weight = 1.0 if indices else 0.0
-            batch = collate([examples[i] for i in indices or [0]], job.data.pad_id).to(trainer.device)
-            student, teacher = teacher_student_hidden(engine, batch)
-            kl = chunked_kl(student, teacher, trainer.head, top_k=job.bake.spec.kl_top_k, chunk_tokens=job.kl_chunk_tokens)
+            kl, batch = batch_kl(trainer, job, "eval", indices or [0])
             total += torch.tensor([kl.item() * batch.response_tokens * weight, batch.response_tokens * weight],
                                   dtype=torch.float64, device=trainer.device)
     engine.module.train()
