@@ -2,8 +2,9 @@
 shard's Parquet part to the store (Ray Data runs a pool of them: bread_ray.rollout).
 
 Sampling is a batched Hugging Face decode loop (CPU or GPU: hf_generate), the teacher prompt's KV
-cache computed once per shard and shared by its rows, each row leaving the batch when it ends; or vLLM where it is installed and a GPU exists, with vLLM's prefix
-caching on (the same interface; untested here: no GPU, no vLLM). Each trajectory is sampled with
+cache computed once per shard and shared by its rows, each row leaving the batch when it ends; or
+vLLM where it is installed and a GPU exists, with vLLM's prefix caching on (the same interface;
+untested here: no GPU, no vLLM). Each trajectory is sampled with
 its own seed, derived from (TARGET.seed, stimulus index, trajectory index): the output does not
 depend on the number of actors, on which actor runs which shard, or on the other rows of a batch.
 """
