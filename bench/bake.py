@@ -25,6 +25,7 @@ teacher cache: the seconds of its training steps against the cached run's, epoch
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -239,9 +240,8 @@ def bench_bake_step(quick: bool, model_name: str | None) -> None:
           f"machine's fp32 matmul ({matmul / 1e9:.1f} GFLOP/s, measured in this run)")
 
     # The same bake without the teacher cache: every epoch runs the teacher again.
-    uncached_job = BakeJob(**{**job.__dict__, "bake": resolve_bake(spec.model_copy(update={"name": "uncached"}),
-                                                                  {"t_1": 1.0}, str(model_dir)),
-                              "teacher_cache_bytes": 0})
+    uncached_job = dataclasses.replace(job, teacher_cache_bytes=0, bake=resolve_bake(
+        spec.model_copy(update={"name": "uncached"}), {"t_1": 1.0}, str(model_dir)))
     run_standalone(uncached_job)
     uncached_log = read_metrics_log(store, uncached_job.prefix)
     steps_per_epoch = len(log) // spec.epochs

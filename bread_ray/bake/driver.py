@@ -128,7 +128,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn that it guessed
         # Ray starts a worker with one thread (OMP_NUM_THREADS: its one CPU of resources); a CPU bake
-        # is the node's work, so its workers share the node's cores (bench/peers.py: 2.7x with 1 worker on 2 cores).
+        # is the node's work, so its workers share the node's cores (bench/peers.py: 1.41x with 1 worker on 2 cores).
         cores = len(os.sched_getaffinity(0))
         torch.set_num_threads(max(1, cores // ray.train.get_context().get_local_world_size()))
 
