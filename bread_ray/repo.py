@@ -12,6 +12,7 @@ so `git revert` of it restores the previous parent and a branch is an alternativ
 from __future__ import annotations
 
 import configparser
+import fcntl
 import getpass
 import io
 import json
@@ -246,16 +247,20 @@ class BreadRepo:
 
     def install_hooks(self) -> None:
         """The pre-commit hook and the keepTheirs merge driver: git keeps neither in a clone, so
-        every bgit command sets them up where they are missing. A foreign hook is left alone."""
-        if not self.git("config", "merge.keepTheirs.driver", check=False).strip():
-            self.git("config", "merge.keepTheirs.name", "bgit: keep the other branch's version")
-            self.git("config", "merge.keepTheirs.driver", "cp -f %B %A")
-        if self.foreign_hook():
-            return
-        hook = self.hook_path()
-        hook.parent.mkdir(parents=True, exist_ok=True)
-        hook.write_text(PRE_COMMIT_HOOK.format(marker=HOOK_MARKER, python=shlex.quote(sys.executable)))
-        hook.chmod(0o755)
+        every bgit command sets them up where they are missing. A foreign hook is left alone.
+        Commands started together in a fresh clone take turns: `git config` fails, rather than
+        waits, while another process holds .git/config's lock."""
+        with open(self.git_path("bgit-setup.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not self.git("config", "merge.keepTheirs.driver", check=False).strip():
+                self.git("config", "merge.keepTheirs.name", "bgit: keep the other branch's version")
+                self.git("config", "merge.keepTheirs.driver", "cp -f %B %A")
+            if self.foreign_hook():
+                return
+            hook = self.hook_path()
+            hook.parent.mkdir(parents=True, exist_ok=True)
+            hook.write_text(PRE_COMMIT_HOOK.format(marker=HOOK_MARKER, python=shlex.quote(sys.executable)))
+            hook.chmod(0o755)
 
     def hook_path(self) -> Path:
         return self.git_path("hooks") / "pre-commit"

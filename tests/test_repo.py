@@ -6,6 +6,7 @@ import configparser
 import os
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
@@ -393,3 +394,16 @@ def test_eval_says_in_one_line_what_it_cannot_evaluate(repo, capsys):
     assert main(["eval", "no-such-model"]) == 1
     assert "'no-such-model' is neither the base model (tiny-base) nor a model name" in capsys.readouterr().err
     assert not (repo.root / "eval.png").exists() and repo.git("status", "--porcelain") == ""
+
+
+def test_bgit_commands_started_together_in_a_fresh_clone_all_set_it_up(repo, tmp_path):
+    """git config fails, rather than waits, when another process holds .git/config's lock: the
+    first commands in a clone (status, logs and fetch started together) must not trip on it."""
+    for attempt in range(4):
+        clone = tmp_path / f"clone{attempt}"
+        subprocess.run(["git", "clone", "-q", str(repo.root), str(clone)], check=True)
+        with ThreadPoolExecutor(8) as pool:
+            found = list(pool.map(lambda _: BreadRepo.find(clone), range(8)))
+        assert all(found_repo.root == clone.resolve() for found_repo in found)
+        assert subprocess.run(["git", "config", "merge.keepTheirs.driver"], cwd=clone, capture_output=True,
+                              text=True).stdout.strip() == "cp -f %B %A"
