@@ -15,19 +15,22 @@ steps, minimising the same loss: forward KL(teacher with the prompt ‖ student 
 token over the full vocabulary. Tokens are counted the same way everywhere: both contexts' tokens,
 padding excluded.
 
-    bread_ray, one process      run_standalone: DeepSpeed ZeRO-2, no activation checkpointing
-    bread_ray, Ray Train xN     run_bake on N CPU workers (gloo), the same configuration
+    bread_ray, one process      run_in_process (what bgit runs for one worker on its local
+                                cluster): DeepSpeed ZeRO-2, no activation checkpointing
+    bread_ray, Ray Train xN     run_bake on N CPU workers (gloo), the same configuration, on a
+                                local Ray cluster started before (a bgit run has it up already)
     TRL GKDTrainer              off-policy (lmbda 0), forward KL (beta 0), no student generation;
                                 compute_loss overridden so that the teacher sees its own prompt (GKD
                                 feeds both models the same input), the loss is TRL's generalized_jsd_loss
     hand-written loop           a PEFT model, the teacher as the model with its adapter disabled,
                                 full logits, the KL written out, AdamW
 
-Each row runs in a fresh process. It reports training tokens/s (the steps alone), the fixed cost
-(everything before the first step: starting Ray Train, loading the model, bread_ray's held-out KL
-before training), the peak resident memory of the process that trains (rank 0's), and the
-held-out KL after training, computed the same way for all (mean per response token over held-out
-questions).
+Each row runs in a fresh process. It reports training tokens/s (the steps alone), the fixed cost,
+the peak resident memory of the process that trains (rank 0's), and the held-out KL after
+training, computed the same way for all (mean per response token over held-out questions). The
+fixed cost of bread_ray's rows is all of the bake but its steps: starting and ending Ray Train,
+loading the model, the held-out KL before and after training, publishing the adapter; that of TRL
+and the hand loop is what they do before their first step.
 """
 
 from __future__ import annotations
@@ -130,11 +133,10 @@ def held_out_kl(model, data: BakeData) -> float:
 # ---- the rows, each in its own process -------------------------------------------------------------
 
 def run_bread(model_name: str, records: list[dict], spec: Bake, workers: int | None, work: Path) -> dict:
-    from bread_ray.bake.driver import run_bake, run_standalone
+    from bread_ray.bake.driver import run_bake, run_in_process
     from bread_ray.bake.job import BakeJob
     from bread_ray.store import LocalStore, read_metrics_log
 
-    started = time.time()
     store = LocalStore(work / f"store-{workers}")
     job = BakeJob(bake=resolve_bake(spec, {"t_1": 1.0}, model_name), owner="bench", repo="peers", base_model=model_name,
                   store_uri=store.uri, data=bake_data(model_name, records, spec))
@@ -144,31 +146,31 @@ def run_bread(model_name: str, records: list[dict], spec: Bake, workers: int | N
         if rank == 0:
             import json as json_
             import resource as resource_
-            import time as time_
             from pathlib import Path as Path_
 
             import torch as torch_
 
             path = Path_(str(marks))
             seen = json_.loads(path.read_text()) if path.exists() else {}
-            seen.setdefault("first_step_done", time_.time())
             seen["rss_mb"] = resource_.getrusage(resource_.RUSAGE_SELF).ru_maxrss / 1024
             seen["gpu_mb"] = torch_.cuda.max_memory_allocated() / 2**20 if torch_.cuda.is_available() else None
             path.write_text(json_.dumps(seen))
 
     if workers is None:
-        result = run_standalone(job, after_step=mark)
+        started = time.time()
+        result = run_in_process(job, progress=False, after_step=mark)
     else:
         from bread_ray import ray_cluster
 
         ray_cluster.connect("local")
+        started = time.time()
         result = run_bake(job, num_workers=workers, use_gpu=CUDA, progress=False, after_step=mark)
+    wall = time.time() - started
     log = read_metrics_log(store, job.prefix)
     seen = json.loads(marks.read_text())
     seconds = sum(entry["seconds"] for entry in log)
     tokens = sum(entry["seconds"] * entry["tokens_per_s"] for entry in log)
-    return {"steps": len(log), "tokens_per_s": tokens / seconds, "train_s": seconds,
-            "fixed_s": seen["first_step_done"] - log[0]["seconds"] - started,
+    return {"steps": len(log), "tokens_per_s": tokens / seconds, "train_s": seconds, "fixed_s": wall - seconds,
             "rss_mb": seen["rss_mb"], "gpu_mb": seen["gpu_mb"], "kl_after": result["held_out_kl"]["after"], "kl_before": result["held_out_kl"]["before"]}
 
 
@@ -323,6 +325,11 @@ def main(argv: list[str] | None = None) -> None:
     if bread:
         print(f"\nheld-out KL before training: {bread['kl_before']:.4f}. Peak RSS is the training process's "
               f"(rank 0's under Ray Train).")
+        ray_x1 = results.get("bread_ray, Ray Train x1")
+        if ray_x1:
+            print(f"fixed cost of bgit's one-worker bake: {bread['fixed_s']:.1f} s in process against "
+                  f"{ray_x1['fixed_s']:.1f} s under Ray Train x1 (its path before): "
+                  f"{bread['fixed_s'] / ray_x1['fixed_s']:.2f}x")
         if "TRL GKDTrainer" in results:
             trl = results["TRL GKDTrainer"]
             print(f"bread_ray against TRL: {bread['tokens_per_s'] / trl['tokens_per_s']:.2f}x the tokens/s, "

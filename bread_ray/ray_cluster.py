@@ -3,6 +3,8 @@
     connect()                  RAY_ADDRESS unset: a new local cluster for this process
     connect("10.0.0.5:6379")   join that cluster (also RAY_ADDRESS=host:port, auto, ray://host:port),
                                or fail within JOIN_TIMEOUT_S with one line naming the address
+    started_here()             whether this process started the cluster it is on (a bake of one
+                               worker then runs in this process: bread_ray.bake.driver)
 
 A plain `ray.init()` would join whatever cluster `ray start` last recorded on this machine, and
 retry forever when that head has died; bgit only joins a cluster it is told about.
@@ -28,10 +30,21 @@ import ray
 from bread_ray.errors import UserError
 
 JOIN_TIMEOUT_S = 10  # how long a named cluster's head may take to accept a connection
+API_SERVER_VARIABLE = "RAY_API_SERVER_ADDRESS"  # where Ray's state and Jobs API clients go first
+NO_API_SERVER = "http://127.0.0.1:0"  # a local cluster's: none (see connect)
 
 
 class ClusterUnreachable(UserError):
     """The cluster bgit was told to join does not answer."""
+
+
+_started_here = False  # whether this process started the cluster it is on (connect)
+
+
+def started_here() -> bool:
+    """Whether this process started the Ray cluster it is on: bgit's local cluster, on this
+    machine, which nothing else uses and which ends with this process."""
+    return _started_here and ray.is_initialized()
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, announce=print) -> bool:
@@ -39,6 +52,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, announce
     set; nothing but quieting the loggers of Ray libraries imported since (Ray Serve's) when this
     process is connected already. `num_cpus` sizes a local cluster.
     Returns whether it started a local cluster, which then ends with this process."""
+    global _started_here
     if ray.is_initialized():
         keep_ray_logs_in_files()
         return False
@@ -54,10 +68,23 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, announce
                     "get-auth-token` on its head) in ~/.ray/auth_token or RAY_AUTH_TOKEN") from None
             raise ClusterUnreachable(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}") from None
         where = f"joined the cluster at {address}"
+        _started_here = False
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR)
+        # Ray Train's placement-group cleaner asks a dashboard's state API whether the run's
+        # controller lives. A local cluster has none (it would cost 1.3 s and 0.9 GB here), so Ray
+        # looks up the cluster `ray start` last recorded on this machine: a dead one held the end of
+        # every bake for 12 s. Port 0 refuses at once; this cluster ends with this process anyway.
+        # The cluster's processes inherit the variable; this one does not keep it (it would
+        # override the address of every Jobs API client it makes).
+        api_server = os.environ.setdefault(API_SERVER_VARIABLE, NO_API_SERVER)
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.ERROR)
+        finally:
+            if api_server == NO_API_SERVER:  # ours, not the user's
+                del os.environ[API_SERVER_VARIABLE]
         where = "started a local cluster"
+        _started_here = True
     keep_ray_logs_in_files()
     logs = session_logs_dir()
     keep_native_stderr_in(logs / "bgit-driver-stderr.log")

@@ -34,6 +34,8 @@ from bread_ray.schema import Bake
 from bread_ray.store import LocalStore
 from bread_ray.tiny import build_tiny_model
 
+from s3_server import free_port
+
 PIRATE = [{"role": "system", "content": "You are a pirate."}]
 
 
@@ -200,6 +202,33 @@ def test_zero2_and_zero3_bakes_match_and_publish_real_adapters(ray_session, tiny
         torch.testing.assert_close(same[0][key], same[1][key], rtol=1e-3, atol=1e-5)
 
 
+def test_a_dead_head_recorded_on_this_machine_does_not_hold_up_a_local_bakes_end(ray_session, tiny_model, tokenizer,
+                                                                                 tmp_path):
+    """Ray Train's placement-group cleaner looks for a state API; on a local cluster it found the
+    head `ray start` last recorded, which had died (as tests and crashes leave it), and held the
+    end of every bake until it gave up (12 s)."""
+    from ray._common.utils import get_ray_address_file
+
+    from bread_ray.bake.driver import run_bake
+    from bread_ray.ray_cluster import session_logs_dir
+
+    record = Path(get_ray_address_file(None))
+    before = record.read_text() if record.exists() else None
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(f"127.0.0.1:{free_port()}")  # nothing listens there
+    started = time.time()
+    try:
+        result = run_bake(make_job(tokenizer, tiny_model, LocalStore(tmp_path / "store"), "dead-head", total_trajectories=8),
+                          num_workers=1, use_gpu=False, progress=False)
+    finally:
+        record.write_text(before) if before is not None else record.unlink()
+    assert result["steps"] == 4
+    logs = [path for path in (session_logs_dir() / "train").glob("ray-train-sys-controller-*.log")
+            if path.stat().st_mtime > started]
+    assert logs, "this bake's Ray Train controller wrote no log"
+    assert not any("Failed to stop PlacementGroupCleaner" in path.read_text() for path in logs)
+
+
 @pytest.mark.slow
 def test_a_worker_killed_mid_bake_resumes_from_its_checkpoint(ray_session, tiny_model, tokenizer, tmp_path):
     from bread_ray.bake.driver import run_bake
@@ -222,6 +251,39 @@ def test_a_worker_killed_mid_bake_resumes_from_its_checkpoint(ray_session, tiny_
     assert [entry["iter"] for entry in log] == list(range(1, 7))  # no step lost, none twice
     assert result["model_names"] == [f"me/r/{job.bake.id}/{s}" for s in (2, 4, 6)]
     assert store.model_exists(result["model_names"][-1])
+
+
+@pytest.mark.slow
+def test_a_bake_in_one_process_killed_mid_bake_resumes_from_its_checkpoint_in_the_store(tiny_model, tokenizer,
+                                                                                        tmp_path):
+    """Without Ray Train (bgit's one local worker, or torchrun), checkpoints go to the store: the
+    process dies after step 3, the re-run resumes from step 2's, and no step is lost or done twice."""
+    import pickle
+
+    from bread_ray.bake.driver import StoreCheckpoints
+    from bread_ray.store import read_metrics_log
+
+    store = LocalStore(tmp_path / "store")
+    job = make_job(tokenizer, tiny_model, store, "inproc", total_trajectories=12, checkpoint=[{"save_every_n_steps": 2}])
+    (tmp_path / "job.pkl").write_bytes(pickle.dumps(job))
+    script = ("import os, pickle, signal, sys, json\n"
+              "from bread_ray.bake.driver import run_standalone\n"
+              "def die(step, rank, session):\n"
+              "    if step == 3 and sys.argv[1] == 'die':\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              f"print(json.dumps(run_standalone(pickle.load(open({str(tmp_path / 'job.pkl')!r}, 'rb')), die)))\n")
+    killed = subprocess.run([sys.executable, "-c", script, "die"], capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not store.exists(f"{job.prefix}/result.json")
+    checkpoints = StoreCheckpoints(store, job.prefix)
+    assert checkpoints.newest().endswith("step-00000002")
+    done = subprocess.run([sys.executable, "-c", script, "live"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["resumed_from_step"] == 2
+    assert [entry["iter"] for entry in read_metrics_log(store, job.prefix)] == list(range(1, 7))
+    assert result["model_names"] == [f"me/r/{job.bake.id}/{s}" for s in (2, 4, 6)]
+    assert [folder.rsplit("-", 1)[1] for folder in checkpoints.complete()] == ["00000002", "00000004"]  # the last two
 
 
 @pytest.mark.slow

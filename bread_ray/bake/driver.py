@@ -4,7 +4,9 @@ without Ray), show progress, return the result. What each worker runs is bread_r
     Bake (the stage)    checked before any work; done when the bake's result is in the store
     prepare_job         the rollouts of BAKE.datasets read from the store and tokenized, once
     run_bake            Ray Train + DeepSpeed: one worker per GPU, or CPU workers with gloo
-    run_standalone      the same worker loop without Ray: one process, or every rank of torchrun
+    run_in_process      one worker on bgit's own local cluster: the loop in this process
+    run_standalone      the same worker loop without Ray: one process, or every rank of torchrun;
+                        its checkpoints go to the store (StoreCheckpoints) and a re-run resumes
 
 Light at import (torch and Ray are imported where a bake runs), so `bgit status` stays fast.
 """
@@ -12,11 +14,13 @@ Light at import (torch and Ray are imported where a bake runs), so `bgit status`
 from __future__ import annotations
 
 import os
+import socket
+import tempfile
 import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from bread_ray.bake.job import BakeJob, WorkerSession
 from bread_ray.config import ResolvedBake
@@ -81,11 +85,18 @@ class Bake(Stage):
     def execute(self, run: Run, bake: ResolvedBake) -> BakeResult:
         import ray
 
+        from bread_ray import ray_cluster
+
         job = prepare_job(bake, owner=run.repo.owner, repo=run.repo.name, store=run.store,
                           commit=run.repo.git("rev-parse", "HEAD").strip())
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        return BakeResult(run_bake(job, num_workers=run.workers or max(gpus, 1), use_gpu=gpus > 0,
-                                   progress=run.progress))
+        workers = run.workers or max(gpus, 1)
+        if workers == 1 and ray_cluster.started_here():
+            # Ray Train's start and end (its controller, a worker process, their imports) buy one
+            # process nothing on the machine bgit started Ray on: in process, a small bake's fixed
+            # cost is 0.32x (bench/peers.py). Checkpoints and resuming work the same.
+            return BakeResult(run_in_process(job, progress=run.progress))
+        return BakeResult(run_bake(job, num_workers=workers, use_gpu=gpus > 0, progress=run.progress))
 
 
 def prepare_job(bake: ResolvedBake, *, owner: str, repo: str, store: Store, commit: str | None = None) -> BakeJob:
@@ -125,8 +136,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from bread_ray.bake.worker import bake_worker  # DeepSpeed: in the worker's process only
 
+    name_the_accelerator()
     if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn that it guessed
         # Ray starts a worker with one thread (OMP_NUM_THREADS: its one CPU of resources); a CPU bake
         # is the node's work, so its workers share the node's cores (bench/peers.py: 1.41x with 1 worker on 2 cores).
         cores = len(os.sched_getaffinity(0))
@@ -157,35 +168,49 @@ def run_bake(job: BakeJob, *, num_workers: int, use_gpu: bool, progress: bool = 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from bread_ray.bake.data import optimizer_steps
-
     store = open_store(job.store_uri)
     storage_path, filesystem = store.train_storage(f"{job.prefix}/checkpoints")
-    auto_resume = all(checkpoint.auto_resume for checkpoint in job.bake.spec.checkpoint)
+    resume = auto_resume(job)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job, "after_step": after_step},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=RunConfig(
-            name=job.bake.id if auto_resume else f"{job.bake.id}-{uuid.uuid4().hex[:8]}",
+            name=job.bake.id if resume else f"{job.bake.id}-{uuid.uuid4().hex[:8]}",
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=3 if auto_resume else 0),
+            failure_config=FailureConfig(max_failures=3 if resume else 0),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
+    return with_progress(job, num_workers, trainer.fit, progress=progress)
+
+
+def run_in_process(job: BakeJob, *, progress: bool = True,
+                   after_step: Callable[[int, int, WorkerSession], None] | None = None) -> dict[str, Any]:
+    """Run the bake on one worker in this process (run_standalone) and return its result.json,
+    with run_bake's progress bar."""
+    return with_progress(job, 1, lambda: run_standalone(job, after_step), progress=progress)
+
+
+def with_progress(job: BakeJob, num_workers: int, bake: Callable[[], Any], *, progress: bool) -> dict[str, Any]:
+    """Run `bake` on a thread while a progress bar follows the bake's metrics log; re-raise its
+    failure here, or return the result.json it wrote."""
+    from bread_ray.bake.data import optimizer_steps
+
     spec = job.bake.spec
     total_steps = optimizer_steps(len(job.data.order), spec.micro_batch_size, spec.gradient_accumulation_steps,
                                   num_workers)
     failure: list[BaseException] = []
 
-    def fit() -> None:
+    def work() -> None:
         try:
-            trainer.fit()
+            bake()
         except BaseException as error:  # re-raised on the calling thread below
             failure.append(error)
 
-    thread = threading.Thread(target=fit, name="bake-fit", daemon=True)
+    store = open_store(job.store_uri)
+    thread = threading.Thread(target=work, name="bake", daemon=True)
     thread.start()
     show_progress(thread, store, job.prefix, total_steps, enabled=progress)
     if failure:
@@ -213,17 +238,81 @@ def show_progress(thread: threading.Thread, store: Store, prefix: str, total_ste
 def run_standalone(job: BakeJob, after_step: Callable[[int, int, WorkerSession], None] | None = None
                    ) -> dict[str, Any] | None:
     """The bake without Ray: one process, or every rank of `torchrun --nproc-per-node N`.
-    No checkpoint is resumed (Ray Train does that); the result is published as under Ray.
-    Returns its result.json on rank 0. `after_step` as for run_bake."""
+    Checkpoints go to the store; with auto_resume a re-run resumes from the newest, as under Ray
+    Train. Returns its result.json on rank 0. `after_step` as for run_bake."""
     import torch
 
     from bread_ray.bake.worker import bake_worker  # DeepSpeed: in the worker's process only
 
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(name, value)
+    if "MASTER_PORT" not in os.environ:  # one process: a port nothing else holds
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+    name_the_accelerator()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return bake_worker(job, WorkerSession(after_step=after_step))
+    checkpoints = StoreCheckpoints(open_store(job.store_uri), job.prefix)
+    session = WorkerSession(checkpoints.save, after_step=after_step)
+    newest = checkpoints.newest() if auto_resume(job) else None
+    if newest is None:
+        return bake_worker(job, session)
+    with tempfile.TemporaryDirectory(prefix="bread-restore-") as folder:
+        session.restored = checkpoints.download(newest, Path(folder))
+        return bake_worker(job, session)
+
+
+def auto_resume(job: BakeJob) -> bool:
+    return all(checkpoint.auto_resume for checkpoint in job.bake.spec.checkpoint)
+
+
+def name_the_accelerator() -> None:
+    """DS_ACCELERATOR=cpu where there is no GPU: said, rather than have DeepSpeed warn that it guessed."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@dataclass(frozen=True)
+class StoreCheckpoints:
+    """The checkpoints of a bake run without Ray Train, kept in the store as Ray Train keeps its
+    own: every rank's files in one folder per step, the newest two kept. A folder is complete once
+    its marker is written, after every rank has uploaded."""
+
+    store: Store
+    bake_prefix: str
+
+    MARKER: ClassVar[str] = "complete.json"
+    KEEP: ClassVar[int] = 2
+
+    @property
+    def root(self) -> str:
+        return f"{self.bake_prefix}/checkpoints/standalone"
+
+    def save(self, metrics: dict[str, Any], checkpoint_dir: str) -> None:
+        """WorkerSession.report: called by every rank at a checkpoint step."""
+        import torch.distributed as dist
+
+        step = metrics["iter"]
+        folder = f"{self.root}/step-{step:08d}"
+        self.store.upload_dir(checkpoint_dir, folder)
+        if dist.get_world_size() > 1:
+            dist.barrier()  # every rank's shard is in before the marker
+        if dist.get_rank() == 0:
+            self.store.put_json(f"{folder}/{self.MARKER}", {"step": step})
+            for old in self.complete()[:-self.KEEP]:
+                self.store.delete(old)
+
+    def complete(self) -> list[str]:
+        """The complete checkpoint folders, oldest first."""
+        markers = [key for key in self.store.list(self.root) if key.endswith("/" + self.MARKER)]
+        return sorted(key.rsplit("/", 1)[0] for key in markers)
+
+    def newest(self) -> str | None:
+        folders = self.complete()
+        return folders[-1] if folders else None
+
+    def download(self, folder: str, into: Path) -> Path:
+        return self.store.download_dir(folder, into)
