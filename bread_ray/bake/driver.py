@@ -134,9 +134,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    name_the_accelerator()  # before DeepSpeed is imported: it picks its accelerator then
     from bread_ray.bake.worker import bake_worker  # DeepSpeed: in the worker's process only
 
-    name_the_accelerator()
     if not torch.cuda.is_available():
         # Ray starts a worker with one thread (OMP_NUM_THREADS: its one CPU of resources); a CPU bake
         # is the node's work, so its workers share the node's cores (bench/peers.py: 1.41x with 1 worker on 2 cores).
@@ -242,6 +242,7 @@ def run_standalone(job: BakeJob, after_step: Callable[[int, int, WorkerSession],
     Train. Returns its result.json on rank 0. `after_step` as for run_bake."""
     import torch
 
+    name_the_accelerator()  # before DeepSpeed is imported: it picks its accelerator then
     from bread_ray.bake.worker import bake_worker  # DeepSpeed: in the worker's process only
 
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
@@ -250,7 +251,6 @@ def run_standalone(job: BakeJob, after_step: Callable[[int, int, WorkerSession],
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
-    name_the_accelerator()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     checkpoints = StoreCheckpoints(open_store(job.store_uri), job.prefix)
