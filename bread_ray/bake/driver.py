@@ -18,6 +18,7 @@ import socket
 import tempfile
 import threading
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -190,7 +191,15 @@ def run_in_process(job: BakeJob, *, progress: bool = True,
                    after_step: Callable[[int, int, WorkerSession], None] | None = None) -> dict[str, Any]:
     """Run the bake on one worker in this process (run_standalone) and return its result.json,
     with run_bake's progress bar."""
-    return with_progress(job, 1, lambda: run_standalone(job, after_step), progress=progress)
+    def bake() -> None:
+        with warnings.catch_warnings():
+            # Libraries' deprecation notices (DeepSpeed's calls into torch.distributed, say) went to
+            # Ray Train's worker logs; in this process they would reach the user's terminal.
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            run_standalone(job, after_step)
+
+    return with_progress(job, 1, bake, progress=progress)
 
 
 def with_progress(job: BakeJob, num_workers: int, bake: Callable[[], Any], *, progress: bool) -> dict[str, Any]:
