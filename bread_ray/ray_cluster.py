@@ -89,7 +89,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, announce
     logs = session_logs_dir()
     keep_native_stderr_in(logs / "bgit-driver-stderr.log")
     announce(f"Ray: {where}; its logs are in {logs}")
-    return not address or address == "local"
+    return _started_here
 
 
 def keep_ray_logs_in_files() -> None:

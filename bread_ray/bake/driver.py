@@ -30,6 +30,8 @@ from bread_ray.preflight import bake_model_problems
 from bread_ray.stage import Run, Stage
 from bread_ray.store import BAKE_RESULT, ROLLOUT_MANIFEST, Store, open_store, read_metrics_log, target_prefix
 
+CHECKPOINTS_KEPT = 2  # the newest training states kept in the store, under Ray Train or not
+
 
 @dataclass(frozen=True)
 class BakeResult:
@@ -181,7 +183,7 @@ def run_bake(job: BakeJob, *, num_workers: int, use_gpu: bool, progress: bool = 
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=3 if resume else 0),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
         ),
     )
     return with_progress(job, num_workers, trainer.fit, progress=progress)
@@ -294,7 +296,6 @@ class StoreCheckpoints:
     bake_prefix: str
 
     MARKER: ClassVar[str] = "complete.json"
-    KEEP: ClassVar[int] = 2
 
     @property
     def root(self) -> str:
@@ -311,7 +312,7 @@ class StoreCheckpoints:
             dist.barrier()  # every rank's shard is in before the marker
         if dist.get_rank() == 0:
             self.store.put_json(f"{folder}/{self.MARKER}", {"step": step})
-            for old in self.complete()[:-self.KEEP]:
+            for old in self.complete()[:-CHECKPOINTS_KEPT]:
                 self.store.delete(old)
 
     def complete(self) -> list[str]:
