@@ -144,6 +144,29 @@ def test_every_rank_gets_the_same_number_of_steps_and_disjoint_examples():
     assert seen[:10] == order and len(seen) == 12  # the last step wraps around
 
 
+def test_each_ray_train_worker_receives_only_the_examples_it_reads_through_ray_data(ray_session, tokenizer):
+    import pickle
+
+    bake = resolve_bake(bake_config(epochs=2, micro_batch_size=2), {"t_1": 1.0}, "m")
+    data = build_bake_data({"t_1": trajectories(30)}, {"t_1": 1.0}, tokenizer, bake.spec)
+    world, micro, accumulation = 2, 2, 2
+    read = [data.read_by(rank, world, micro, accumulation) for rank in range(world)]
+    steps = optimizer_steps(len(data.order), micro, accumulation, world) * accumulation
+    for rank in range(world):
+        assert read[rank]["train"] == sorted({i for m in range(steps) for i in rank_slice(data.order, m, rank, world, micro)})
+        assert set(read[rank]["eval"]) == set(range(rank, len(data.eval), world)) | {0}
+    assert len(read[0]["train"]) < len(data.train)  # two epochs of 2 x 2-example micro batches: a share each
+    carried = data.without_examples()  # what the job config carries to every worker
+    assert len(pickle.dumps(carried)) < len(pickle.dumps(data)) / 5
+    dataset = ray_session.data.from_items(data.example_rows(read[1]))
+    received = carried.with_examples(dataset.iter_rows())
+    for split, examples in (("train", data.train), ("eval", data.eval)):
+        mine = getattr(received, split)
+        assert len(mine) == len(examples)
+        assert [i for i, e in enumerate(mine) if e is not None] == read[1][split]
+        assert all(mine[i] == examples[i] for i in read[1][split])  # token ids come back as ints, equal
+
+
 @pytest.mark.parametrize("kind,expected_end", [("cosine", 0.0), ("linear", 0.0), ("constant", 1.0)])
 def test_learning_rate_warms_up_then_decays(kind, expected_end):
     values = [lr_multiplier(s, total_steps=100, warmup_ratio=0.1, kind=kind) for s in range(101)]

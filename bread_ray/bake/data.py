@@ -6,14 +6,17 @@ teacher's messages, with the prompt being baked, and the student's, usually with
 taken at the positions that predict each response token, so the two contexts align on the
 response however long their prompts are.
 
-Everything here runs on the driver, once; workers receive the tokenized examples and the order.
+Everything here runs on the driver, once. Workers receive the order inside the job, and the
+examples each reads (`BakeData.read_by`): in the job when the bake runs in one process, as a Ray
+Dataset per worker under Ray Train (`example_rows` there, `with_examples` on the worker).
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -38,11 +41,12 @@ class BakeData:
     """The examples of a bake and the order in which they are trained on.
 
     `order` indexes `train`, epochs concatenated; a worker of rank r at micro step m takes
-    `order[(m * world + r) * micro_batch : ... + micro_batch]`.
+    `order[(m * world + r) * micro_batch : ... + micro_batch]`. A Ray Train worker's copy holds
+    only the examples it reads, None in the place of the others (`without_examples`).
     """
 
-    train: list[Example]
-    eval: list[Example]
+    train: list[Example | None]
+    eval: list[Example | None]
     order: list[int]
     pad_id: int
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # per target: train/eval/drawn/truncated
@@ -50,6 +54,35 @@ class BakeData:
     @property
     def response_tokens(self) -> int:
         return sum(len(self.train[i].response_ids) for i in self.order)
+
+    def read_by(self, rank: int, world: int, micro_batch: int, accumulation: int) -> dict[str, list[int]]:
+        """The indices of the examples that rank `rank` of `world` reads, per split: those of its
+        micro batches at every step (rank_slice), and its share of the held-out examples (every
+        world-th, as `evaluate` takes them, and the first, which a rank short of them repeats)."""
+        micro_steps = optimizer_steps(len(self.order), micro_batch, accumulation, world) * accumulation
+        train = {i for step in range(micro_steps) for i in rank_slice(self.order, step, rank, world, micro_batch)}
+        held_out = set(range(rank, len(self.eval), world)) | ({0} if self.eval else set())
+        return {"train": sorted(train), "eval": sorted(held_out)}
+
+    def example_rows(self, indices: dict[str, list[int]]) -> list[dict[str, Any]]:
+        """Rows of a Ray Dataset for these examples (indices per split, as `read_by` gives them)."""
+        splits = {"train": self.train, "eval": self.eval}
+        return [{"split": split, "index": i, **vars(splits[split][i])} for split in indices for i in indices[split]]
+
+    def without_examples(self) -> BakeData:
+        """This data with its examples left out (None in their place): what a job config carries
+        when its workers receive their examples as Ray Datasets."""
+        return replace(self, train=[None] * len(self.train), eval=[None] * len(self.eval))
+
+    def with_examples(self, rows: Iterable[dict[str, Any]]) -> BakeData:
+        """This data with the examples of `rows` (from `example_rows`, through Ray Data) in their places."""
+        splits = {"train": list(self.train), "eval": list(self.eval)}
+        for row in rows:
+            splits[row["split"]][row["index"]] = Example(
+                target_id=row["target_id"], stimulus_index=int(row["stimulus_index"]),
+                **{name: [int(token) for token in row[name]]
+                   for name in ("teacher_prompt_ids", "student_prompt_ids", "response_ids")})
+        return replace(self, **splits)
 
 
 def tokenize_trajectories(records: list[dict[str, Any]], tokenizer: Any, target_id: str, max_length: int) -> tuple[list[Example], int]:

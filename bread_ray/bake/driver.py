@@ -3,7 +3,8 @@ without Ray), show progress, return the result. What each worker runs is bread_r
 
     Bake (the stage)    checked before any work; done when the bake's result is in the store
     prepare_job         the rollouts of BAKE.datasets read from the store and tokenized, once
-    run_bake            Ray Train + DeepSpeed: one worker per GPU, or CPU workers with gloo
+    run_bake            Ray Train + DeepSpeed: one worker per GPU, or CPU workers with gloo; each
+                        worker's examples reach it as a Ray Dataset, not inside the job config
     run_in_process      one worker on bgit's own local cluster: the loop in this process
     run_standalone      the same worker loop without Ray: one process, or every rank of torchrun;
                         its checkpoints go to the store (StoreCheckpoints) and a re-run resumes
@@ -19,7 +20,7 @@ import tempfile
 import threading
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -149,14 +150,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def report(metrics: dict[str, Any], checkpoint_dir: str) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))  # ranks' files merge
 
+    job = config["job"]
+    examples = ray.train.get_dataset_shard(examples_dataset(ray.train.get_context().get_world_rank()))
+    job = replace(job, data=job.data.with_examples(examples.iter_rows()))
     session = WorkerSession(report, node=ray.get_runtime_context().get_node_id(), after_step=config["after_step"])
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        bake_worker(config["job"], session)
+        bake_worker(job, session)
         return
     with checkpoint.as_directory() as folder:
         session.restored = Path(folder)
-        bake_worker(config["job"], session)
+        bake_worker(job, session)
+
+
+def examples_dataset(rank: int) -> str:
+    """The name of the Ray Dataset that holds the examples of the worker of rank `rank`."""
+    return f"examples-rank-{rank}"
 
 
 def run_bake(job: BakeJob, *, num_workers: int, use_gpu: bool, progress: bool = True,
@@ -168,16 +177,28 @@ def run_bake(job: BakeJob, *, num_workers: int, use_gpu: bool, progress: bool = 
     a worker that dies is replaced and the run resumes from its last checkpoint, and running the
     same bake again after a failed run resumes too.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # Each worker gets the examples it reads as its own Ray Dataset (in the object store, fetched
+    # by that worker only); the job config that every worker receives carries none of them.
+    spec = job.bake.spec
+    datasets = {}
+    for rank in range(num_workers):
+        dataset = ray.data.from_items(job.data.example_rows(
+            job.data.read_by(rank, num_workers, spec.micro_batch_size, spec.gradient_accumulation_steps)))
+        dataset.context.enable_progress_bars = False  # the bake's bar counts steps
+        datasets[examples_dataset(rank)] = dataset
     store = open_store(job.store_uri)
     storage_path, filesystem = store.train_storage(f"{job.prefix}/checkpoints")
     resume = auto_resume(job)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job, "after_step": after_step},
+        train_loop_config={"job": replace(job, data=job.data.without_examples()), "after_step": after_step},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),  # each worker reads its own dataset whole
         run_config=RunConfig(
             name=job.bake.id if resume else f"{job.bake.id}-{uuid.uuid4().hex[:8]}",
             storage_path=storage_path,

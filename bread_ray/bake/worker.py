@@ -70,7 +70,7 @@ class TeacherCache:
         splits = {"eval"} if data.eval else set()
         if len(data.order) > len(set(data.order)):
             splits.add("train")
-        tokens = sum(len(e.response_ids) for split in splits for e in examples[split])
+        tokens = sum(len(e.response_ids) for split in splits for e in examples[split] if e is not None)  # this worker's
         return cls(frozenset(splits) if tokens * hidden_size * element_bytes <= budget else frozenset())
 
     def get(self, split: str, indices: list[int], device: torch.device) -> torch.Tensor | None:
