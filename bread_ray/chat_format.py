@@ -7,6 +7,7 @@ stages do.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
@@ -42,3 +43,16 @@ def encode_chat(
     """
     text = render_chat(tokenizer, messages, tools, add_generation_prompt, **template_kwargs)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+MIN_SHARED_PREFIX = 16  # tokens: below this, computing the shared prefix apart saves nothing
+
+
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """How many leading tokens every prompt shares and a model can run once for all of them (the
+    teacher prompt, say): 0 when fewer than MIN_SHARED_PREFIX or one prompt. Each prompt keeps at
+    least one token of its own, whose output predicts its first response token."""
+    if len(prompts) < 2:
+        return 0
+    shared = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1)
+    return shared if shared >= MIN_SHARED_PREFIX else 0

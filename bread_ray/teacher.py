@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from typing import Any
 
@@ -28,7 +27,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from bread_ray.chat_format import encode_chat
+from bread_ray.chat_format import encode_chat, shared_prefix_length
 from bread_ray.config import ResolvedTarget
 from bread_ray.model_sources import resolve_model_source
 from bread_ray.models import eos_token_ids, kv_cache_argument, lineage_chain, load_teacher, vllm_available
@@ -42,7 +41,6 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-MIN_SHARED_PREFIX = 16  # tokens: below this, computing the shared prefix apart saves nothing
 
 
 def logits_warpers(sampling: dict[str, Any]) -> list[Any]:
@@ -72,10 +70,7 @@ def shared_prefix_batch(prompts: list[list[int]], pad: int, reuse_prefix: bool) 
     computing apart) and the rest of each prompt right-aligned after it, padding masked:
         input_ids      [rows, widest rest]           [pad ... | rest of the prompt]
         attention_mask [rows, shared + widest rest]  [1 * shared | 0 ... | 1 ...]"""
-    shared = len(os.path.commonprefix(prompts)) if reuse_prefix and len(prompts) > 1 else 0
-    shared = min(shared, min(map(len, prompts)) - 1)  # each row keeps a token of its own to predict from
-    if shared < MIN_SHARED_PREFIX:
-        shared = 0
+    shared = shared_prefix_length(prompts) if reuse_prefix else 0
     rests = [prompt[shared:] for prompt in prompts]
     width = max(map(len, rests))
     input_ids = torch.tensor([[pad] * (width - len(rest)) + rest for rest in rests])

@@ -28,6 +28,7 @@ from bread_ray.bake.data import (
     split_by_question,
 )
 from bread_ray.bake.deepspeed import lr_multiplier
+from bread_ray.chat_format import MIN_SHARED_PREFIX
 from bread_ray.config import resolve_bake
 from bread_ray.models import load_tokenizer
 from bread_ray.schema import Bake
@@ -82,6 +83,23 @@ def test_examples_align_the_response_between_teacher_and_student(tokenizer):
     # the teacher sees the system prompt, the student does not
     assert batch.teacher_ids.shape[1] > batch.student_ids.shape[1]
     assert batch.tokens == int(batch.teacher_mask.sum() + batch.student_mask.sum())
+
+
+def test_the_teacher_prompts_shared_prefix_is_left_out_of_each_row_and_still_counted(tokenizer):
+    data = build_bake_data({"t_1": trajectories(4)}, {"t_1": 1.0}, tokenizer, bake_config())
+    prefix = data.teacher_prefix  # the chat template's start, the system prompt, the user turn's start
+    assert len(prefix) >= MIN_SHARED_PREFIX and tokenizer.decode(prefix).count("You are a pirate.") == 1
+    assert all(e.teacher_prompt_ids[:len(prefix)] == prefix for e in data.train + data.eval)
+    examples = data.train[:3]
+    whole, rest = collate(examples, data.pad_id), collate(examples, data.pad_id, len(prefix))
+    assert rest.teacher_ids.shape[1] == whole.teacher_ids.shape[1] - len(prefix)
+    for b, e in enumerate(examples):
+        row = e.teacher_prompt_ids[len(prefix):] + e.response_ids
+        assert rest.teacher_ids[b, :len(row)].tolist() == row
+    expected = torch.tensor([token for e in examples for token in e.response_ids])
+    assert torch.equal(rest.teacher_ids.flatten()[rest.teacher_positions + 1], expected)
+    assert torch.equal(rest.student_positions, whole.student_positions)
+    assert rest.tokens == whole.tokens  # a throughput counts the examples' tokens, however they run
 
 
 def test_responses_are_cut_to_max_length_and_a_prompt_too_long_is_an_error(tokenizer):
@@ -343,6 +361,35 @@ def test_later_epochs_and_evaluations_read_the_teachers_states_and_lose_nothing(
     assert len(set(losses(store, jobs[0]))) > 1
     for moment in ("before", "after"):
         assert cached["result"]["held_out_kl"][moment] == pytest.approx(uncached["result"]["held_out_kl"][moment], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_the_teacher_prefix_run_once_trains_what_whole_teacher_prompts_train(tiny_model, tokenizer, tmp_path):
+    """The bake's shared teacher prefix runs once and its KV cache is reused: the same losses,
+    held-out KLs and trained adapter as with every teacher prompt run whole (up to float rounding)."""
+    import pickle
+
+    store = LocalStore(tmp_path / "store")
+    jobs = [make_job(tokenizer, tiny_model, store, name) for name in ("prefix", "whole")]
+    jobs[0].teacher_cache_bytes = jobs[1].teacher_cache_bytes = 0  # every teacher pass runs
+    assert len(jobs[0].data.teacher_prefix) >= MIN_SHARED_PREFIX
+    jobs[1].data.teacher_prefix = []
+    (tmp_path / "jobs.pkl").write_bytes(pickle.dumps(jobs))
+    script = ("import pickle, json\n"
+              "from bread_ray.bake.driver import run_standalone\n"
+              "for job in pickle.load(open(" + repr(str(tmp_path / "jobs.pkl")) + ", 'rb')):\n"
+              "    print(json.dumps(run_standalone(job)))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    prefix, whole = [json.loads(line) for line in done.stdout.strip().splitlines()[-2:]]
+    assert losses(store, jobs[0]) == pytest.approx(losses(store, jobs[1]), rel=1e-5)
+    assert len(set(losses(store, jobs[0]))) > 1
+    for moment in ("before", "after"):
+        assert prefix["held_out_kl"][moment] == pytest.approx(whole["held_out_kl"][moment], rel=1e-5)
+    adapters = [load_file(store.download_model(result["model_names"][-1], tmp_path / name) / "adapter_model.safetensors")
+                for result, name in ((prefix, "prefix"), (whole, "whole"))]
+    for key in adapters[0]:  # the gradients agree: the trained weights do
+        torch.testing.assert_close(adapters[0][key], adapters[1][key], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 from bread_ray import rollout, teacher
+from bread_ray.chat_format import MIN_SHARED_PREFIX
 from bread_ray.config import resolve_target
 from bread_ray.models import cut_at_eos, eos_token_ids, lineage_chain, load_causal_lm, load_teacher, load_tokenizer
 from bread_ray.rollout import run_rollout
@@ -225,7 +226,7 @@ def test_the_shared_prefix_runs_once_and_changes_no_token(tiny_model):
     target = make_target(tiny_model)
     prompts = [teacher.teacher_prompt(tokenizer, target, s) for s in STIMULI[:4] + ["Why?"] for _ in range(2)]
     shared = len(os.path.commonprefix(prompts))
-    assert shared >= teacher.MIN_SHARED_PREFIX and len({len(p) for p in prompts}) > 1
+    assert shared >= MIN_SHARED_PREFIX and len({len(p) for p in prompts}) > 1
     prefilled = []  # tokens of each forward pass that runs more than one token per row
     hook = model.model.register_forward_pre_hook(
         lambda _, args, kwargs: prefilled.append(kwargs["input_ids"].numel())

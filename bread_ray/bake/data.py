@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bread_ray.chat_format import encode_chat
+from bread_ray.chat_format import encode_chat, shared_prefix_length
 from bread_ray.schema import Bake
 
 
@@ -50,6 +50,7 @@ class BakeData:
     order: list[int]
     pad_id: int
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # per target: train/eval/drawn/truncated
+    teacher_prefix: list[int] = field(default_factory=list)  # what every teacher prompt begins with: run once
 
     @property
     def response_tokens(self) -> int:
@@ -200,7 +201,12 @@ def build_bake_data(trajectories: dict[str, list[dict[str, Any]]], weights: dict
     for target_id in by_target:
         counts[target_id]["drawn"] = sum(train[i].target_id == target_id for i in order)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return BakeData(train=train, eval=held_out, order=order, pad_id=pad_id, counts=counts)
+    # The teacher's context starts with the prompt being baked in (the same for every example of a
+    # one-prompt bake): its KV cache is computed once for the whole bake, not per example.
+    teacher_prompts = [e.teacher_prompt_ids for e in train + held_out]
+    teacher_prefix = teacher_prompts[0][:shared_prefix_length(teacher_prompts)]
+    return BakeData(train=train, eval=held_out, order=order, pad_id=pad_id, counts=counts,
+                    teacher_prefix=teacher_prefix)
 
 
 def optimizer_steps(num_examples: int, micro_batch: int, accumulation: int, world_size: int) -> int:
@@ -222,6 +228,8 @@ class Batch:
     teacher_ids, teacher_mask: [batch, teacher_len]; student_ids, student_mask: [batch, student_len];
     teacher_positions, student_positions: [tokens] flat indices into [batch * len] of the positions
     whose outputs predict each response token, aligned: the k-th of each predicts the same token.
+    The teacher's rows leave out the bake's shared teacher prefix, `teacher_prefix_tokens` long,
+    when collate is given one: they follow its KV cache.
     """
 
     teacher_ids: torch.Tensor
@@ -230,6 +238,7 @@ class Batch:
     student_ids: torch.Tensor
     student_mask: torch.Tensor
     student_positions: torch.Tensor
+    teacher_prefix_tokens: int = 0
 
     @property
     def response_tokens(self) -> int:
@@ -237,15 +246,20 @@ class Batch:
 
     @property
     def tokens(self) -> int:
-        """Tokens run through the model, both contexts, padding excluded."""
-        return int(self.teacher_mask.sum() + self.student_mask.sum())
+        """Tokens of both contexts, padding excluded; the shared teacher prefix counts in every row,
+        though it runs once (a throughput in these tokens compares with a loop that runs it in each)."""
+        prefix = self.teacher_prefix_tokens * len(self.teacher_ids)
+        return int(self.teacher_mask.sum() + self.student_mask.sum()) + prefix
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})
+        tensors = {name: getattr(self, name).to(device) for name in self.__dataclass_fields__
+                   if name != "teacher_prefix_tokens"}
+        return Batch(**tensors, teacher_prefix_tokens=self.teacher_prefix_tokens)
 
 
-def collate(examples: list[Example], pad_id: int) -> Batch:
-    """Right-padded teacher and student inputs and the aligned response positions."""
+def collate(examples: list[Example], pad_id: int, teacher_prefix_tokens: int = 0) -> Batch:
+    """Right-padded teacher and student inputs and the aligned response positions; the teacher's
+    rows without their first `teacher_prefix_tokens` (the bake's shared prefix, run apart)."""
 
     def side(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows = [p + e.response_ids for p, e in zip(prompts, examples)]
@@ -260,6 +274,6 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
             positions.extend(b * length + p for p in range(len(prompt) - 1, len(row) - 1))
         return ids, mask, torch.tensor(positions, dtype=torch.long)
 
-    teacher = side([e.teacher_prompt_ids for e in examples])
+    teacher = side([e.teacher_prompt_ids[teacher_prefix_tokens:] for e in examples])
     student = side([e.student_prompt_ids for e in examples])
-    return Batch(*teacher, *student)
+    return Batch(*teacher, *student, teacher_prefix_tokens=teacher_prefix_tokens)

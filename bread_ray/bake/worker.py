@@ -1,6 +1,7 @@
 """A bake worker: the training recipe each rank runs, plain Python over torch.distributed and DeepSpeed.
 
-    setup         the parent (its chain of adapters added in) with a fresh LoRA, in a DeepSpeed engine
+    setup         the parent (its chain of adapters added in) with a fresh LoRA, in a DeepSpeed engine;
+                  the KV cache of the prefix all teacher prompts share (the prompt baked in), once
     train_step    one optimizer step: teacher and student passes, the chunked KL, backward; the
                   teacher's hidden states are kept after an example's first pass (TeacherCache)
     evaluate      the held-out KL, all ranks together
@@ -18,6 +19,7 @@ bread_ray.bake.driver runs `bake_worker` on Ray Train's workers, or without Ray 
 
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 import tempfile
@@ -30,7 +32,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-from transformers import AutoConfig
+from transformers import AutoConfig, DynamicCache
 from transformers.integrations import HfDeepSpeedConfig
 
 from bread_ray.bake.data import BakeData, Batch, Example, collate, optimizer_steps, rank_slice
@@ -39,7 +41,7 @@ from bread_ray.bake.job import BakeJob, WorkerSession
 from bread_ray.bake.loss import CHUNK_TOKENS, chunked_kl
 from bread_ray.lineage import check_foldable, lora_deltas, read_adapter
 from bread_ray.model_sources import resolve_model_source
-from bread_ray.models import download_folded_adapter, load_causal_lm
+from bread_ray.models import download_folded_adapter, kv_cache_argument, load_causal_lm
 from bread_ray.store import BAKE_RESULT, Store, open_store, read_metrics_log, write_metrics_log
 
 STATE_TAG = "state"  # DeepSpeed's tag for the training state inside a checkpoint
@@ -100,6 +102,7 @@ class Trainer:
     total_steps: int
     teacher_cache: TeacherCache
     zero3: bool  # weights are gathered collectively in each forward pass: every rank must run the same ones
+    teacher_prefix: Any  # the KV cache (DynamicCache, batch 1) of the bake's shared teacher prefix, or None
 
 
 @dataclass
@@ -134,7 +137,20 @@ def setup(job: BakeJob) -> Trainer:
                                       lr_scheduler=build_scheduler(spec, total_steps), config=ds_config)
     cache = TeacherCache.for_bake(job.data, hidden_size, head.element_size(), job.teacher_cache_bytes)
     return Trainer(engine, head.to(device), zero3_loading, store, rank, world, device, total_steps, cache,
-                   zero3=ds_config["zero_optimization"]["stage"] == 3)
+                   zero3=ds_config["zero_optimization"]["stage"] == 3,
+                   teacher_prefix=prefix_cache(engine, job.data.teacher_prefix, device))
+
+
+def prefix_cache(engine: Any, prefix: list[int], device: torch.device) -> Any:
+    """The teacher's KV cache of `prefix` (what every teacher prompt of the bake begins with), batch 1,
+    computed once: the teacher's weights do not change during a bake. None when there is no prefix."""
+    if not prefix:
+        return None
+    cache = DynamicCache(config=engine.module.config)
+    with torch.no_grad(), engine.module.disable_adapter():
+        engine(input_ids=torch.tensor([prefix], device=device), use_cache=True,
+               **{kv_cache_argument(engine.module): cache})
+    return cache
 
 
 def apply_adapter(model: torch.nn.Module, adapter_dir: Path) -> int:
@@ -183,8 +199,11 @@ def load_student(job: BakeJob, store: Store, ds_config: dict[str, Any], device: 
     # The head leaves the model: forward passes then return final hidden states, and the loss
     # projects them through the head chunk by chunk. It is frozen, so each rank keeps one copy.
     head = peft_model.get_output_embeddings()
-    with deepspeed.zero.GatheredParameters([head.weight], modifier_rank=None):
-        head_weight = head.weight.detach().clone()  # [vocab, hidden]
+    if zero3_loading is None:
+        head_weight = head.weight.detach()  # [vocab, hidden]; shared with the input embeddings where tied
+    else:
+        with deepspeed.zero.GatheredParameters([head.weight], modifier_rank=None):
+            head_weight = head.weight.detach().clone()  # the gathered copy is freed on leaving the block
     peft_model.base_model.model.lm_head = torch.nn.Identity()
     return peft_model, head_weight, zero3_loading
 
@@ -208,6 +227,18 @@ def final_hidden(engine: Any, ids: torch.Tensor, mask: torch.Tensor, positions: 
     return hidden.flatten(0, 1)[positions]
 
 
+def final_hidden_after(engine: Any, prefix: Any, ids: torch.Tensor, mask: torch.Tensor,
+                       positions: torch.Tensor) -> torch.Tensor:
+    """As final_hidden, for rows that continue a shared prefix: `prefix` is its KV cache (batch 1,
+    [prefix] tokens), `ids` and `mask` [batch, seq] what follows it, right-padded, and `positions`
+    index [batch * seq]. The rows' positions count on from the prefix's length. Without gradient."""
+    cache = copy.deepcopy(prefix)  # the forward pass appends the rows' keys and values to it
+    cache.batch_repeat_interleave(len(ids))
+    mask = torch.cat([mask.new_ones(len(ids), cache.get_seq_length()), mask], dim=1)  # [batch, prefix + seq]
+    hidden = engine(input_ids=ids, attention_mask=mask, use_cache=True, **{kv_cache_argument(engine.module): cache}).logits
+    return hidden.flatten(0, 1)[positions]
+
+
 def teacher_hidden(trainer: Trainer, batch: Batch, split: str, indices: list[int], examples: list[Example]) -> torch.Tensor:
     """The teacher's hidden states [tokens, hidden], aligned on the response: from the cache, or
     from a forward pass without the adapter (then cached). Under ZeRO-3 a rank runs the pass
@@ -219,7 +250,11 @@ def teacher_hidden(trainer: Trainer, batch: Batch, split: str, indices: list[int
     if not needed.item():
         return cached
     with torch.no_grad(), trainer.engine.module.disable_adapter():
-        teacher = final_hidden(trainer.engine, batch.teacher_ids, batch.teacher_mask, batch.teacher_positions)
+        if trainer.teacher_prefix is None:
+            teacher = final_hidden(trainer.engine, batch.teacher_ids, batch.teacher_mask, batch.teacher_positions)
+        else:
+            teacher = final_hidden_after(trainer.engine, trainer.teacher_prefix, batch.teacher_ids, batch.teacher_mask,
+                                         batch.teacher_positions)
     trainer.teacher_cache.put(split, indices, examples, teacher)
     return teacher
 
@@ -228,7 +263,7 @@ def batch_kl(trainer: Trainer, job: BakeJob, split: str, indices: list[int]) -> 
     """Mean KL(teacher ‖ student) per response token over the examples `indices` of `split`
     ("train" or "eval"), with the gradient to the student where grad mode is on; and their batch."""
     examples = [(job.data.train if split == "train" else job.data.eval)[i] for i in indices]
-    batch = collate(examples, job.data.pad_id).to(trainer.device)
+    batch = collate(examples, job.data.pad_id, len(job.data.teacher_prefix)).to(trainer.device)
     teacher = teacher_hidden(trainer, batch, split, indices, examples)
     student = final_hidden(trainer.engine, batch.student_ids, batch.student_mask, batch.student_positions)
     kl = chunked_kl(student, teacher, trainer.head, top_k=job.bake.spec.kl_top_k,
