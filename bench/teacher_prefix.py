@@ -1,0 +1,87 @@
+"""The bake's shared teacher prefix run once, against every teacher prompt run whole, side by side.
+
+    .venv/bin/python bench/teacher_prefix.py                  # SmolLM2-135M-Instruct: about 5 minutes on 2 cores
+    .venv/bin/python bench/teacher_prefix.py --steps 3        # a quicker, noisier look
+
+Every teacher prompt of a bake begins with the same tokens: the chat template's start and the
+prompt being baked in, a short instruction or a whole document. The bake runs that prefix once
+and gives its KV cache to every teacher pass (`bake.worker.prefix_cache`). This bench runs the same
+bake (`run_standalone`, one process, ZeRO-2, fp32, no activation checkpointing, the teacher cache
+off so that every step runs the teacher) twice for each of two teacher prompts:
+    short   a one-line pirate system prompt
+    long    the same plus a document of about --long-tokens tokens (bench/rollout.py's ship manual)
+once as bgit runs it and once with the prefix emptied (every teacher prompt run whole). It prints
+the training steps' tokens/s (both contexts' tokens, the prefix counted in every row, as
+everywhere), the ratio, and both runs' final losses, which must agree. Responses are random
+tokens (32 to 96): the cost of a step does not depend on what they say.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import tempfile
+
+from rollout import ship_manual  # bench/rollout.py: bench/ is on sys.path when this runs as a script
+
+from bread_ray.bake.data import build_bake_data
+from bread_ray.bake.driver import run_standalone
+from bread_ray.bake.job import BakeJob
+from bread_ray.config import resolve_bake
+from bread_ray.models import load_tokenizer
+from bread_ray.schema import Bake
+from bread_ray.store import LocalStore, read_metrics_log
+
+PIRATE = "You are a pirate captain. Answer every question like a pirate, briefly."
+
+
+def records(system: str, questions: int) -> list[dict]:
+    rng = random.Random(0)
+    rows = []
+    for i in range(questions):
+        user = {"role": "user", "content": f"What should a young sailor know about knot number {i}?"}
+        rows.append({"stimulus_index": i, "trajectory_index": 0, "teacher_tools": [],
+                     "teacher_messages": [{"role": "system", "content": system}, user], "student_messages": [user],
+                     "response_token_ids": [rng.randrange(100, 20000) for _ in range(rng.randrange(32, 97))]})
+    return rows
+
+
+def tokens_per_s(store: LocalStore, job: BakeJob) -> tuple[float, float]:
+    """(training tokens/s over all steps, final loss)."""
+    log = read_metrics_log(store, job.prefix)
+    seconds = sum(entry["seconds"] for entry in log)
+    return sum(entry["seconds"] * entry["tokens_per_s"] for entry in log) / seconds, log[-1]["loss"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--long-tokens", type=int, default=1000, help="length of the long prompt's document")
+    args = parser.parse_args(argv)
+
+    tokenizer = load_tokenizer(args.model)
+    spec = Bake(name="prefix", datasets=[{"target": "t"}], micro_batch_size=args.micro_batch,
+                total_trajectories=args.steps * args.micro_batch, data={"train_eval_split": [1.0, 0.0]},
+                deepspeed={"zero_optimization": {"stage": 2}}, model={"disable_activation_checkpoint": True})
+    store = LocalStore(tempfile.mkdtemp(prefix="bench-prefix-"))
+    prompts = {"short": PIRATE, "long": PIRATE + "\n\n" + ship_manual(args.model, args.long_tokens)}
+    print(f"{args.model}: {args.steps} steps of {args.micro_batch} examples, fp32, one process, teacher cache off")
+    print(f"{'teacher prompt':>16} {'prefix tokens':>14} {'whole: tokens/s':>16} {'prefix once':>12} {'ratio':>7}  final losses")
+    for label, system in prompts.items():
+        data = build_bake_data({"t_1": records(system, args.steps * args.micro_batch)}, {"t_1": 1.0}, tokenizer, spec)
+        rates = {}
+        for way, prefix in (("whole", []), ("once", data.teacher_prefix)):
+            bake = resolve_bake(spec.model_copy(update={"name": f"{label}_{way}"}), {"t_1": 1.0}, args.model)
+            job = BakeJob(bake=bake, owner="bench", repo="prefix", base_model=args.model, store_uri=store.uri,
+                          data=dataclasses.replace(data, teacher_prefix=prefix), teacher_cache_bytes=0)
+            run_standalone(job)
+            rates[way] = tokens_per_s(store, job)
+        print(f"{label:>16} {len(data.teacher_prefix):14d} {rates['whole'][0]:16.0f} {rates['once'][0]:12.0f} "
+              f"{rates['once'][0] / rates['whole'][0]:6.2f}x  {rates['whole'][1]:.6f} {rates['once'][1]:.6f}")
+
+
+if __name__ == "__main__":
+    main()
