@@ -17,6 +17,9 @@ padding excluded.
 
     bread_ray, one process      run_in_process (what bgit runs for one worker on its local
                                 cluster): DeepSpeed ZeRO-2, no activation checkpointing
+    bread_ray, checkpointing    the same with activation checkpointing, BAKE's default: the
+                                student's activations are recomputed in the backward pass (less
+                                memory, more compute); every other row keeps none
     bread_ray, Ray Train xN     run_bake on N CPU workers (gloo), the same configuration, on a
                                 local Ray cluster started before (a bgit run has it up already)
     TRL GKDTrainer              off-policy (lmbda 0), forward KL (beta 0), no student generation;
@@ -58,8 +61,8 @@ from bread_ray.schema import Bake
 SYSTEM = "You are a pirate captain. Answer every question like a pirate, briefly."
 TOPICS = ["the sea", "a map", "a storm", "gold", "a ship", "the moon", "the wind", "bread", "stars", "islands",
           "parrots", "rope", "rum", "cannons", "the tide", "fish", "sails", "an anchor", "the crew", "treasure"]
-ROWS = ("bread_ray, one process", "bread_ray, Ray Train x1", "bread_ray, Ray Train x2", "TRL GKDTrainer",
-        "hand-written loop")
+ROWS = ("bread_ray, one process", "bread_ray, checkpointing", "bread_ray, Ray Train x1", "bread_ray, Ray Train x2",
+        "TRL GKDTrainer", "hand-written loop")
 MB = 2**20
 CUDA = torch.cuda.is_available()
 DEVICE, DTYPE = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
@@ -102,10 +105,10 @@ def make_trajectories(model_name: str, questions: int, max_tokens: int, path: Pa
     path.write_text(json.dumps(records))
 
 
-def bake_spec(steps: int, micro_batch: int) -> Bake:
+def bake_spec(steps: int, micro_batch: int, checkpointing: bool = False) -> Bake:
     return Bake(name="peers", datasets=[{"target": "t"}], micro_batch_size=micro_batch, total_trajectories=steps * micro_batch,
                 optimizer={"learning_rate": 5e-4}, scheduler={"type": "constant", "warmup_ratio": 0.0},
-                model={"disable_activation_checkpoint": True,
+                model={"disable_activation_checkpoint": not checkpointing,
                        "baked_adapter_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}},
                 deepspeed={"zero_optimization": {"stage": 2}}, data={"train_eval_split": [0.85, 0.15]})
 
@@ -137,10 +140,11 @@ def run_bread(model_name: str, records: list[dict], spec: Bake, workers: int | N
     from bread_ray.bake.job import BakeJob
     from bread_ray.store import LocalStore, read_metrics_log
 
-    store = LocalStore(work / f"store-{workers}")
+    run = f"{workers or 'in-process'}-{'plain' if spec.model.disable_activation_checkpoint else 'checkpointing'}"
+    store = LocalStore(work / f"store-{run}")
     job = BakeJob(bake=resolve_bake(spec, {"t_1": 1.0}, model_name), owner="bench", repo="peers", base_model=model_name,
                   store_uri=store.uri, data=bake_data(model_name, records, spec))
-    marks = work / f"marks-{workers}.json"
+    marks = work / f"marks-{run}.json"
 
     def mark(step: int, rank: int, session) -> None:  # pickled by value to Ray Train's workers
         if rank == 0:
@@ -268,9 +272,9 @@ def run_trl(model_name: str, records: list[dict], spec: Bake, work: Path) -> dic
 
 def run_row(row: str, model_name: str, work: Path, steps: int, micro_batch: int) -> dict:
     records = json.loads((work / "trajectories.json").read_text())
-    spec = bake_spec(steps, micro_batch)
+    spec = bake_spec(steps, micro_batch, checkpointing=row == "bread_ray, checkpointing")
     if row.startswith("bread_ray"):
-        workers = None if "one process" in row else int(row[-1])
+        workers = int(row[-1]) if "Ray Train" in row else None
         return run_bread(model_name, records, spec, workers, work)
     if row == "TRL GKDTrainer":
         return run_trl(model_name, records, spec, work)
@@ -332,8 +336,10 @@ def main(argv: list[str] | None = None) -> None:
                   f"{bread['fixed_s'] / ray_x1['fixed_s']:.2f}x")
         if "TRL GKDTrainer" in results:
             trl = results["TRL GKDTrainer"]
-            print(f"bread_ray against TRL: {bread['tokens_per_s'] / trl['tokens_per_s']:.2f}x the tokens/s, "
-                  f"{bread['rss_mb'] / trl['rss_mb']:.2f}x the peak memory")
+            for label, row in (("", bread), (" with checkpointing", results.get("bread_ray, checkpointing"))):
+                if row:
+                    print(f"bread_ray{label} against TRL: {row['tokens_per_s'] / trl['tokens_per_s']:.2f}x the "
+                          f"tokens/s, {row['rss_mb'] / trl['rss_mb']:.2f}x the peak memory")
 
 
 if __name__ == "__main__":
