@@ -98,7 +98,7 @@ class Bake(Stage):
         if workers == 1 and ray_cluster.started_here():
             # Ray Train's start and end (its controller, a worker process, their imports) buy one
             # process nothing on the machine bgit started Ray on: in process, a small bake's fixed
-            # cost is 0.32x (bench/peers.py). Checkpoints and resuming work the same.
+            # cost is 0.30x-0.33x (bench/peers.py). Checkpoints and resuming work the same.
             return BakeResult(run_in_process(job, progress=run.progress))
         return BakeResult(run_bake(job, num_workers=workers, use_gpu=gpus > 0, progress=run.progress))
 

@@ -19,7 +19,9 @@ bread_ray.bake.driver runs `bake_worker` on Ray Train's workers, or without Ray 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
 import shutil
 import tempfile
@@ -122,7 +124,8 @@ class Progress:
 def setup(job: BakeJob) -> Trainer:
     """The process group (Ray Train's, or a new one), the student inside a DeepSpeed engine."""
     cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # reuses a group Ray Train made
+    with contextlib.redirect_stdout(io.StringIO()):  # on CPU DeepSpeed prints "... shm_comm_op built successfully"
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # reuses a group Ray Train made
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
