@@ -200,7 +200,7 @@ def load_student(job: BakeJob, store: Store, ds_config: dict[str, Any], device: 
                       bias=adapter.bias, target_modules=adapter.target_modules, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora)
     # The head leaves the model: forward passes then return final hidden states, and the loss
-    # projects them through the head chunk by chunk. It is frozen, so each rank keeps one copy.
+    # projects them through the head chunk by chunk. It is frozen, so each rank holds it whole.
     head = peft_model.get_output_embeddings()
     if zero3_loading is None:
         head_weight = head.weight.detach()  # [vocab, hidden]; shared with the input embeddings where tied
