@@ -41,8 +41,6 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-
-
 def logits_warpers(sampling: dict[str, Any]) -> list[Any]:
     """The sampling settings as transformers' logits processors, in generate's order (penalty,
     temperature, top_k, top_p, min_p). Unless extra_kwargs say otherwise, sampling is from the full

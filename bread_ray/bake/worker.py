@@ -224,21 +224,21 @@ def start(trainer: Trainer, job: BakeJob, session: WorkerSession) -> Progress:
 
 # ---- train step and evaluation -----------------------------------------------------------------
 
-def final_hidden(engine: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Hidden states at `positions` (flat indices into [batch * seq]): [tokens, hidden]."""
-    hidden = engine(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [batch, seq, hidden]: the head is Identity
-    return hidden.flatten(0, 1)[positions]
+def final_hidden(engine: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 prefix: Any = None) -> torch.Tensor:
+    """Hidden states at `positions` (flat indices into [batch * seq]): [tokens, hidden].
 
-
-def final_hidden_after(engine: Any, prefix: Any, ids: torch.Tensor, mask: torch.Tensor,
-                       positions: torch.Tensor) -> torch.Tensor:
-    """As final_hidden, for rows that continue a shared prefix: `prefix` is its KV cache (batch 1,
-    [prefix] tokens), `ids` and `mask` [batch, seq] what follows it, right-padded, and `positions`
-    index [batch * seq]. The rows' positions count on from the prefix's length. Without gradient."""
-    cache = copy.deepcopy(prefix)  # the forward pass appends the rows' keys and values to it
-    cache.batch_repeat_interleave(len(ids))
-    mask = torch.cat([mask.new_ones(len(ids), cache.get_seq_length()), mask], dim=1)  # [batch, prefix + seq]
-    hidden = engine(input_ids=ids, attention_mask=mask, use_cache=True, **{kv_cache_argument(engine.module): cache}).logits
+    With `prefix`, the KV cache (batch 1) of tokens that every row continues (the shared teacher
+    prefix; no gradient flows into it), `ids` and `mask` [batch, seq] are what follows it,
+    right-padded, and the rows' positions count on from the prefix's length.
+    """
+    extra: dict[str, Any] = {"use_cache": False}
+    if prefix is not None:
+        cache = copy.deepcopy(prefix)  # the forward pass appends the rows' keys and values to it
+        cache.batch_repeat_interleave(len(ids))
+        mask = torch.cat([mask.new_ones(len(ids), cache.get_seq_length()), mask], dim=1)  # [batch, prefix + seq]
+        extra = {"use_cache": True, kv_cache_argument(engine.module): cache}
+    hidden = engine(input_ids=ids, attention_mask=mask, **extra).logits  # [batch, seq, hidden]: the head is Identity
     return hidden.flatten(0, 1)[positions]
 
 
@@ -253,11 +253,8 @@ def teacher_hidden(trainer: Trainer, batch: Batch, split: str, indices: list[int
     if not needed.item():
         return cached
     with torch.no_grad(), trainer.engine.module.disable_adapter():
-        if trainer.teacher_prefix is None:
-            teacher = final_hidden(trainer.engine, batch.teacher_ids, batch.teacher_mask, batch.teacher_positions)
-        else:
-            teacher = final_hidden_after(trainer.engine, trainer.teacher_prefix, batch.teacher_ids, batch.teacher_mask,
-                                         batch.teacher_positions)
+        teacher = final_hidden(trainer.engine, batch.teacher_ids, batch.teacher_mask, batch.teacher_positions,
+                               trainer.teacher_prefix)
     trainer.teacher_cache.put(split, indices, examples, teacher)
     return teacher
 
