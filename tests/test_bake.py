@@ -38,6 +38,8 @@ from bread_ray.tiny import build_tiny_model
 from s3_server import free_port
 
 PIRATE = [{"role": "system", "content": "You are a pirate."}]
+# a system prompt every student prompt begins with, as a chat template's default one does (SmolLM2's)
+HOUSE_STYLE = [{"role": "system", "content": "You are a helpful assistant. Answer in one short paragraph, plainly."}]
 
 
 def bake_config(name: str = "b", **fields) -> Bake:
@@ -45,7 +47,7 @@ def bake_config(name: str = "b", **fields) -> Bake:
     return Bake(name=name, datasets=[{"target": "t"}], **fields)
 
 
-def trajectories(questions: int, per_question: int = 2, seed: int = 0, teacher=PIRATE) -> list[dict]:
+def trajectories(questions: int, per_question: int = 2, seed: int = 0, teacher=PIRATE, student=()) -> list[dict]:
     """Rollout records as the rollout stage writes them, with random response tokens."""
     rng = random.Random(seed)
     records = []
@@ -54,7 +56,7 @@ def trajectories(questions: int, per_question: int = 2, seed: int = 0, teacher=P
         for t in range(per_question):
             response = [rng.randrange(10, 900) for _ in range(rng.randrange(3, 20))]
             records.append({"stimulus_index": i, "trajectory_index": t, "teacher_messages": [*teacher, user],
-                            "student_messages": [user], "teacher_tools": [], "response_token_ids": response})
+                            "student_messages": [*student, user], "teacher_tools": [], "response_token_ids": response})
     return records
 
 
@@ -85,21 +87,27 @@ def test_examples_align_the_response_between_teacher_and_student(tokenizer):
     assert batch.tokens == int(batch.teacher_mask.sum() + batch.student_mask.sum())
 
 
-def test_the_teacher_prompts_shared_prefix_is_left_out_of_each_row_and_still_counted(tokenizer):
-    data = build_bake_data({"t_1": trajectories(4)}, {"t_1": 1.0}, tokenizer, bake_config())
-    prefix = data.teacher_prefix  # the chat template's start, the system prompt, the user turn's start
-    assert len(prefix) >= MIN_SHARED_PREFIX and tokenizer.decode(prefix).count("You are a pirate.") == 1
-    assert all(e.teacher_prompt_ids[:len(prefix)] == prefix for e in data.train + data.eval)
+def test_the_prompts_shared_prefixes_are_left_out_of_each_row_and_still_counted(tokenizer):
+    data = build_bake_data({"t_1": trajectories(4, student=HOUSE_STYLE)}, {"t_1": 1.0}, tokenizer, bake_config())
+    # the chat template's start, the system prompt, the user turn's start
+    assert tokenizer.decode(data.teacher_prefix).count("You are a pirate.") == 1
+    assert tokenizer.decode(data.student_prefix).count("You are a helpful assistant.") == 1
     examples = data.train[:3]
-    whole, rest = collate(examples, data.pad_id), collate(examples, data.pad_id, len(prefix))
-    assert rest.teacher_ids.shape[1] == whole.teacher_ids.shape[1] - len(prefix)
-    for b, e in enumerate(examples):
-        row = e.teacher_prompt_ids[len(prefix):] + e.response_ids
-        assert rest.teacher_ids[b, :len(row)].tolist() == row
+    prefixes = {"teacher": data.teacher_prefix, "student": data.student_prefix}
+    whole, rest = collate(examples, data.pad_id), collate(examples, data.pad_id, *map(len, prefixes.values()))
     expected = torch.tensor([token for e in examples for token in e.response_ids])
-    assert torch.equal(rest.teacher_ids.flatten()[rest.teacher_positions + 1], expected)
-    assert torch.equal(rest.student_positions, whole.student_positions)
+    for side, prefix in prefixes.items():
+        assert len(prefix) >= MIN_SHARED_PREFIX
+        assert all(getattr(e, f"{side}_prompt_ids")[:len(prefix)] == prefix for e in data.train + data.eval)
+        ids, positions = getattr(rest, f"{side}_ids"), getattr(rest, f"{side}_positions")
+        assert ids.shape[1] == getattr(whole, f"{side}_ids").shape[1] - len(prefix)
+        for b, e in enumerate(examples):
+            row = getattr(e, f"{side}_prompt_ids")[len(prefix):] + e.response_ids
+            assert ids[b, :len(row)].tolist() == row
+        assert torch.equal(ids.flatten()[positions + 1], expected)
     assert rest.tokens == whole.tokens  # a throughput counts the examples' tokens, however they run
+    # without a system prompt of its own, the student's prompts share too little to run apart
+    assert build_bake_data({"t_1": trajectories(4)}, {"t_1": 1.0}, tokenizer, bake_config()).student_prefix == []
 
 
 def test_responses_are_cut_to_max_length_and_a_prompt_too_long_is_an_error(tokenizer):
@@ -194,11 +202,11 @@ def test_learning_rate_warms_up_then_decays(kind, expected_end):
 
 # ---- real bakes ---------------------------------------------------------------------------------
 
-def make_job(tokenizer, model_dir: Path, store: LocalStore, name: str, **fields):
+def make_job(tokenizer, model_dir: Path, store: LocalStore, name: str, records: list[dict] | None = None, **fields):
     from bread_ray.bake.job import BakeJob
 
     bake = resolve_bake(bake_config(name, **fields), {"t_1": 1.0}, str(model_dir))
-    data = build_bake_data({"t_1": trajectories(12)}, {"t_1": 1.0}, tokenizer, bake.spec)
+    data = build_bake_data({"t_1": records or trajectories(12)}, {"t_1": 1.0}, tokenizer, bake.spec)
     return BakeJob(bake=bake, owner="me", repo="r", base_model=str(model_dir), store_uri=store.uri, data=data)
 
 
@@ -214,7 +222,8 @@ def test_zero2_and_zero3_bakes_match_and_publish_real_adapters(ray_session, tiny
     from bread_ray.bake.driver import run_bake
 
     store = LocalStore(tmp_path / "store")
-    jobs = {stage: make_job(tokenizer, tiny_model, store, f"b{stage}", epochs=2,  # epoch 2 reads cached teacher states
+    records = trajectories(12, student=HOUSE_STYLE)  # both sides run a shared prefix apart
+    jobs = {stage: make_job(tokenizer, tiny_model, store, f"b{stage}", records, epochs=2,  # epoch 2: cached teacher
                             deepspeed={"zero_optimization": {"stage": stage}},
                             checkpoint=[{"save_every_n_steps": 4}]) for stage in (2, 3)}
     results = {stage: run_bake(job, num_workers=2, use_gpu=False, progress=False) for stage, job in jobs.items()}
@@ -364,16 +373,20 @@ def test_later_epochs_and_evaluations_read_the_teachers_states_and_lose_nothing(
 
 
 @pytest.mark.slow
-def test_the_teacher_prefix_run_once_trains_what_whole_teacher_prompts_train(tiny_model, tokenizer, tmp_path):
-    """The bake's shared teacher prefix runs once and its KV cache is reused: the same losses,
-    held-out KLs and trained adapter as with every teacher prompt run whole (up to float rounding)."""
+def test_the_shared_prefixes_run_apart_train_what_whole_prompts_train(tiny_model, tokenizer, tmp_path):
+    """The bake's shared teacher prefix runs once, the student's once per micro batch (under
+    activation checkpointing, the default): the same losses, held-out KLs and trained adapter as
+    with every prompt run whole (up to float rounding). No LoRA dropout: whole rows would draw it
+    apart on the prefix."""
     import pickle
 
     store = LocalStore(tmp_path / "store")
-    jobs = [make_job(tokenizer, tiny_model, store, name) for name in ("prefix", "whole")]
+    records = trajectories(12, student=HOUSE_STYLE)
+    jobs = [make_job(tokenizer, tiny_model, store, name, records,
+                     model={"baked_adapter_config": {"lora_dropout": 0.0}}) for name in ("prefix", "whole")]
     jobs[0].teacher_cache_bytes = jobs[1].teacher_cache_bytes = 0  # every teacher pass runs
-    assert len(jobs[0].data.teacher_prefix) >= MIN_SHARED_PREFIX
-    jobs[1].data.teacher_prefix = []
+    assert len(jobs[0].data.teacher_prefix) >= MIN_SHARED_PREFIX and len(jobs[0].data.student_prefix) >= MIN_SHARED_PREFIX
+    jobs[1].data.teacher_prefix = jobs[1].data.student_prefix = []
     (tmp_path / "jobs.pkl").write_bytes(pickle.dumps(jobs))
     script = ("import pickle, json\n"
               "from bread_ray.bake.driver import run_standalone\n"

@@ -51,6 +51,7 @@ class BakeData:
     pad_id: int
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # per target: train/eval/drawn/truncated
     teacher_prefix: list[int] = field(default_factory=list)  # what every teacher prompt begins with: run once
+    student_prefix: list[int] = field(default_factory=list)  # what every student prompt begins with: once per batch
 
     @property
     def response_tokens(self) -> int:
@@ -202,11 +203,13 @@ def build_bake_data(trajectories: dict[str, list[dict[str, Any]]], weights: dict
         counts[target_id]["drawn"] = sum(train[i].target_id == target_id for i in order)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # The teacher's context starts with the prompt being baked in (the same for every example of a
-    # one-prompt bake): its KV cache is computed once for the whole bake, not per example.
-    teacher_prompts = [e.teacher_prompt_ids for e in train + held_out]
-    teacher_prefix = teacher_prompts[0][:shared_prefix_length(teacher_prompts)]
-    return BakeData(train=train, eval=held_out, order=order, pad_id=pad_id, counts=counts,
-                    teacher_prefix=teacher_prefix)
+    # one-prompt bake), the student's often with the template's default system prompt: each runs
+    # once (bake.prefix), not once per example.
+    prefixes = {}
+    for side in ("teacher", "student"):
+        prompts = [getattr(e, f"{side}_prompt_ids") for e in train + held_out]
+        prefixes[f"{side}_prefix"] = prompts[0][:shared_prefix_length(prompts)]
+    return BakeData(train=train, eval=held_out, order=order, pad_id=pad_id, counts=counts, **prefixes)
 
 
 def optimizer_steps(num_examples: int, micro_batch: int, accumulation: int, world_size: int) -> int:
@@ -228,8 +231,8 @@ class Batch:
     teacher_ids, teacher_mask: [batch, teacher_len]; student_ids, student_mask: [batch, student_len];
     teacher_positions, student_positions: [tokens] flat indices into [batch * len] of the positions
     whose outputs predict each response token, aligned: the k-th of each predicts the same token.
-    The teacher's rows leave out the bake's shared teacher prefix, `teacher_prefix_tokens` long,
-    when collate is given one: they follow its KV cache.
+    Each side's rows leave out the bake's shared prefix of that side, `teacher_prefix_tokens` and
+    `student_prefix_tokens` long, when collate is given them: they follow its keys and values.
     """
 
     teacher_ids: torch.Tensor
@@ -239,6 +242,7 @@ class Batch:
     student_mask: torch.Tensor
     student_positions: torch.Tensor
     teacher_prefix_tokens: int = 0
+    student_prefix_tokens: int = 0
 
     @property
     def response_tokens(self) -> int:
@@ -246,20 +250,19 @@ class Batch:
 
     @property
     def tokens(self) -> int:
-        """Tokens of both contexts, padding excluded; the shared teacher prefix counts in every row,
-        though it runs once (a throughput in these tokens compares with a loop that runs it in each)."""
-        prefix = self.teacher_prefix_tokens * len(self.teacher_ids)
-        return int(self.teacher_mask.sum() + self.student_mask.sum()) + prefix
+        """Tokens of both contexts, padding excluded; the shared prefixes count in every row, though
+        they run once (a throughput in these tokens compares with a loop that runs them in each)."""
+        prefixes = (self.teacher_prefix_tokens + self.student_prefix_tokens) * len(self.teacher_ids)
+        return int(self.teacher_mask.sum() + self.student_mask.sum()) + prefixes
 
     def to(self, device: torch.device | str) -> Batch:
-        tensors = {name: getattr(self, name).to(device) for name in self.__dataclass_fields__
-                   if name != "teacher_prefix_tokens"}
-        return Batch(**tensors, teacher_prefix_tokens=self.teacher_prefix_tokens)
+        return replace(self, **{name: value.to(device) for name, value in vars(self).items()
+                                if isinstance(value, torch.Tensor)})
 
 
-def collate(examples: list[Example], pad_id: int, teacher_prefix_tokens: int = 0) -> Batch:
-    """Right-padded teacher and student inputs and the aligned response positions; the teacher's
-    rows without their first `teacher_prefix_tokens` (the bake's shared prefix, run apart)."""
+def collate(examples: list[Example], pad_id: int, teacher_prefix_tokens: int = 0, student_prefix_tokens: int = 0) -> Batch:
+    """Right-padded teacher and student inputs and the aligned response positions; each side's rows
+    without their first `*_prefix_tokens` (the bake's shared prefixes, run apart)."""
 
     def side(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows = [p + e.response_ids for p, e in zip(prompts, examples)]
@@ -275,5 +278,6 @@ def collate(examples: list[Example], pad_id: int, teacher_prefix_tokens: int = 0
         return ids, mask, torch.tensor(positions, dtype=torch.long)
 
     teacher = side([e.teacher_prompt_ids[teacher_prefix_tokens:] for e in examples])
-    student = side([e.student_prompt_ids for e in examples])
-    return Batch(*teacher, *student, teacher_prefix_tokens=teacher_prefix_tokens)
+    student = side([e.student_prompt_ids[student_prefix_tokens:] for e in examples])
+    return Batch(*teacher, *student, teacher_prefix_tokens=teacher_prefix_tokens,
+                 student_prefix_tokens=student_prefix_tokens)

@@ -1,9 +1,10 @@
 """A bake worker: the training recipe each rank runs, plain Python over torch.distributed and DeepSpeed.
 
     setup         the parent (its chain of adapters added in) with a fresh LoRA, in a DeepSpeed engine;
-                  the KV cache of the prefix all teacher prompts share (the prompt baked in), once
+                  the keys and values of the prefix all teacher prompts share (the prompt baked in), once
     train_step    one optimizer step: teacher and student passes, the chunked KL, backward; the
-                  teacher's hidden states are kept after an example's first pass (TeacherCache)
+                  teacher's hidden states are kept after an example's first pass (TeacherCache); the
+                  student prompts' shared prefix runs once per micro batch (bake.prefix)
     evaluate      the held-out KL, all ranks together
     checkpoint    the training state and the adapter, for the runner to keep; the adapter published
     finish        the final adapter published as the bake's model, and the bake's result
@@ -20,7 +21,6 @@ bread_ray.bake.driver runs `bake_worker` on Ray Train's workers, or without Ray 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import math
 import shutil
@@ -34,16 +34,17 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-from transformers import AutoConfig, DynamicCache
+from transformers import AutoConfig
 from transformers.integrations import HfDeepSpeedConfig
 
 from bread_ray.bake.data import BakeData, Batch, Example, collate, optimizer_steps, rank_slice
 from bread_ray.bake.deepspeed import build_optimizer, build_scheduler, deepspeed_config
 from bread_ray.bake.job import BakeJob, WorkerSession
 from bread_ray.bake.loss import CHUNK_TOKENS, chunked_kl
+from bread_ray.bake.prefix import SharedPrefix, final_hidden, prefixes_to_share, run_prefix
 from bread_ray.lineage import check_foldable, lora_deltas, read_adapter
 from bread_ray.model_sources import resolve_model_source
-from bread_ray.models import download_folded_adapter, kv_cache_argument, load_causal_lm
+from bread_ray.models import download_folded_adapter, load_causal_lm
 from bread_ray.store import BAKE_RESULT, Store, open_store, read_metrics_log, write_metrics_log
 
 STATE_TAG = "state"  # DeepSpeed's tag for the training state inside a checkpoint
@@ -104,7 +105,9 @@ class Trainer:
     total_steps: int
     teacher_cache: TeacherCache
     zero3: bool  # weights are gathered collectively in each forward pass: every rank must run the same ones
-    teacher_prefix: Any  # the KV cache (DynamicCache, batch 1) of the bake's shared teacher prefix, or None
+    teacher_prefix_ids: list[int]  # the shared prefix each side's rows leave out (empty: none, or the model
+    student_prefix_ids: list[int]  # cannot share one), run apart: the teacher's once, the student's per batch
+    teacher_prefix: SharedPrefix | None  # the keys and values of teacher_prefix_ids, computed in setup
 
 
 @dataclass
@@ -139,21 +142,15 @@ def setup(job: BakeJob) -> Trainer:
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(trainable, spec),
                                       lr_scheduler=build_scheduler(spec, total_steps), config=ds_config)
     cache = TeacherCache.for_bake(job.data, hidden_size, head.element_size(), job.teacher_cache_bytes)
+    teacher_prefix, student_prefix = prefixes_to_share(model, job.data.teacher_prefix, job.data.student_prefix,
+                                                       checkpointing=not spec.model.disable_activation_checkpoint)
+    teacher_prefix_cache = None
+    if teacher_prefix:  # the teacher's weights do not change during a bake: its prefix runs once
+        with torch.no_grad(), model.disable_adapter():
+            teacher_prefix_cache = run_prefix(engine, torch.tensor([teacher_prefix], device=device))
     return Trainer(engine, head.to(device), zero3_loading, store, rank, world, device, total_steps, cache,
-                   zero3=ds_config["zero_optimization"]["stage"] == 3,
-                   teacher_prefix=prefix_cache(engine, job.data.teacher_prefix, device))
-
-
-def prefix_cache(engine: Any, prefix: list[int], device: torch.device) -> Any:
-    """The teacher's KV cache of `prefix` (what every teacher prompt of the bake begins with), batch 1,
-    computed once: the teacher's weights do not change during a bake. None when there is no prefix."""
-    if not prefix:
-        return None
-    cache = DynamicCache(config=engine.module.config)
-    with torch.no_grad(), engine.module.disable_adapter():
-        engine(input_ids=torch.tensor([prefix], device=device), use_cache=True,
-               **{kv_cache_argument(engine.module): cache})
-    return cache
+                   zero3=ds_config["zero_optimization"]["stage"] == 3, teacher_prefix_ids=teacher_prefix,
+                   student_prefix_ids=student_prefix, teacher_prefix=teacher_prefix_cache)
 
 
 def apply_adapter(model: torch.nn.Module, adapter_dir: Path) -> int:
@@ -224,24 +221,6 @@ def start(trainer: Trainer, job: BakeJob, session: WorkerSession) -> Progress:
 
 # ---- train step and evaluation -----------------------------------------------------------------
 
-def final_hidden(engine: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 prefix: Any = None) -> torch.Tensor:
-    """Hidden states at `positions` (flat indices into [batch * seq]): [tokens, hidden].
-
-    With `prefix`, the KV cache (batch 1) of tokens that every row continues (the shared teacher
-    prefix; no gradient flows into it), `ids` and `mask` [batch, seq] are what follows it,
-    right-padded, and the rows' positions count on from the prefix's length.
-    """
-    extra: dict[str, Any] = {"use_cache": False}
-    if prefix is not None:
-        cache = copy.deepcopy(prefix)  # the forward pass appends the rows' keys and values to it
-        cache.batch_repeat_interleave(len(ids))
-        mask = torch.cat([mask.new_ones(len(ids), cache.get_seq_length()), mask], dim=1)  # [batch, prefix + seq]
-        extra = {"use_cache": True, kv_cache_argument(engine.module): cache}
-    hidden = engine(input_ids=ids, attention_mask=mask, **extra).logits  # [batch, seq, hidden]: the head is Identity
-    return hidden.flatten(0, 1)[positions]
-
-
 def teacher_hidden(trainer: Trainer, batch: Batch, split: str, indices: list[int], examples: list[Example]) -> torch.Tensor:
     """The teacher's hidden states [tokens, hidden], aligned on the response: from the cache, or
     from a forward pass without the adapter (then cached). Under ZeRO-3 a rank runs the pass
@@ -263,9 +242,14 @@ def batch_kl(trainer: Trainer, job: BakeJob, split: str, indices: list[int]) -> 
     """Mean KL(teacher ‖ student) per response token over the examples `indices` of `split`
     ("train" or "eval"), with the gradient to the student where grad mode is on; and their batch."""
     examples = [(job.data.train if split == "train" else job.data.eval)[i] for i in indices]
-    batch = collate(examples, job.data.pad_id, len(job.data.teacher_prefix)).to(trainer.device)
+    batch = collate(examples, job.data.pad_id, len(trainer.teacher_prefix_ids),
+                    len(trainer.student_prefix_ids)).to(trainer.device)
     teacher = teacher_hidden(trainer, batch, split, indices, examples)
-    student = final_hidden(trainer.engine, batch.student_ids, batch.student_mask, batch.student_positions)
+    student_prefix = None
+    if trainer.student_prefix_ids:  # with the adapter and the gradient: the LoRA changes every step
+        student_prefix = run_prefix(trainer.engine, torch.tensor([trainer.student_prefix_ids], device=trainer.device))
+    student = final_hidden(trainer.engine, batch.student_ids, batch.student_mask, batch.student_positions,
+                           student_prefix)
     kl = chunked_kl(student, teacher, trainer.head, top_k=job.bake.spec.kl_top_k,
                     chunk_tokens=job.kl_chunk_tokens or CHUNK_TOKENS)
     return kl, batch
