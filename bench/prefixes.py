@@ -1,19 +1,24 @@
-"""The bake's shared teacher prefix run once, against every teacher prompt run whole, side by side.
+"""The bake's shared prompt prefixes run apart, against every prompt run whole, side by side.
 
-    .venv/bin/python bench/teacher_prefix.py                  # SmolLM2-135M-Instruct: about 5 minutes on 2 cores
-    .venv/bin/python bench/teacher_prefix.py --steps 3        # a quicker, noisier look
+    .venv/bin/python bench/prefixes.py                  # SmolLM2-135M-Instruct: about 8 minutes on 2 cores
+    .venv/bin/python bench/prefixes.py --steps 3        # a quicker, noisier look
 
 Every teacher prompt of a bake begins with the same tokens: the chat template's start and the
-prompt being baked in, a short instruction or a whole document. The bake runs that prefix once
-and gives its KV cache to every teacher pass (`bake.worker.prefix_cache`). This bench runs the same
-bake (`run_standalone`, one process, ZeRO-2, fp32, no activation checkpointing, the teacher cache
-off so that every step runs the teacher) twice for each of two teacher prompts:
+prompt being baked in, a short instruction or a whole document. Every student prompt often does
+too: SmolLM2's template gives each a default system prompt. The bake runs the teacher's prefix
+once per bake and the student's once per micro batch, with its gradient, and the rows run on from
+their keys and values (`bread_ray/bake/prefix.py`). This bench runs the same bake (`run_standalone`,
+one process, ZeRO-2, fp32, no activation checkpointing, no LoRA dropout, the teacher cache off so
+that every step runs the teacher) three ways for each of two teacher prompts:
+    whole         every prompt run whole in every row
+    teacher once  the teacher's prefix apart (each student row whole)
+    both apart    as bgit runs it
+The two teacher prompts:
     short   a one-line pirate system prompt
     long    the same plus a document of about --long-tokens tokens (bench/rollout.py's ship manual)
-once as bgit runs it and once with the prefix emptied (every teacher prompt run whole). It prints
-the training steps' tokens/s (both contexts' tokens, the prefix counted in every row, as
-everywhere), the ratio, and both runs' final losses, which must agree. Responses are random
-tokens (32 to 96): the cost of a step does not depend on what they say.
+It prints the training steps' tokens/s (both contexts' tokens, the prefixes counted in every row,
+as everywhere), the ratios to `whole`, and the runs' final losses, which must agree. Responses are
+random tokens (32 to 96): the cost of a step does not depend on what they say.
 """
 
 from __future__ import annotations
@@ -65,22 +70,30 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(args.model)
     spec = Bake(name="prefix", datasets=[{"target": "t"}], micro_batch_size=args.micro_batch,
                 total_trajectories=args.steps * args.micro_batch, data={"train_eval_split": [1.0, 0.0]},
-                deepspeed={"zero_optimization": {"stage": 2}}, model={"disable_activation_checkpoint": True})
+                deepspeed={"zero_optimization": {"stage": 2}},
+                model={"disable_activation_checkpoint": True, "baked_adapter_config": {"lora_dropout": 0.0}})
     store = LocalStore(tempfile.mkdtemp(prefix="bench-prefix-"))
     prompts = {"short": PIRATE, "long": PIRATE + "\n\n" + ship_manual(args.model, args.long_tokens)}
     print(f"{args.model}: {args.steps} steps of {args.micro_batch} examples, fp32, one process, teacher cache off")
-    print(f"{'teacher prompt':>16} {'prefix tokens':>14} {'whole: tokens/s':>16} {'prefix once':>12} {'ratio':>7}  final losses")
+    print(f"{'teacher prompt':>16} {'prefix t + s':>14} {'whole: tokens/s':>16} {'teacher once':>13} {'both apart':>11}"
+          "  final losses")
     for label, system in prompts.items():
         data = build_bake_data({"t_1": records(system, args.steps * args.micro_batch)}, {"t_1": 1.0}, tokenizer, spec)
+        ways = {"whole": ([], []), "teacher once": (data.teacher_prefix, []),
+                "both apart": (data.teacher_prefix, data.student_prefix)}
         rates = {}
-        for way, prefix in (("whole", []), ("once", data.teacher_prefix)):
-            bake = resolve_bake(spec.model_copy(update={"name": f"{label}_{way}"}), {"t_1": 1.0}, args.model)
+        for way, (teacher, student) in ways.items():
+            bake = resolve_bake(spec.model_copy(update={"name": f"{label}_{way.replace(' ', '_')}"}), {"t_1": 1.0},
+                                args.model)
             job = BakeJob(bake=bake, owner="bench", repo="prefix", base_model=args.model, store_uri=store.uri,
-                          data=dataclasses.replace(data, teacher_prefix=prefix), teacher_cache_bytes=0)
+                          data=dataclasses.replace(data, teacher_prefix=teacher, student_prefix=student),
+                          teacher_cache_bytes=0)
             run_standalone(job)
             rates[way] = tokens_per_s(store, job)
-        print(f"{label:>16} {len(data.teacher_prefix):14d} {rates['whole'][0]:16.0f} {rates['once'][0]:12.0f} "
-              f"{rates['once'][0] / rates['whole'][0]:6.2f}x  {rates['whole'][1]:.6f} {rates['once'][1]:.6f}")
+        whole = rates["whole"][0]
+        cells = " ".join(f"{rates[way][0]:7.0f} {rates[way][0] / whole:4.2f}x" for way in ("teacher once", "both apart"))
+        print(f"{label:>16} {len(data.teacher_prefix):7d} +{len(data.student_prefix):3d}  {whole:16.0f} {cells}  "
+              + " ".join(f"{loss:.6f}" for _, loss in rates.values()))
 
 
 if __name__ == "__main__":
