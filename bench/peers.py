@@ -25,6 +25,8 @@ padding excluded.
     TRL GKDTrainer              off-policy (lmbda 0), forward KL (beta 0), no student generation;
                                 compute_loss overridden so that the teacher sees its own prompt (GKD
                                 feeds both models the same input), the loss is TRL's generalized_jsd_loss
+    TRL, bread's malloc         the same, its process given the C allocator setting a bake worker
+                                sets (bread_ray/bake/malloc.py): what of the memory gap that explains
     hand-written loop           a PEFT model, the teacher as the model with its adapter disabled,
                                 full logits, the KL written out, AdamW
 
@@ -62,7 +64,7 @@ SYSTEM = "You are a pirate captain. Answer every question like a pirate, briefly
 TOPICS = ["the sea", "a map", "a storm", "gold", "a ship", "the moon", "the wind", "bread", "stars", "islands",
           "parrots", "rope", "rum", "cannons", "the tide", "fish", "sails", "an anchor", "the crew", "treasure"]
 ROWS = ("bread_ray, one process", "bread_ray, checkpointing", "bread_ray, Ray Train x1", "bread_ray, Ray Train x2",
-        "TRL GKDTrainer", "hand-written loop")
+        "TRL GKDTrainer", "TRL, bread's malloc", "hand-written loop")
 MB = 2**20
 CUDA = torch.cuda.is_available()
 DEVICE, DTYPE = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
@@ -276,7 +278,11 @@ def run_row(row: str, model_name: str, work: Path, steps: int, micro_batch: int)
     if row.startswith("bread_ray"):
         workers = int(row[-1]) if "Ray Train" in row else None
         return run_bread(model_name, records, spec, workers, work)
-    if row == "TRL GKDTrainer":
+    if row.startswith("TRL"):
+        if row == "TRL, bread's malloc":
+            from bread_ray.bake.malloc import return_freed_blocks_to_the_os
+
+            return_freed_blocks_to_the_os()
         return run_trl(model_name, records, spec, work)
     return run_hand(model_name, records, spec, work)
 
@@ -290,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the GPU's dense bf16 peak, for MFU (H100 and H200: 989)")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS, metavar="ROW",
+                        help="the rows to run (default: all): " + "; ".join(ROWS))
     parser.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # one row, in a child process
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -301,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.model}: sampling {args.questions} answers of <= {args.max_tokens} tokens ...", flush=True)
     make_trajectories(args.model, args.questions, args.max_tokens, work / "trajectories.json")
     results = {}
-    for row in ROWS:
+    for row in args.rows:
         print(f"running: {row} ...", flush=True)
         child = subprocess.run([sys.executable, __file__, "--row", row, "--work", str(work), "--model", args.model,
                                 "--steps", str(args.steps), "--micro-batch", str(args.micro_batch)],
@@ -334,12 +342,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"fixed cost of bgit's one-worker bake: {bread['fixed_s']:.1f} s in process against "
                   f"{ray_x1['fixed_s']:.1f} s under Ray Train x1 (its path before): "
                   f"{bread['fixed_s'] / ray_x1['fixed_s']:.2f}x")
-        if "TRL GKDTrainer" in results:
-            trl = results["TRL GKDTrainer"]
+        for trl_row in ("TRL GKDTrainer", "TRL, bread's malloc"):
+            trl = results.get(trl_row)
             for label, row in (("", bread), (" with checkpointing", results.get("bread_ray, checkpointing"))):
-                if row:
-                    print(f"bread_ray{label} against TRL: {row['tokens_per_s'] / trl['tokens_per_s']:.2f}x the "
-                          f"tokens/s, {row['rss_mb'] / trl['rss_mb']:.2f}x the peak memory")
+                if row and trl:
+                    print(f"bread_ray{label} against {trl_row}: {row['tokens_per_s'] / trl['tokens_per_s']:.2f}x "
+                          f"the tokens/s, {row['rss_mb'] / trl['rss_mb']:.2f}x the peak memory")
 
 
 if __name__ == "__main__":

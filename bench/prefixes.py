@@ -19,6 +19,10 @@ The two teacher prompts:
 It prints the training steps' tokens/s (both contexts' tokens, the prefixes counted in every row,
 as everywhere), the ratios to `whole`, and the runs' final losses, which must agree. Responses are
 random tokens (32 to 96): the cost of a step does not depend on what they say.
+
+Then the student's pass alone (forward and backward, no DeepSpeed), over one micro batch of rows
+that share a prefix, run whole and with the prefix apart in turn in one process, without and with
+activation checkpointing: the median time of each and their ratio.
 """
 
 from __future__ import annotations
@@ -26,15 +30,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import random
+import statistics
 import tempfile
+import time
 
+import torch
+from peft import LoraConfig, get_peft_model
 from rollout import ship_manual  # bench/rollout.py: bench/ is on sys.path when this runs as a script
 
 from bread_ray.bake.data import build_bake_data
 from bread_ray.bake.driver import run_standalone
 from bread_ray.bake.job import BakeJob
+from bread_ray.bake.prefix import allow_read_caches_under_checkpointing, final_hidden, run_prefix
 from bread_ray.config import resolve_bake
-from bread_ray.models import load_tokenizer
+from bread_ray.models import load_causal_lm, load_tokenizer
 from bread_ray.schema import Bake
 from bread_ray.store import LocalStore, read_metrics_log
 
@@ -57,6 +66,53 @@ def tokens_per_s(store: LocalStore, job: BakeJob) -> tuple[float, float]:
     log = read_metrics_log(store, job.prefix)
     seconds = sum(entry["seconds"] for entry in log)
     return sum(entry["seconds"] * entry["tokens_per_s"] for entry in log) / seconds, log[-1]["loss"]
+
+
+class Plain(torch.nn.Module):
+    """The student as the bake's functions call it (an engine: calling it runs `module`), without DeepSpeed."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **inputs):
+        return self.module(**inputs)
+
+
+def student_pass_seconds(model_name: str, checkpointing: bool, rows: int, prefix_tokens: int, rest_tokens: int,
+                         repeats: int = 8) -> tuple[float, float]:
+    """Median seconds of a student forward and backward over `rows` rows of `prefix_tokens` shared
+    tokens and `rest_tokens` of their own: (whole rows, the prefix apart), alternated."""
+    model = load_causal_lm(model_name, dtype=torch.float32, device=torch.device("cpu"))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+    model.base_model.model.lm_head = torch.nn.Identity()  # hidden states out, as in a bake
+    if checkpointing:
+        allow_read_caches_under_checkpointing(model)
+    model.train()
+    student = Plain(model)
+    generator = torch.Generator().manual_seed(0)
+    prefix = torch.randint(100, 20000, (1, prefix_tokens), generator=generator)
+    rest = torch.randint(100, 20000, (rows, rest_tokens), generator=generator)
+    whole = torch.cat([prefix.expand(rows, -1), rest], dim=1)
+
+    def one_pass(apart: bool) -> float:
+        started = time.perf_counter()
+        if apart:
+            hidden = final_hidden(student, rest, torch.ones_like(rest), torch.arange(rest.numel()),
+                                  run_prefix(student, prefix))
+        else:
+            hidden = final_hidden(student, whole, torch.ones_like(whole), torch.arange(whole.numel()))
+        hidden.square().mean().backward()
+        return time.perf_counter() - started
+
+    one_pass(False), one_pass(True)  # warm-up
+    times = {False: [], True: []}
+    for _ in range(repeats):
+        for apart in times:
+            times[apart].append(one_pass(apart))
+    return statistics.median(times[False]), statistics.median(times[True])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,6 +151,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label:>16} {len(data.teacher_prefix):7d} +{len(data.student_prefix):3d}  {whole:16.0f} {cells}  "
               + " ".join(f"{loss:.6f}" for _, loss in rates.values()))
 
+    rows, prefix_tokens, rest_tokens = args.micro_batch, len(data.student_prefix), 80
+    print(f"\nthe student's pass alone: {rows} rows of {prefix_tokens} shared + {rest_tokens} own tokens, "
+          "forward and backward, median of 8")
+    print(f"{'':>22} {'whole s':>8} {'prefix apart s':>15} {'apart / whole':>14}")
+    for checkpointing in (False, True):
+        whole, apart = student_pass_seconds(args.model, checkpointing, rows, prefix_tokens, rest_tokens)
+        label = "checkpointing" if checkpointing else "no checkpointing"
+        print(f"{label:>22} {whole:8.3f} {apart:15.3f} {apart / whole:13.2f}x")
 
 if __name__ == "__main__":
     main()

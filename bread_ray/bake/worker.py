@@ -41,6 +41,7 @@ from bread_ray.bake.data import BakeData, Batch, Example, collate, optimizer_ste
 from bread_ray.bake.deepspeed import build_optimizer, build_scheduler, deepspeed_config
 from bread_ray.bake.job import BakeJob, WorkerSession
 from bread_ray.bake.loss import CHUNK_TOKENS, chunked_kl
+from bread_ray.bake.malloc import return_freed_blocks_to_the_os
 from bread_ray.bake.prefix import SharedPrefix, final_hidden, prefixes_to_share, run_prefix
 from bread_ray.lineage import check_foldable, lora_deltas, read_adapter
 from bread_ray.model_sources import resolve_model_source
@@ -126,6 +127,7 @@ class Progress:
 
 def setup(job: BakeJob) -> Trainer:
     """The process group (Ray Train's, or a new one), the student inside a DeepSpeed engine."""
+    return_freed_blocks_to_the_os()
     cuda = torch.cuda.is_available()
     with contextlib.redirect_stdout(io.StringIO()):  # on CPU DeepSpeed prints "... shm_comm_op built successfully"
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # reuses a group Ray Train made
