@@ -11,7 +11,13 @@ from test_bake import HOUSE_STYLE, bake_config, trajectories
 
 from bread_ray.bake.data import build_bake_data, collate
 from bread_ray.bake.loss import chunked_kl
-from bread_ray.bake.prefix import SharedPrefix, final_hidden, prefixes_to_share, run_prefix
+from bread_ray.bake.prefix import (
+    CHECKPOINTING_KEEPS_A_READ_CACHE,
+    SharedPrefix,
+    final_hidden,
+    prefixes_to_share,
+    run_prefix,
+)
 from bread_ray.chat_format import MIN_SHARED_PREFIX
 from bread_ray.models import load_causal_lm, load_tokenizer
 from bread_ray.tiny import build_tiny_model
@@ -71,7 +77,9 @@ def test_rows_after_shared_prefixes_get_the_whole_rows_kl_and_gradient(tiny_mode
     engine = student_model(tiny_model, checkpointing)
     teacher_prefix, student_prefix = prefixes_to_share(engine.module, data.teacher_prefix, data.student_prefix,
                                                        checkpointing=checkpointing)
-    assert (teacher_prefix, student_prefix) == (data.teacher_prefix, data.student_prefix)
+    # under checkpointing the student's runs apart where transformers keeps a read-only cache (5.24 and later)
+    shared_student = data.student_prefix if not checkpointing or CHECKPOINTING_KEEPS_A_READ_CACHE else []
+    assert (teacher_prefix, student_prefix) == (data.teacher_prefix, shared_student)
     head = engine.module.get_input_embeddings().weight.detach()  # the tiny model ties its head to them
     examples = data.train[:4]
     whole = kl_and_grads(engine, head, collate(examples, data.pad_id), [], [])
