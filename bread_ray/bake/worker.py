@@ -106,8 +106,8 @@ class Trainer:
     total_steps: int
     teacher_cache: TeacherCache
     zero3: bool  # weights are gathered collectively in each forward pass: every rank must run the same ones
-    teacher_prefix_ids: list[int]  # the shared prefix each side's rows leave out (empty: none, or the model
-    student_prefix_ids: list[int]  # cannot share one), run apart: the teacher's once, the student's per batch
+    teacher_prefix_ids: list[int]  # the prefix the teacher's rows leave out, run once (empty: none to share)
+    student_prefix_ids: list[int]  # the prefix the student's rows leave out, run once per micro batch
     teacher_prefix: SharedPrefix | None  # the keys and values of teacher_prefix_ids, computed in setup
 
 
