@@ -255,7 +255,7 @@ def bench_bake_step(quick: bool, model_name: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="a quarter of the tokens and of chunk_tokens, and 1024-square matmuls")
     parser.add_argument("--tokens", type=int, help="default 2048, or 512 with --quick")

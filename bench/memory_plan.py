@@ -52,7 +52,7 @@ def plan(m: dict, *, gpus: int, micro_batch: int, tokens: int, rank: int, chunk_
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=3000, help="sequence length (BAKE.data.max_length)")

@@ -288,7 +288,7 @@ def run_row(row: str, model_name: str, work: Path, steps: int, micro_batch: int)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--questions", type=int, default=48, help="trajectories sampled (15%% of questions held out)")
     parser.add_argument("--max-tokens", type=int, default=96, help="longest sampled answer")

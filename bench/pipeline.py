@@ -63,7 +63,7 @@ def stored_bytes(store: LocalStore) -> dict[str, bytes]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the tiny model and 8-token answers")
     parser.add_argument("--numq", type=int, default=24, help="questions per target (requests of at most 20)")
     parser.add_argument("--max-tokens", type=int, default=32)

@@ -80,7 +80,7 @@ def ship_manual(model: str, tokens: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="hub id or local folder (default: the tiny model, built here)")
     parser.add_argument("--stimuli", type=int, default=64)
     parser.add_argument("--traj", type=int, default=4, help="trajectories per stimulus")
