@@ -25,8 +25,6 @@ padding excluded.
     TRL GKDTrainer              off-policy (lmbda 0), forward KL (beta 0), no student generation;
                                 compute_loss overridden so that the teacher sees its own prompt (GKD
                                 feeds both models the same input), the loss is TRL's generalized_jsd_loss
-    TRL, bread's malloc         the same, its process given the C allocator setting a bake worker
-                                sets (bread_ray/bake/malloc.py): what of the memory gap that explains
     hand-written loop           a PEFT model, the teacher as the model with its adapter disabled,
                                 full logits, the KL written out, AdamW
 
@@ -64,7 +62,7 @@ SYSTEM = "You are a pirate captain. Answer every question like a pirate, briefly
 TOPICS = ["the sea", "a map", "a storm", "gold", "a ship", "the moon", "the wind", "bread", "stars", "islands",
           "parrots", "rope", "rum", "cannons", "the tide", "fish", "sails", "an anchor", "the crew", "treasure"]
 ROWS = ("bread_ray, one process", "bread_ray, checkpointing", "bread_ray, Ray Train x1", "bread_ray, Ray Train x2",
-        "TRL GKDTrainer", "TRL, bread's malloc", "hand-written loop")
+        "TRL GKDTrainer", "hand-written loop")
 MB = 2**20
 CUDA = torch.cuda.is_available()
 DEVICE, DTYPE = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
@@ -83,6 +81,29 @@ def linear_params(model_name: str) -> int:
     model = load_causal_lm(model_name, device="cpu")
     head = model.get_output_embeddings()
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+
+
+def matmul_flops(model_name: str, trajectories: Path, steps: int, micro_batch: int, *, shared: bool) -> float:
+    """The matmul FLOPs of a bake's steps per token counted (Batch.tokens), from the model's shapes:
+    2 per weight per position forward, 2 more for the student's backward (to its activations: the
+    weights are frozen; LoRA's are left out, too small to count). Rows pad to their micro batch's
+    longest. `shared`: bread_ray's way, the prefixes every row shares run apart (the teacher's once,
+    the student's once per micro batch) and the head only at the response positions; otherwise
+    every row runs its whole context and the head at every position, as TRL and the hand loop do."""
+    config = load_causal_lm(model_name, device="cpu").config
+    body, head = linear_params(model_name), config.vocab_size * config.hidden_size
+    data = bake_data(model_name, json.loads(trajectories.read_text()), bake_spec(steps, micro_batch))
+    teacher_prefix, student_prefix = (len(data.teacher_prefix), len(data.student_prefix)) if shared else (0, 0)
+    flops, tokens = 2 * body * teacher_prefix, 0
+    for step in range(steps):
+        batch = collate([data.train[i] for i in data.order[step * micro_batch:(step + 1) * micro_batch]],
+                        data.pad_id, teacher_prefix, student_prefix)
+        teacher_head = batch.response_tokens if shared else batch.teacher_ids.numel()
+        student_head = batch.response_tokens if shared else batch.student_ids.numel()
+        flops += 2 * body * batch.teacher_ids.numel() + 2 * head * teacher_head
+        flops += 4 * body * (batch.student_ids.numel() + student_prefix) + 4 * head * student_head
+        tokens += batch.tokens
+    return flops / tokens
 
 
 def make_trajectories(model_name: str, questions: int, max_tokens: int, path: Path) -> None:
@@ -279,10 +300,6 @@ def run_row(row: str, model_name: str, work: Path, steps: int, micro_batch: int)
         workers = int(row[-1]) if "Ray Train" in row else None
         return run_bread(model_name, records, spec, workers, work)
     if row.startswith("TRL"):
-        if row == "TRL, bread's malloc":
-            from bread_ray.bake.malloc import return_freed_blocks_to_the_os
-
-            return_freed_blocks_to_the_os()
         return run_trl(model_name, records, spec, work)
     return run_hand(model_name, records, spec, work)
 
@@ -342,12 +359,16 @@ def main(argv: list[str] | None = None) -> None:
             print(f"fixed cost of bgit's one-worker bake: {bread['fixed_s']:.1f} s in process against "
                   f"{ray_x1['fixed_s']:.1f} s under Ray Train x1 (its path before): "
                   f"{bread['fixed_s'] / ray_x1['fixed_s']:.2f}x")
-        for trl_row in ("TRL GKDTrainer", "TRL, bread's malloc"):
-            trl = results.get(trl_row)
-            for label, row in (("", bread), (" with checkpointing", results.get("bread_ray, checkpointing"))):
-                if row and trl:
-                    print(f"bread_ray{label} against {trl_row}: {row['tokens_per_s'] / trl['tokens_per_s']:.2f}x "
-                          f"the tokens/s, {row['rss_mb'] / trl['rss_mb']:.2f}x the peak memory")
+        trl = results.get("TRL GKDTrainer")
+        for label, row in (("", bread), (" with checkpointing", results.get("bread_ray, checkpointing"))):
+            if row and trl:
+                print(f"bread_ray{label} against TRL: {row['tokens_per_s'] / trl['tokens_per_s']:.2f}x the tokens/s, "
+                      f"{row['rss_mb'] / trl['rss_mb']:.2f}x the peak memory")
+    flops = {way: matmul_flops(args.model, work / "trajectories.json", args.steps, args.micro_batch,
+                               shared=way == "bread_ray") for way in ("bread_ray", "whole rows")}
+    print(f"matmul work per token counted: bread_ray {flops['bread_ray'] / 1e6:.0f} MFLOP, whole rows (TRL, the hand "
+          f"loop) {flops['whole rows'] / 1e6:.0f} MFLOP: at equal FLOP/s bread_ray makes "
+          f"{flops['whole rows'] / flops['bread_ray']:.2f}x their tokens/s")
 
 
 if __name__ == "__main__":

@@ -193,34 +193,6 @@ def test_each_ray_train_worker_receives_only_the_examples_it_reads_through_ray_d
         assert all(mine[i] == examples[i] for i in read[1][split])  # token ids come back as ints, equal
 
 
-MAPPED_AFTER_A_FREE = """
-import ctypes, sys
-from bread_ray.bake.malloc import return_freed_blocks_to_the_os
-if sys.argv[1] == "set":
-    return_freed_blocks_to_the_os()
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
-class Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc.mallinfo2.restype = Mallinfo2
-size = 4 << 20  # an activation's size: 4 MB
-libc.free(libc.malloc(size))
-mapped = libc.mallinfo2().hblkhd
-block = libc.malloc(size)
-print(libc.mallinfo2().hblkhd - mapped >= size)  # mapped apart: unmapped, returned, when freed
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
-def test_a_bake_worker_keeps_freed_activation_blocks_out_of_its_heap():
-    """glibc maps a 4 MB block apart, then, once one is freed, takes the next from its heap, where
-    it stays when freed: a bake's peak memory grew with it. The worker keeps such blocks mapped."""
-    mapped = {how: subprocess.run([sys.executable, "-c", MAPPED_AFTER_A_FREE, how], capture_output=True, text=True,
-                                  timeout=120).stdout.split()[-1] for how in ("default", "set")}
-    assert mapped == {"default": "False", "set": "True"}
-
-
 @pytest.mark.parametrize("kind,expected_end", [("cosine", 0.0), ("linear", 0.0), ("constant", 1.0)])
 def test_learning_rate_warms_up_then_decays(kind, expected_end):
     values = [lr_multiplier(s, total_steps=100, warmup_ratio=0.1, kind=kind) for s in range(101)]

@@ -107,3 +107,38 @@ def test_a_shared_prefix_is_read_never_written(tiny_model):
         again = final_hidden(engine, ids, mask, torch.arange(6), prefix)
     assert prefix.get_seq_length() == 20 and all(torch.equal(k, layer.keys) for k, layer in zip(keys, prefix.layers))
     torch.testing.assert_close(first, again)
+
+
+def test_grouped_key_value_heads_read_as_they_are_give_the_same_kl_and_gradient(tiny_model, monkeypatch):
+    """On the CPU a bake lets torch's attention read grouped keys and values with the padding mask
+    (attend_with_grouped_heads) rather than copies for every query head: same KL, states, gradients."""
+    from bread_ray.bake.worker import SDPA_GROUPED_HEADS, attend_with_grouped_heads
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    data = build_bake_data({"t_1": trajectories(6, student=HOUSE_STYLE)}, {"t_1": 1.0}, tokenizer, bake_config())
+    engine = student_model(tiny_model, checkpointing=False)
+    config = engine.module.get_base_model().config
+    assert config.num_key_value_heads < config.num_attention_heads  # the tiny model groups its heads
+    head = engine.module.get_input_embeddings().weight.detach()
+    batch = collate(data.train[:4], data.pad_id)
+    assert not batch.student_mask.all()  # rows of several lengths: the attention gets a padding mask
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
+
+    def recorded(query, key, value, attn_mask=None, **kwargs):
+        calls.append((key.shape[1], attn_mask is not None, kwargs.get("enable_gqa", False)))
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
+    monkeypatch.setenv(SDPA_GROUPED_HEADS, "0")
+    copied = kl_and_grads(engine, head, batch, [], [])
+    assert calls and all(call == (config.num_attention_heads, True, False) for call in calls)
+    calls.clear()
+    monkeypatch.delenv(SDPA_GROUPED_HEADS)
+    attend_with_grouped_heads()
+    grouped = kl_and_grads(engine, head, batch, [], [])
+    assert calls and all(call == (config.num_key_value_heads, True, True) for call in calls)
+    assert copied[0] > 1e-3
+    for a, b in zip(grouped[:3], copied[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for name, grad in copied[3].items():
+        torch.testing.assert_close(grouped[3][name], grad, rtol=1e-4, atol=1e-7, msg=name)
