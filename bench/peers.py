@@ -2,7 +2,8 @@
 PyTorch loop, side by side in one run, on the real chat model.
 
     .venv/bin/pip install -e '.[peers]'      # TRL and datasets, for the GKDTrainer row
-    .venv/bin/python bench/peers.py          # SmolLM2-135M-Instruct: about 15 minutes on 2 cores
+    .venv/bin/python bench/peers.py          # SmolLM2-135M-Instruct: about 10 minutes on 2 cores
+    .venv/bin/python bench/peers.py --repeats 3   # every row 3 times, there and back: steadier ratios
     .venv/bin/python bench/peers.py --steps 8 --questions 24   # a quicker, noisier look
 
 On a machine with a GPU every row runs there in bf16 (bench/gpu.sh), and the table adds each
@@ -311,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=96, help="longest sampled answer")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of every row, in order then in reverse, ...; each row reports its median run")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the GPU's dense bf16 peak, for MFU (H100 and H200: 989)")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS, metavar="ROW",
@@ -325,20 +328,25 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-peers-"))
     print(f"{args.model}: sampling {args.questions} answers of <= {args.max_tokens} tokens ...", flush=True)
     make_trajectories(args.model, args.questions, args.max_tokens, work / "trajectories.json")
-    results = {}
-    for row in args.rows:
-        print(f"running: {row} ...", flush=True)
-        child = subprocess.run([sys.executable, __file__, "--row", row, "--work", str(work), "--model", args.model,
-                                "--steps", str(args.steps), "--micro-batch", str(args.micro_batch)],
-                               capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        lines = [line for line in child.stdout.splitlines() if line.startswith("ROW ")]
-        if child.returncode or not lines:
-            print(f"  {row} failed:\n{child.stderr[-3000:]}")
-            continue
-        results[row] = json.loads(lines[-1][4:])
+    runs: dict[str, list[dict]] = {row: [] for row in args.rows}
+    for repeat in range(args.repeats):
+        for row in args.rows if repeat % 2 == 0 else args.rows[::-1]:  # there and back: drift falls on all rows
+            print(f"running: {row} ...", flush=True)
+            child = subprocess.run([sys.executable, __file__, "--row", row, "--work", str(work), "--model", args.model,
+                                    "--steps", str(args.steps), "--micro-batch", str(args.micro_batch)],
+                                   capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            lines = [line for line in child.stdout.splitlines() if line.startswith("ROW ")]
+            if child.returncode or not lines:
+                print(f"  {row} failed:\n{child.stderr[-3000:]}")
+                continue
+            runs[row].append(json.loads(lines[-1][4:]))
+    # each row's run of median tokens/s (the lower of the middle two for an even count)
+    results = {row: sorted(done, key=lambda r: r["tokens_per_s"])[(len(done) - 1) // 2]
+               for row, done in runs.items() if done}
     hand = results.get("hand-written loop")
     where = f"bf16, {torch.cuda.get_device_name()}" if CUDA else f"fp32, CPU ({os.cpu_count()} cores)"
-    print(f"\n{args.model}, {args.steps} steps of {args.micro_batch} trajectories, LoRA r 8, {where}")
+    repeats = f", each row's median of {args.repeats} runs" if args.repeats > 1 else ""
+    print(f"\n{args.model}, {args.steps} steps of {args.micro_batch} trajectories, LoRA r 8, {where}{repeats}")
     gpu = f" {'peak GPU MB':>12} {'MFU':>6}" if CUDA else ""
     print(f"{'':>26} {'tokens/s':>9} {'x hand':>7} {'fixed s':>8} {'peak RSS MB':>12} {'held-out KL':>12}{gpu}")
     # 2 FLOPs per weight per token forward: a teacher token costs 2N, a student token 4N (forward,
@@ -348,8 +356,10 @@ def main(argv: list[str] | None = None) -> None:
         ratio = f"{r['tokens_per_s'] / hand['tokens_per_s']:6.2f}x" if hand else ""
         mfu = (f" {r['gpu_mb']:12.0f} {r['tokens_per_s'] * flops_per_token / (args.peak_tflops * 1e12):6.1%}"
                if CUDA else "")
+        each_run = " ".join(str(round(run["tokens_per_s"])) for run in runs[row])
+        spread = f"  (runs: {each_run})" if len(runs[row]) > 1 else ""
         print(f"{row:>26} {r['tokens_per_s']:9.0f} {ratio:>7} {r['fixed_s']:8.1f} {r['rss_mb']:12.0f} "
-              f"{r['kl_after']:12.4f}{mfu}")
+              f"{r['kl_after']:12.4f}{mfu}{spread}")
     bread = results.get("bread_ray, one process")
     if bread:
         print(f"\nheld-out KL before training: {bread['kl_before']:.4f}. Peak RSS is the training process's "
