@@ -1,7 +1,7 @@
 """A CPU bake's attention with grouped key/value heads read as they are, against copies for every
 query head, alternated step by step in one bake.
 
-    .venv/bin/python bench/grouped_heads.py              # SmolLM2-135M-Instruct: about 2 minutes on 2 cores
+    .venv/bin/python bench/grouped_heads.py              # SmolLM2-135M-Instruct: about a minute on 2 cores
 
 SmolLM2's 9 query heads share 3 key/value heads. transformers copies the keys and values out to
 every query head before torch's attention unless told that the kernel takes them grouped
