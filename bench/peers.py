@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from bread_ray.bake.data import BakeData, build_bake_data, collate
 from bread_ray.bake.loss import naive_kl
@@ -84,16 +85,14 @@ def linear_params(model_name: str) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
 
 
-def matmul_flops(model_name: str, trajectories: Path, steps: int, micro_batch: int, *, shared: bool) -> float:
-    """The matmul FLOPs of a bake's steps per token counted (Batch.tokens), from the model's shapes:
-    2 per weight per position forward, 2 more for the student's backward (to its activations: the
-    weights are frozen; LoRA's are left out, too small to count). Rows pad to their micro batch's
-    longest. `shared`: bread_ray's way, the prefixes every row shares run apart (the teacher's once,
-    the student's once per micro batch) and the head only at the response positions; otherwise
-    every row runs its whole context and the head at every position, as TRL and the hand loop do."""
-    config = load_causal_lm(model_name, device="cpu").config
-    body, head = linear_params(model_name), config.vocab_size * config.hidden_size
-    data = bake_data(model_name, json.loads(trajectories.read_text()), bake_spec(steps, micro_batch))
+def matmul_flops(data: BakeData, body: int, head: int, steps: int, micro_batch: int, *, shared: bool) -> float:
+    """The matmul FLOPs of a bake's steps per token counted (Batch.tokens), from the model's shapes
+    (`body`: linear_params, `head`: vocab x hidden): 2 per weight per position forward, 2 more for
+    the student's backward (to its activations: the weights are frozen; LoRA's are left out, too
+    small to count). Rows pad to their micro batch's longest. `shared`: bread_ray's way, the
+    prefixes every row shares run apart (the teacher's once, the student's once per micro batch)
+    and the head only at the response positions; otherwise every row runs its whole context and
+    the head at every position, as TRL and the hand loop do."""
     teacher_prefix, student_prefix = (len(data.teacher_prefix), len(data.student_prefix)) if shared else (0, 0)
     flops, tokens = 2 * body * teacher_prefix, 0
     for step in range(steps):
@@ -351,7 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'':>26} {'tokens/s':>9} {'x hand':>7} {'fixed s':>8} {'peak RSS MB':>12} {'held-out KL':>12}{gpu}")
     # 2 FLOPs per weight per token forward: a teacher token costs 2N, a student token 4N (forward,
     # and backward to the activations through the frozen weights): 3N on average, the head aside.
-    flops_per_token = 3 * linear_params(args.model)
+    body = linear_params(args.model)
+    flops_per_token = 3 * body
     for row, r in results.items():
         ratio = f"{r['tokens_per_s'] / hand['tokens_per_s']:6.2f}x" if hand else ""
         mfu = (f" {r['gpu_mb']:12.0f} {r['tokens_per_s'] * flops_per_token / (args.peak_tflops * 1e12):6.1%}"
@@ -374,7 +374,10 @@ def main(argv: list[str] | None = None) -> None:
             if row and trl:
                 print(f"bread_ray{label} against TRL: {row['tokens_per_s'] / trl['tokens_per_s']:.2f}x the tokens/s, "
                       f"{row['rss_mb'] / trl['rss_mb']:.2f}x the peak memory")
-    flops = {way: matmul_flops(args.model, work / "trajectories.json", args.steps, args.micro_batch,
+    config = AutoConfig.from_pretrained(resolve_model_source(args.model))
+    data = bake_data(args.model, json.loads((work / "trajectories.json").read_text()),
+                     bake_spec(args.steps, args.micro_batch))
+    flops = {way: matmul_flops(data, body, config.vocab_size * config.hidden_size, args.steps, args.micro_batch,
                                shared=way == "bread_ray") for way in ("bread_ray", "whole rows")}
     print(f"matmul work per token counted: bread_ray {flops['bread_ray'] / 1e6:.0f} MFLOP, whole rows (TRL, the hand "
           f"loop) {flops['whole rows'] / 1e6:.0f} MFLOP: at equal FLOP/s bread_ray makes "
