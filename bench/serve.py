@@ -1,9 +1,10 @@
 """The chat service against a direct in-process generate, and an adapter's cold load against a cached one.
 
     .venv/bin/python bench/serve.py [--requests 32] [--concurrency 8] [--max-tokens 32]
+    .venv/bin/python bench/serve.py --model smollm2-135m-instruct   # the real chat model: ~5 minutes
 
-On the prompt-sensitive tiny model (bread_ray.tiny), with a chain of three LoRA adapters in a
-local store, all in one run:
+On the prompt-sensitive tiny model (bread_ray.tiny) or `--model`, with a chain of three LoRA
+adapters (random weights) in a local store, all in one run:
 
 1. Throughput and latency. The same greedy requests (a lineage model, varied questions):
    - direct: Hugging Face `generate` in this process, one request after another, on the base
@@ -29,11 +30,11 @@ from pathlib import Path
 import httpx
 import torch
 from peft import PeftModel
-from ray import serve
 
 from bread_ray import ray_cluster
 from bread_ray.chat_format import encode_chat
 from bread_ray.inference import HfChatEngine, ModelCatalog, SamplingParams
+from bread_ray.model_sources import resolve_model_source
 from bread_ray.models import load_causal_lm, load_tokenizer
 from bread_ray.prompt_sensitive import held_out_questions, prompt_sensitive_model
 from bread_ray.serving import ServeSettings, chat_app
@@ -116,16 +117,21 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--model", help="base model (a hub id, local folder or packaged short name); "
+                        "default: the prompt-sensitive tiny model")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    base = prompt_sensitive_model()
+    base = Path(resolve_model_source(args.model)) if args.model else prompt_sensitive_model()
     store = LocalStore(root / "store")
     model, folders = publish_chain(base, store, "hot", root, seed=0)
     cold_models = [publish_chain(base, store, f"cold{i}", root, seed=i + 1)[0] for i in range(COLD_MODELS)]
     questions = (held_out_questions(seed=1, n=args.requests) * args.requests)[:args.requests]
 
     ray_cluster.connect("local", num_cpus=2)  # a plain ray.init() may join a dead recorded cluster
+    # imported after bread_ray, which must come first to see a Ray token on the machine (bread_ray/__init__.py)
+    from ray import serve
+
     serve.start(http_options={"host": "127.0.0.1", "port": 8765})
     settings = ServeSettings(base_model=str(base), store=store.uri, adapter_cache_size=COLD_MODELS + 1)
     serve.run(chat_app(settings), name="bread", route_prefix="/")
