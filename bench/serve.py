@@ -1,7 +1,7 @@
 """The chat service against a direct in-process generate, and an adapter's cold load against a cached one.
 
     .venv/bin/python bench/serve.py [--requests 32] [--concurrency 8] [--max-tokens 32]
-    .venv/bin/python bench/serve.py --model smollm2-135m-instruct   # the real chat model: ~5 minutes
+    .venv/bin/python bench/serve.py --model smollm2-135m-instruct --requests 16   # the real chat model: ~6 minutes
 
 On the prompt-sensitive tiny model (bread_ray.tiny) or `--model`, with a chain of three LoRA
 adapters (random weights) in a local store, all in one run:
