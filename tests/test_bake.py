@@ -307,17 +307,34 @@ def test_a_worker_killed_mid_bake_resumes_from_its_checkpoint(ray_session, tiny_
 def test_a_bake_in_one_process_killed_mid_bake_resumes_from_its_checkpoint_in_the_store(tiny_model, tokenizer,
                                                                                         tmp_path):
     """Without Ray Train (bgit's one local worker, or torchrun), checkpoints go to the store: the
-    process dies after step 3, the re-run resumes from step 2's, and no step is lost or done twice."""
+    process dies after step 3, the re-run resumes from step 2's, and no step is lost or done twice.
+    Both runs train the student in training mode (LoRA dropout and activation checkpointing on),
+    though neither evaluates first (the bake holds nothing out; a resumed bake has its held-out KL
+    already), and run the teacher in eval mode."""
     import pickle
 
     from bread_ray.bake.driver import StoreCheckpoints
     from bread_ray.store import read_metrics_log
 
     store = LocalStore(tmp_path / "store")
-    job = make_job(tokenizer, tiny_model, store, "inproc", total_trajectories=12, checkpoint=[{"save_every_n_steps": 2}])
+    job = make_job(tokenizer, tiny_model, store, "inproc", total_trajectories=12, checkpoint=[{"save_every_n_steps": 2}],
+                   data={"train_eval_split": [1.0, 0.0]})
+    assert not job.data.eval
     (tmp_path / "job.pkl").write_bytes(pickle.dumps(job))
-    script = ("import os, pickle, signal, sys, json\n"
+
+    def passes(stdout: str) -> list[str]:
+        return [line for line in stdout.splitlines() if line.startswith(("TEACHER", "STUDENT"))]
+
+    script = ("import os, pickle, signal, sys, json, torch\n"
+              "from bread_ray.bake import worker\n"
               "from bread_ray.bake.driver import run_standalone\n"
+              "final_hidden = worker.final_hidden\n"
+              "def recorded(engine, *args):  # each pass: the student's (with the gradient) or the teacher's\n"
+              "    modes = sorted({module.training for module in engine.module.modules()})\n"
+              "    print('STUDENT' if torch.is_grad_enabled() else 'TEACHER', 'training' if modes == [True] else\n"
+              "          'eval' if modes == [False] else 'mixed', flush=True)\n"
+              "    return final_hidden(engine, *args)\n"
+              "worker.final_hidden = recorded\n"
               "def die(step, rank, session):\n"
               "    if step == 3 and sys.argv[1] == 'die':\n"
               "        os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -325,12 +342,14 @@ def test_a_bake_in_one_process_killed_mid_bake_resumes_from_its_checkpoint_in_th
     killed = subprocess.run([sys.executable, "-c", script, "die"], capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not store.exists(f"{job.prefix}/result.json")
+    assert passes(killed.stdout) == ["TEACHER eval", "STUDENT training"] * 3
     checkpoints = StoreCheckpoints(store, job.prefix)
     assert checkpoints.newest().endswith("step-00000002")
     done = subprocess.run([sys.executable, "-c", script, "live"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["resumed_from_step"] == 2
+    assert passes(done.stdout) == ["TEACHER eval", "STUDENT training"] * 4
     assert [entry["iter"] for entry in read_metrics_log(store, job.prefix)] == list(range(1, 7))
     assert result["model_names"] == [f"me/r/{job.bake.id}/{s}" for s in (2, 4, 6)]
     assert [folder.rsplit("-", 1)[1] for folder in checkpoints.complete()] == ["00000002", "00000004"]  # the last two

@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,7 @@ def setup(job: BakeJob) -> Trainer:
                                                        checkpointing=not spec.model.disable_activation_checkpoint)
     teacher_prefix_cache = None
     if teacher_prefix:  # the teacher's weights do not change during a bake: its prefix runs once
-        with torch.no_grad(), model.disable_adapter():
+        with as_teacher(model):
             teacher_prefix_cache = run_prefix(engine, torch.tensor([teacher_prefix], device=device))
     return Trainer(engine, head.to(device), zero3_loading, store, rank, world, device, total_steps, cache,
                    zero3=ds_config["zero_optimization"]["stage"] == 3, teacher_prefix_ids=teacher_prefix,
@@ -223,7 +224,24 @@ def load_student(job: BakeJob, store: Store, ds_config: dict[str, Any], device: 
         with deepspeed.zero.GatheredParameters([head.weight], modifier_rank=None):
             head_weight = head.weight.detach().clone()  # the gathered copy is freed on leaving the block
     peft_model.base_model.model.lm_head = torch.nn.Identity()
+    # The parent loads in eval mode; LoRA dropout and activation checkpointing act only in training
+    # mode, which a bake that holds nothing out, or resumes, would otherwise never turn on.
+    peft_model.train()
     return peft_model, head_weight, zero3_loading
+
+
+@contextlib.contextmanager
+def as_teacher(model: torch.nn.Module) -> Iterator[None]:
+    """Run the PEFT `model` as the teacher inside the block: the parent alone (adapter off), no
+    gradient, in eval mode (no dropout of the parent's own: the teacher's distribution is fixed,
+    and it is cached). The mode the caller had comes back after."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), model.disable_adapter():
+            yield
+    finally:
+        model.train(training)
 
 
 def start(trainer: Trainer, job: BakeJob, session: WorkerSession) -> Progress:
@@ -249,7 +267,7 @@ def teacher_hidden(trainer: Trainer, batch: Batch, split: str, indices: list[int
         dist.all_reduce(needed, op=dist.ReduceOp.MAX)
     if not needed.item():
         return cached
-    with torch.no_grad(), trainer.engine.module.disable_adapter():
+    with as_teacher(trainer.engine.module):
         teacher = final_hidden(trainer.engine, batch.teacher_ids, batch.teacher_mask, batch.teacher_positions,
                                trainer.teacher_prefix)
     trainer.teacher_cache.put(split, indices, examples, teacher)
