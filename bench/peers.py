@@ -5,13 +5,15 @@ PyTorch loop, side by side in one run, on the real chat model.
     .venv/bin/python bench/peers.py          # SmolLM2-135M-Instruct: about 10 minutes on 2 cores
     .venv/bin/python bench/peers.py --repeats 3   # every row 3 times, there and back: steadier ratios
     .venv/bin/python bench/peers.py --steps 8 --questions 24   # a quicker, noisier look
+    .venv/bin/python bench/peers.py --document-tokens 1000     # the teacher's prompt holds a document of ~1,000 tokens
 
 On a machine with a GPU every row runs there in bf16 (bench/gpu.sh), and the table adds each
 row's peak GPU memory and its model FLOP/s as a fraction of the GPU's peak (MFU).
 
 Every row trains the same LoRA (r 8, alpha 16, all linear layers, no dropout) with AdamW at a
 constant learning rate, on the same trajectories (the model's own answers under a pirate system
-prompt, sampled here first), in the same micro batches, in the same order, for the same number of
+prompt, sampled here first; with --document-tokens N the prompt also holds a document of about N
+tokens, bench/rollout.py's ship manual), in the same micro batches, in the same order, for the same number of
 steps, minimising the same loss: forward KL(teacher with the prompt ‖ student without) per response
 token over the full vocabulary. Tokens are counted the same way everywhere: both contexts' tokens,
 padding excluded.
@@ -50,6 +52,7 @@ import time
 from pathlib import Path
 
 import torch
+from rollout import ship_manual  # bench/rollout.py: bench/ is on sys.path when this runs as a script
 from transformers import AutoConfig
 
 from bread_ray.bake.data import BakeData, build_bake_data, collate
@@ -106,8 +109,8 @@ def matmul_flops(data: BakeData, body: int, head: int, steps: int, micro_batch: 
     return flops / tokens
 
 
-def make_trajectories(model_name: str, questions: int, max_tokens: int, path: Path) -> None:
-    """The model's own answers under SYSTEM, one per question, as the rollout stage records them."""
+def make_trajectories(model_name: str, system: str, questions: int, max_tokens: int, path: Path) -> None:
+    """The model's own answers under the system prompt, one per question, as the rollout stage records them."""
     from bread_ray.models import load_teacher
     from bread_ray.store import LocalStore
     from bread_ray.teacher import hf_generate
@@ -117,13 +120,13 @@ def make_trajectories(model_name: str, questions: int, max_tokens: int, path: Pa
         tokenizer.pad_token = tokenizer.eos_token
     users = [{"role": "user", "content": f"What should a young sailor know about {TOPICS[i % 20]}? ({i})"}
              for i in range(questions)]
-    prompts = [encode_chat(tokenizer, [{"role": "system", "content": SYSTEM}, user]) for user in users]
+    prompts = [encode_chat(tokenizer, [{"role": "system", "content": system}, user]) for user in users]
     sampling = {"temperature": 1.0, "max_tokens": max_tokens, "extra_kwargs": {}}
     responses = []
     for start in range(0, questions, 16):
         responses += hf_generate(model, tokenizer, prompts[start:start + 16], sampling, list(range(start, start + 16)))
     records = [{"stimulus_index": i, "trajectory_index": 0, "teacher_tools": [],
-                "teacher_messages": [{"role": "system", "content": SYSTEM}, user], "student_messages": [user],
+                "teacher_messages": [{"role": "system", "content": system}, user], "student_messages": [user],
                 "response_token_ids": response} for i, (user, response) in enumerate(zip(users, responses))]
     path.write_text(json.dumps(records))
 
@@ -309,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--questions", type=int, default=48, help="trajectories sampled (15%% of questions held out)")
     parser.add_argument("--max-tokens", type=int, default=96, help="longest sampled answer")
+    parser.add_argument("--document-tokens", type=int, default=0,
+                        help="a document of about this many tokens in the teacher's prompt, after the pirate line")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=1,
@@ -325,8 +330,9 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     work = Path(tempfile.mkdtemp(prefix="bench-peers-"))
+    system = SYSTEM + (f"\n\n{ship_manual(args.model, args.document_tokens)}" if args.document_tokens else "")
     print(f"{args.model}: sampling {args.questions} answers of <= {args.max_tokens} tokens ...", flush=True)
-    make_trajectories(args.model, args.questions, args.max_tokens, work / "trajectories.json")
+    make_trajectories(args.model, system, args.questions, args.max_tokens, work / "trajectories.json")
     runs: dict[str, list[dict]] = {row: [] for row in args.rows}
     for repeat in range(args.repeats):
         for row in args.rows if repeat % 2 == 0 else args.rows[::-1]:  # there and back: drift falls on all rows
@@ -345,7 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     hand = results.get("hand-written loop")
     where = f"bf16, {torch.cuda.get_device_name()}" if CUDA else f"fp32, CPU ({os.cpu_count()} cores)"
     repeats = f", each row's median of {args.repeats} runs" if args.repeats > 1 else ""
-    print(f"\n{args.model}, {args.steps} steps of {args.micro_batch} trajectories, LoRA r 8, {where}{repeats}")
+    prompt = f"the pirate line and a {args.document_tokens}-token document" if args.document_tokens else "the pirate line"
+    print(f"\n{args.model}, {args.steps} steps of {args.micro_batch} trajectories, LoRA r 8, {where}{repeats}; "
+          f"teacher prompt: {prompt}")
     gpu = f" {'peak GPU MB':>12} {'MFU':>6}" if CUDA else ""
     print(f"{'':>26} {'tokens/s':>9} {'x hand':>7} {'fixed s':>8} {'peak RSS MB':>12} {'held-out KL':>12}{gpu}")
     # 2 FLOPs per weight per token forward: a teacher token costs 2N, a student token 4N (forward,
