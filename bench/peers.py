@@ -5,7 +5,7 @@ PyTorch loop, side by side in one run, on the real chat model.
     .venv/bin/python bench/peers.py          # SmolLM2-135M-Instruct: about 10 minutes on 2 cores
     .venv/bin/python bench/peers.py --repeats 3   # every row 3 times, there and back: steadier ratios
     .venv/bin/python bench/peers.py --steps 8 --questions 24   # a quicker, noisier look
-    .venv/bin/python bench/peers.py --document-tokens 1000     # the teacher's prompt holds a document of ~1,000 tokens
+    .venv/bin/python bench/peers.py --document-tokens 1000     # a teacher prompt of ~1,000 tokens more
 
 On a machine with a GPU every row runs there in bf16 (bench/gpu.sh), and the table adds each
 row's peak GPU memory and its model FLOP/s as a fraction of the GPU's peak (MFU).
@@ -13,10 +13,10 @@ row's peak GPU memory and its model FLOP/s as a fraction of the GPU's peak (MFU)
 Every row trains the same LoRA (r 8, alpha 16, all linear layers, no dropout) with AdamW at a
 constant learning rate, on the same trajectories (the model's own answers under a pirate system
 prompt, sampled here first; with --document-tokens N the prompt also holds a document of about N
-tokens, bench/rollout.py's ship manual), in the same micro batches, in the same order, for the same number of
-steps, minimising the same loss: forward KL(teacher with the prompt ‖ student without) per response
-token over the full vocabulary. Tokens are counted the same way everywhere: both contexts' tokens,
-padding excluded.
+tokens, bench/rollout.py's ship manual), in the same micro batches, in the same order, for the
+same number of steps, minimising the same loss: forward KL(teacher with the prompt ‖ student
+without) per response token over the full vocabulary. Tokens are counted the same way
+everywhere: both contexts' tokens, padding excluded.
 
     bread_ray, one process      run_in_process (what bgit runs for one worker on its local
                                 cluster): DeepSpeed ZeRO-2, no activation checkpointing
