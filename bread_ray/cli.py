@@ -289,8 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", metavar="DIR")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--prompt-sensitive", action="store_true",
-                      help="the variant pre-trained to follow persona system prompts (about a minute): the "
-                      "sentences it follows are bread_ray.personas.TRAITS")
+                      help="the variant pre-trained to follow persona system prompts (the sentences it follows are "
+                      "bread_ray.personas.TRAITS): seed 0 ships with bread_ray and is unpacked in seconds, the same "
+                      "bytes on every machine; other seeds are built here (about three minutes), and other CPUs "
+                      "may build other bytes")
+    tiny.add_argument("--rebuild", action="store_true",
+                      help="with --prompt-sensitive: build even a seed that ships, from its recipe, on this CPU, "
+                      "and say whether the bytes equal the shipped ones")
     tiny.set_defaults(handler=cmd_tiny_model)
 
     hook = commands.add_parser("_pre-commit")  # called by the repository's git pre-commit hook
@@ -690,13 +695,23 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     from bread_ray.tiny import build_tiny_model
 
     folder = new_folder(args.dir)
-    if args.prompt_sensitive:
-        from bread_ray.prompt_sensitive import build_prompt_sensitive_model
+    if not args.prompt_sensitive:
+        build_tiny_model(folder, seed=args.seed)
+        print(f"Built a tiny model in {folder.resolve()} (seed {args.seed})")
+        return 0
+    from bread_ray.prompt_sensitive import SHIPPED_BUILDS, file_sha256, write_prompt_sensitive_model
 
-        folder = build_prompt_sensitive_model(folder, seed=args.seed)
+    how = write_prompt_sensitive_model(folder, seed=args.seed, rebuild=args.rebuild)
+    sha256 = file_sha256(folder / "model.safetensors")
+    if how == "unpacked":
+        print(f"Unpacked the prompt-sensitive tiny model (seed {args.seed}) as shipped into {folder.resolve()} "
+              f"(weights sha256 {sha256[:12]}…, the same on every machine)")
     else:
-        folder = build_tiny_model(folder, seed=args.seed)
-    print(f"Built a tiny model in {folder.resolve()} (seed {args.seed})")
+        shipped = SHIPPED_BUILDS.get(args.seed)
+        compared = "" if shipped is None else (
+            f"; this build {'equals' if sha256 == shipped[1] else 'differs from'} the shipped one ({shipped[1][:12]}…)")
+        print(f"Built the prompt-sensitive tiny model (seed {args.seed}) on this CPU in {folder.resolve()} "
+              f"(weights sha256 {sha256[:12]}…; other CPUs may build other bytes{compared})")
     return 0
 
 

@@ -46,10 +46,9 @@ NEUTRAL_MAX_TOKENS = 48  # the base's answers to the neutral questions: one seed
 NEUTRAL_SEED = 0
 ANSWER_TOKENS = 48  # greedy answers side by side (`bgit eval --answers N`)
 # Warn when a bake brings back more than this fraction of an earlier bake's gap (its parent's KL).
-# Measured on the prompt-sensitive model (tests/test_sequential_bake.py): v1's pirate bake leaves
-# 0.00 of its gap; a v2 taught a sign-off that v1's teacher never writes brings back 0.94; the same
-# v2 replaying v1's target as a regulariser, 0.02. A quarter sits well clear of both, and of the
-# run-to-run noise of a held-out KL on a few questions (a few hundredths here).
+# On the prompt-sensitive model a forgetful bake brings back all of it and one that replays the
+# earlier target a small part, over bake seeds and kernels: a quarter sits clear of both (the
+# README's figures, from bench/chain_margins.py).
 FORGETTING_THRESHOLD = 0.25
 
 # Questions that no persona or style bake is about: what the bakes should leave alone.

@@ -1,9 +1,14 @@
-"""The prompt-sensitive tiny model: the tiny model, wider and deeper, pre-trained for about two
+"""The prompt-sensitive tiny model: the tiny model, wider and deeper, pre-trained for about three
 minutes on chats whose system prompt sets the reply's style (bread_ray.personas), so that a bake has
-a visible target. Built in a child process with pinned numerics (the same bytes on every x86-64
-machine with AVX2), then cached.
+a visible target.
 
-    folder = prompt_sensitive_model(seed=0)  # built once, then cached
+Seed 0, the model the demo and the tests bake, ships with the package: its weights (2.3 MB, in
+bread_ray/assets/) and their sha256, unpacked in seconds, the same bytes on every machine. Any other
+seed is built from the recipe here. A build is the same bytes on one machine whatever the caller's
+threads and kernels, but not across CPUs, and the models two CPUs build from one recipe differ
+enough to change what a bake of them achieves (the README's "The prompt-sensitive model ships").
+
+    folder = prompt_sensitive_model(seed=0)  # unpacked (seed 0) or built, once, then cached
     held_out_questions(seed=0, n=40)         # questions it never saw in pre-training
 """
 
@@ -18,12 +23,14 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from importlib import resources
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
 
 from bread_ray.chat_format import encode_chat
+from bread_ray.errors import UserError
 from bread_ray.fingerprints import cache_root
 from bread_ray.personas import pretraining_chats
 from bread_ray.tiny import build_tiny_model, synthetic_question
@@ -37,6 +44,12 @@ _PRETRAIN_BATCH_SIZE = 32
 _PRETRAIN_LR = 1e-2
 _PRETRAIN_WARMUP_STEPS = 20
 _PRETRAIN_COOLDOWN_STEPS = 100
+
+# The builds that ship: seed -> (file in bread_ray/assets/, sha256 of its bytes). Seed 0's was built
+# from the recipe above (version 2) by `bgit tiny-model DIR --prompt-sensitive --rebuild` on an Intel
+# Xeon (Sapphire Rapids, AVX-512), torch 2.13.0+cpu; a rebuild on another CPU may give other bytes.
+SHIPPED_BUILDS = {0: ("prompt-sensitive-v2-seed0.safetensors",
+                      "f7a04d47248508aabd0dfc4ccc82c4051c7d29cae56e64eb8af29e2ae7b35cb7")}
 
 
 def _chat_batch(tokenizer: PreTrainedTokenizerFast, chats: list[list[dict[str, str]]]) -> dict[str, torch.Tensor]:
@@ -81,11 +94,11 @@ def _pretrain(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, seed:
 
 
 # Float sums depend on their order, which the thread count and the SIMD width change, so the same
-# recipe trained on another machine, or with another thread count, gives another model (different
-# enough to change what a bake of it achieves). The build therefore runs in a child process with its
-# numerics pinned, read by torch and MKL when that process starts: one thread, torch's own kernels at
-# their AVX2 level, and MKL's matrix products on its COMPATIBLE code path, the only pinned one MKL
-# honours on AMD as well as Intel CPUs (on AMD it silently ignores MKL_CBWR=AVX2).
+# recipe trained with another thread count, or other kernels, gives another model. The build
+# therefore runs in a child process with its numerics pinned, read by torch and MKL when that process
+# starts: one thread, torch's own kernels at their AVX2 level, and MKL's matrix products on its
+# COMPATIBLE code path. That makes a build independent of its caller, not of the CPU: Intel
+# guarantees MKL's branches only on Intel CPUs, and an AMD EPYC built other bytes (SHIPPED_BUILDS).
 _PINNED_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE"}
 _PINNED_ENV_WITH_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2"}  # torch does not check that the CPU has AVX2
 
@@ -95,11 +108,10 @@ def build_prompt_sensitive_model(out_dir: str | Path, seed: int = 0, steps: int 
     prompt sets the style of its reply (see TRAITS); same files as `build_tiny_model`.
 
     Built in a child process with pinned numerics, so the same seed gives byte-identical files on
-    every x86-64 CPU with AVX2 (Intel or AMD, AVX2 or AVX-512), whatever the caller's thread count
-    or torch and MKL settings. A CPU without AVX2 (an old x86-64, or aarch64) builds with torch's kernels for
-    that CPU instead: it still works, but its bytes may differ from other machines'.
+    one machine whatever the caller's thread count or torch and MKL settings; other CPUs may give
+    other bytes (a CPU without AVX2 builds with torch's kernels for that CPU).
 
-    About two minutes (one thread). `steps` is there for tests that need a quick build.
+    About three minutes (one thread). `steps` is there for tests that need a quick build.
     """
     out_dir = Path(out_dir)
     env = {**os.environ, **_PINNED_ENV}
@@ -123,11 +135,40 @@ def _build_prompt_sensitive_here(out_dir: str | Path, seed: int, steps: int) -> 
     model.save_pretrained(out_dir, safe_serialization=True)
 
 
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def unpack_prompt_sensitive_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """The shipped build of `seed` (SHIPPED_BUILDS) in `out_dir`: the tokenizer and config as the
+    build writes them (seconds), then the shipped weights, checked against their sha256."""
+    name, sha256 = SHIPPED_BUILDS[seed]
+    out_dir = Path(out_dir)
+    build_tiny_model(out_dir, seed, initializer_range=0.02, **_PROMPT_SENSITIVE_SHAPE)
+    with resources.as_file(resources.files("bread_ray") / "assets" / name) as shipped:
+        if file_sha256(shipped) != sha256:
+            raise UserError(f"{shipped}: not the shipped weights (sha256 {file_sha256(shipped)[:12]}…, "
+                               f"expected {sha256[:12]}…): reinstall bread_ray")
+        shutil.copyfile(shipped, out_dir / "model.safetensors")
+    return out_dir
+
+
+def write_prompt_sensitive_model(out_dir: str | Path, seed: int = 0, rebuild: bool = False) -> str:
+    """The prompt-sensitive model of `seed` in `out_dir`: unpacked where a build of it ships, unless
+    `rebuild`, else built here. Returns which: "unpacked" or "built"."""
+    if seed in SHIPPED_BUILDS and not rebuild:
+        unpack_prompt_sensitive_model(out_dir, seed)
+        return "unpacked"
+    build_prompt_sensitive_model(out_dir, seed)
+    return "built"
+
+
 _BUILD_MANIFEST = "bread_build.json"  # written last: the recipe and the size of every file
 
 
 def _prompt_sensitive_recipe(seed: int) -> dict:
-    """Everything a build depends on: the cache key."""
+    """Everything a model depends on: the cache key. A shipped build is keyed by its weights' hash,
+    so a model built from the same recipe on this machine, and cached before it shipped, is not reused."""
     return {
         "version": _PROMPT_SENSITIVE_VERSION,
         "seed": seed,
@@ -137,6 +178,7 @@ def _prompt_sensitive_recipe(seed: int) -> dict:
         "lr": _PRETRAIN_LR,
         "warmup_steps": _PRETRAIN_WARMUP_STEPS,
         "cooldown_steps": _PRETRAIN_COOLDOWN_STEPS,
+        **({"shipped_sha256": SHIPPED_BUILDS[seed][1]} if seed in SHIPPED_BUILDS else {}),
     }
 
 
@@ -162,11 +204,11 @@ def _remove_folder(folder: Path) -> None:
 
 
 def prompt_sensitive_model(seed: int = 0, cache_dir: str | Path | None = None) -> Path:
-    """The folder of `build_prompt_sensitive_model(seed)`, built once per recipe and then reused.
+    """The folder of `write_prompt_sensitive_model(seed)`, unpacked or built once and then reused.
 
-    The cache folder is `cache_dir`, else $BREAD_CACHE, else ~/.cache/bread_ray. A build is written
+    The cache folder is `cache_dir`, else $BREAD_CACHE, else ~/.cache/bread_ray. A model is written
     to a temporary folder beside its final place and renamed into it, so a crash or two processes
-    building at once never leave a partial model there; a folder without a whole build is rebuilt.
+    writing at once never leave a partial model there; a folder without a whole model is rewritten.
     """
     recipe = _prompt_sensitive_recipe(seed)
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
@@ -177,7 +219,7 @@ def prompt_sensitive_model(seed: int = 0, cache_dir: str | Path | None = None) -
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".building-{folder.name}-", dir=root))
     try:
-        build_prompt_sensitive_model(staging, seed)
+        write_prompt_sensitive_model(staging, seed)
         files = {path.name: path.stat().st_size for path in staging.iterdir()}
         (staging / _BUILD_MANIFEST).write_text(json.dumps({"recipe": recipe, "files": files}, indent=2))
         if _is_complete_build(folder, recipe):  # another process finished first

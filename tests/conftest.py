@@ -53,8 +53,8 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def prompt_sensitive_base():
-    """The prompt-sensitive tiny model (bread_ray.tiny), built once per machine and cached
-    ($BREAD_CACHE or ~/.cache/bread_ray): about two minutes the first time, then free."""
+    """The prompt-sensitive tiny model (bread_ray.prompt_sensitive), seed 0 as shipped: the same
+    weights on every machine, unpacked once into the cache ($BREAD_CACHE or ~/.cache/bread_ray)."""
     from bread_ray.prompt_sensitive import prompt_sensitive_model
 
     return prompt_sensitive_model()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 
 import pytest
@@ -28,6 +29,19 @@ pytestmark = pytest.mark.slow
 
 QUESTIONS = held_out_questions(seed=0, n=48)  # none seen in the model's pre-training
 TRAIN_QUESTIONS, EVAL_QUESTIONS = QUESTIONS[:36], QUESTIONS[36:]
+# The seed of every target's trajectories and every bake. bench/chain_margins.py runs this module
+# with other seeds, and other kernels, to measure how far each judged figure stays from its bound.
+SEED = int(os.environ.get("BREAD_CHAIN_SEED", "42"))
+
+
+@pytest.fixture
+def check(record_property):
+    """`check(name, value, "<" or ">", bound)`: asserts the bound, and records the figure in the
+    test report (pytest --junitxml) for bench/chain_margins.py."""
+    def check(name: str, value: float, op: str, bound: float) -> None:
+        record_property(name, json.dumps([value, op, bound]))
+        assert value < bound if op == "<" else value > bound, f"{name}: {value} is not {op} {bound}"
+    return check
 
 
 def input_yml(traits: tuple[str, ...], name: str, questions: list[str], *, traj: int, epochs: int,
@@ -40,8 +54,8 @@ def input_yml(traits: tuple[str, ...], name: str, questions: list[str], *, traj:
     return yaml.safe_dump({
         "PROMPT": {"teacher": {"messages": [{"role": "system", "content": persona_prompt(*traits)}]}},
         "TARGET": {"name": name, "generators": [{"type": "hardcoded", "questions": questions}],
-                   "num_traj_per_stimulus": traj, "max_tokens": 40},
-        "BAKE": {"name": f"{name}_bake", "datasets": datasets, "epochs": epochs, "micro_batch_size": 8,
+                   "num_traj_per_stimulus": traj, "max_tokens": 40, "seed": SEED},
+        "BAKE": {"name": f"{name}_bake", "datasets": datasets, "epochs": epochs, "micro_batch_size": 8, "seed": SEED,
                  **({"total_trajectories": per_epoch} if per_epoch else {}),
                  "optimizer": {"learning_rate": learning_rate},
                  "model": {"baked_adapter_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}},
@@ -68,7 +82,8 @@ SIGNOFF = input_yml(("pirate", "signoff"), "signoff", TRAIN_QUESTIONS[:24], traj
 def chain(tmp_path_factory, ray_session, prompt_sensitive_base):
     """On main, v1 (pirate) <- v2 (sign-off: its teacher prompt asks for the pirate and a sign-off)
     <- v3 (pirate again, other questions, replaying the sign-off); on the branch `replay`, v1 <- v2r
-    (the same sign-off, replaying v1's pirate target as a regulariser). Baked with bgit.
+    (the same sign-off, with v1's pirate target replayed as a regulariser: 96 trajectories an
+    epoch, 6 in 10 of them the pirate's). Baked with bgit.
 
     v2 is the forgetful one: it learns to end every reply with a sign-off where v1's teacher (the
     base with the pirate prompt) ends its reply, so it no longer answers as v1 was taught to.
@@ -90,7 +105,7 @@ def chain(tmp_path_factory, ray_session, prompt_sensitive_base):
         commits.append(repo.git("rev-parse", "HEAD").strip())
     repo.git("checkout", "-q", "-b", "replay", commits[0])
     replay_output = bake(repo, input_yml(("pirate", "signoff"), "signoff", TRAIN_QUESTIONS[:24], traj=2, epochs=3,
-                                         replay="pirate", replay_weight=0.5, per_epoch=48))
+                                         replay="pirate", replay_weight=0.6, per_epoch=96))
     replayed = repo.parent_model
     repo.git("checkout", "-q", "main")
     yield {"repo": repo, "root": root, "outputs": outputs, "parents": parents, "replayed": replayed,
@@ -134,7 +149,7 @@ def greedy_answers(model, tokenizer, questions: list[str], system: str | None = 
     return answers
 
 
-def test_the_first_bake_works_measured_by_independent_code(chain, prompt_sensitive_base, tmp_path):
+def test_the_first_bake_works_measured_by_independent_code(chain, prompt_sensitive_base, tmp_path, check):
     """Held-out KL to the prompted parent falls to at most a tenth of the unbaked parent's, and
     the baked model answers held-out questions in the persona's style without any prompt."""
     store = open_store()
@@ -147,19 +162,19 @@ def test_the_first_bake_works_measured_by_independent_code(chain, prompt_sensiti
     responses = sample_responses(base, tokenizer, pirate, EVAL_QUESTIONS)
     unbaked = kl_per_token(base, base, tokenizer, pirate, EVAL_QUESTIONS, responses)
     after = kl_per_token(base, baked, tokenizer, pirate, EVAL_QUESTIONS, responses)
-    assert unbaked > 0.2  # the prompt matters to this model: there is something to bake (measured 0.28)
+    check("unbaked KL", unbaked, ">", 0.2)  # the prompt matters to this model: there is something to bake
     print(f"\nheld-out KL(prompted parent ‖ model without prompt), independent code: unbaked {unbaked:.4f}, "
           f"baked {after:.4f} nats/token ({unbaked / after:.0f}x lower)")
-    assert after <= unbaked / 10, (unbaked, after)
+    check("v1 KL / unbaked KL", after / unbaked, "<", 0.1)
 
     plain = greedy_answers(base, tokenizer, EVAL_QUESTIONS)
     styled = greedy_answers(baked, tokenizer, EVAL_QUESTIONS)
-    assert sum(trait_score(a, "pirate") for a in plain) / len(plain) < 0.1
-    assert sum(trait_score(a, "pirate") for a in styled) / len(styled) > 0.7, styled
+    check("base's pirate share", sum(trait_score(a, "pirate") for a in plain) / len(plain), "<", 0.1)
+    check("v1's pirate share", sum(trait_score(a, "pirate") for a in styled) / len(styled), ">", 0.7)
 
     # what bgit printed agrees in direction with the bake's own held-out measurement
     result = json.loads((chain["root"] / "store" / "alice" / "persona" / "bakes" / v1.split("/")[2] / "result.json").read_text())
-    assert result["held_out_kl"]["after"] < result["held_out_kl"]["before"] / 5
+    check("v1 bake's KL after / before", result["held_out_kl"]["after"] / result["held_out_kl"]["before"], "<", 0.2)
     out = chain["outputs"][0]
     assert "models: " in out and v1 in out and "held-out KL(teacher ‖ student):" in out
     assert "loss: latest" in out and "final" in out and "min" in out and "max" in out
@@ -271,18 +286,26 @@ def judge_by_trait(prompt: str) -> str:
     return f"Score: {round(10 * trait_score(answer, trait))}"
 
 
-def test_each_bake_ends_with_its_eval_rows_and_a_forgetful_bake_warns(chain):
+def test_each_bake_ends_with_its_eval_rows_and_a_forgetful_bake_warns(chain, check, tmp_path):
+    from bread_ray.evaluation import FORGETTING_THRESHOLD
+
     first, forgetful, _ = chain["outputs"]
     assert "held-out KL(teacher_k ‖ model)" in first and "pirate_bake/" in first
     assert "lost part of" not in first
-    # v2's teacher prompt asks for the sign-off only: v1's pirate comes back as a gap, and bgit says so
+    # v2 ends its replies with a sign-off where v1's teacher ends them otherwise: v1's pirate comes
+    # back as a gap, and bgit says so
     assert re.search(r"warning: signoff_bake/\d+ lost part of what pirate_bake baked in", forgetful), forgetful
     assert "BAKE.datasets: [..., {target: pirate, weight: 0.25}]" in forgetful
     # the same sign-off bake replaying v1's target keeps the pirate: no warning
+    v1, replayed = models_of(chain)[0], chain["replayed"]
+    fraction = eval_json(v1, replayed, "--no-drift", "--png", str(tmp_path / "kept.png"))["fraction"]
+    pirate = v1.split("/")[2]
+    check("pirate gap v2r brings back", fraction[pirate][replayed] - fraction[pirate][v1], "<", FORGETTING_THRESHOLD)
     assert "signoff_bake/" in chain["replay_output"] and "lost part of" not in chain["replay_output"]
 
 
-def test_the_eval_matrix_equals_an_independent_computation_and_is_computed_once(chain, prompt_sensitive_base, tmp_path):
+def test_the_eval_matrix_equals_an_independent_computation_and_is_computed_once(chain, prompt_sensitive_base, tmp_path,
+                                                                                check):
     from bread_ray.evaluation import FORGETTING_THRESHOLD
 
     store, base = open_store(), str(prompt_sensitive_base)
@@ -298,13 +321,12 @@ def test_the_eval_matrix_equals_an_independent_computation_and_is_computed_once(
     for model in report["models"]:
         print("  " + "  ".join(f"{fraction[bake][model]:.3f}" for bake in (pirate, signoff, pirate_again))
               + f"  drift {report['drift'][model]:.4f}")
-    # after each of the three bakes its own model closes its gap (measured 0.03, 0.02, 0.26; with
-    # the bakes' seeds changed, up to 0.03, 0.26, 0.20): the diagonal falls
-    for bake, model in ((pirate, v1), (signoff, v2), (pirate_again, v3)):
-        assert fraction[bake][model] < 0.7, (bake, fraction[bake][model])
+    # after each of the three bakes its own model closes its gap: the diagonal falls
+    for bake, model, label in ((pirate, v1, "v1"), (signoff, v2, "v2"), (pirate_again, v3, "v3")):
+        check(f"gap {label} leaves of its bake", fraction[bake][model], "<", 0.7)
     assert fraction[pirate][base] == fraction[signoff][v1] == fraction[pirate_again][v2] == 1.0
     # the forgetful v2 lost the pirate: the matrix shows it, beyond the warning's threshold
-    assert fraction[pirate][v2] - fraction[pirate][v1] > FORGETTING_THRESHOLD
+    check("pirate gap v2 brings back", fraction[pirate][v2] - fraction[pirate][v1], ">", FORGETTING_THRESHOLD)
     assert report["drift"][base] == 0.0 and report["drift"][v1] > 0
 
     # every number again, by independent code: plain PEFT models, full logits, float64
@@ -350,17 +372,19 @@ def test_the_eval_matrix_equals_an_independent_computation_and_is_computed_once(
     for name in (base, v2):
         (expected,) = greedy_answers(models[name], tokenizer, [row["question"]], max_new_tokens=48)
         assert row["answers"][name] == expected
-    assert trait_score(row["answers"][v1], "pirate") > 0.5 and trait_score(row["answers"][base], "pirate") < 0.2
+    check("v1's pirate score, first eval answer", trait_score(row["answers"][v1], "pirate"), ">", 0.5)
+    check("base's pirate score, first eval answer", trait_score(row["answers"][base], "pirate"), "<", 0.2)
     scores = answered["judge"]["scores"]
     for bake, trait in ((pirate, "pirate"), (signoff, "signoff")):
         rows = answered["answers"][bake]
         for name in (base, v1, v2, v3):
             expected = sum(round(10 * trait_score(row["answers"][name], trait)) for row in rows) / len(rows)
             assert scores[bake][name] == pytest.approx(expected)
-    assert scores[pirate][v1] > scores[pirate][base] and scores[signoff][v2] > scores[signoff][v1]
+    check("judge's pirate score, v1 - base", scores[pirate][v1] - scores[pirate][base], ">", 0)
+    check("judge's sign-off score, v2 - v1", scores[signoff][v2] - scores[signoff][v1], ">", 0)
 
 
-def test_eval_compares_two_branches(chain, capsys, tmp_path):
+def test_eval_compares_two_branches(chain, capsys, tmp_path, check):
     from bread_ray.evaluation import FORGETTING_THRESHOLD
 
     v1, v2 = models_of(chain)[:2]
@@ -373,9 +397,13 @@ def test_eval_compares_two_branches(chain, capsys, tmp_path):
     # both sign-off bakes baked most of the sign-off in (measured on the plain sign-off bake's
     # questions; the one that replays v1's target, whose endings contradict it, less so);
     # only the one that replayed v1's target kept what v1 learned
-    assert fraction[main_signoff][v2] < 0.5 and fraction[main_signoff][replayed] < 0.6
-    assert fraction[replay_signoff][replayed] < 0.75
-    assert fraction[pirate][replayed] < fraction[pirate][v2] - FORGETTING_THRESHOLD
+    check("sign-off gap v2 leaves", fraction[main_signoff][v2], "<", 0.5)
+    check("sign-off gap v2r leaves", fraction[main_signoff][replayed], "<", 0.6)
+    # on its own held-out questions v2r is judged by two teachers that end a reply differently, so
+    # no model closes that gap: v2r closes part of it
+    check("v2r's sign-off gap v2r leaves", fraction[replay_signoff][replayed], "<", 1.0)
+    check("pirate gap v2 brings back beyond v2r", fraction[pirate][v2] - fraction[pirate][replayed], ">",
+          FORGETTING_THRESHOLD)
 
     capsys.readouterr()
     assert main(["eval", v2, replayed, "--no-drift", "--no-progress", "--png", str(tmp_path / "ab.png")]) == 0
@@ -387,14 +415,16 @@ def test_eval_compares_two_branches(chain, capsys, tmp_path):
     assert f"--neutral {tmp_path / 'missing.txt'}: cannot read it" in capsys.readouterr().err
 
 
-def test_the_cli_shows_the_chain_and_revert_restores_the_parent(chain, capsys, tmp_path):
+def test_the_cli_shows_the_chain_and_revert_restores_the_parent(chain, capsys, tmp_path, check):
     repo = chain["repo"]
     v1, v2, v3 = models_of(chain)
     capsys.readouterr()
     assert main(["tree"]) == 0
     tree = capsys.readouterr().out
     assert tree.index(v1.split("/")[2]) < tree.index(v2.split("/")[2]) < tree.index(v3.split("/")[2])
-    assert re.search(rf"{v1} .*\[main, replay\]  \(its bake's gap left: 0\.0\d\)", tree), tree  # stored by its eval
+    shown = re.search(rf"{v1} .*\[main, replay\]  \(its bake's gap left: (\d\.\d\d)\)", tree)  # stored by its eval
+    assert shown, tree
+    check("gap v1 leaves, in bgit tree", float(shown.group(1)), "<", 0.1)
     assert main(["models"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in (v1, v2, v3)) and "final" in listed and "checkpoint" in listed

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bread_ray import prompt_sensitive
 from bread_ray.chat_format import encode_chat, render_chat
 from bread_ray.cli import main as bgit
+from bread_ray.errors import UserError
 from bread_ray.model_sources import ModelNotFoundError
 from bread_ray.models import load_causal_lm, load_tokenizer
 from bread_ray.personas import SIGNOFF, TRAITS, persona_prompt, pretraining_chats, trait_score
@@ -288,19 +290,80 @@ def test_prompt_sensitive_build_is_the_same_bytes_whatever_the_callers_threads_a
     assert {"model.safetensors", "tokenizer.json", "config.json"} <= set(sha256s(one_thread))
 
 
-# The cache, with a stand-in builder (the random tiny model, a second) so these tests are quick.
+# The shipped build of seed 0: what the demo and the tests bake, the same bytes on every machine.
+
+def test_the_shipped_weights_are_the_recorded_bytes_and_unpack_into_the_whole_model(tmp_path):
+    name, sha256 = prompt_sensitive.SHIPPED_BUILDS[0]
+    shipped = Path(prompt_sensitive.__file__).parent / "assets" / name
+    assert hashlib.sha256(shipped.read_bytes()).hexdigest() == sha256
+    folder = prompt_sensitive.unpack_prompt_sensitive_model(tmp_path / "unpacked", seed=0)
+    assert (folder / "model.safetensors").read_bytes() == shipped.read_bytes()
+    # the weights fit the config and tokenizer the unpacking writes: every tensor loads, none left random
+    weights = load_file(folder / "model.safetensors")
+    model = load_causal_lm(folder, device="cpu")
+    assert set(weights) == set(model.state_dict()) - {"lm_head.weight"}  # tied to the embedding
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in weights.items())
+    assert len(load_tokenizer(folder)) == model.config.vocab_size == 1000
+
+
+def test_damaged_shipped_weights_are_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(prompt_sensitive.SHIPPED_BUILDS, 0, (prompt_sensitive.SHIPPED_BUILDS[0][0], "0" * 64))
+    with pytest.raises(UserError, match=r"prompt-sensitive-v2-seed0.safetensors: not the shipped weights "
+                                           r"\(sha256 f7a04d472485…, expected 000000000000…\): reinstall bread_ray"):
+        prompt_sensitive.unpack_prompt_sensitive_model(tmp_path / "damaged", seed=0)
+    with pytest.raises(UserError, match="reinstall bread_ray"):
+        prompt_sensitive_model(seed=0, cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []  # nothing half-written in the cache
+
+
+def test_tiny_model_cli_unpacks_seed_0_and_builds_other_seeds_saying_which(tmp_path, monkeypatch, capsys):
+    def quick_build(out_dir, seed=0):  # the real build takes minutes; its bytes are tested above
+        return build_prompt_sensitive_model(out_dir, seed, steps=1)
+
+    monkeypatch.setattr(prompt_sensitive, "build_prompt_sensitive_model", quick_build)
+    assert bgit(["tiny-model", str(tmp_path / "zero"), "--prompt-sensitive"]) == 0
+    shipped_sha256 = prompt_sensitive.SHIPPED_BUILDS[0][1]
+    out = capsys.readouterr().out
+    assert f"Unpacked the prompt-sensitive tiny model (seed 0) as shipped into {tmp_path / 'zero'}" in out
+    assert f"weights sha256 {shipped_sha256[:12]}…, the same on every machine" in out
+    assert hashlib.sha256((tmp_path / "zero" / "model.safetensors").read_bytes()).hexdigest() == shipped_sha256
+
+    assert bgit(["tiny-model", str(tmp_path / "one"), "--prompt-sensitive", "--seed", "1"]) == 0
+    built = hashlib.sha256((tmp_path / "one" / "model.safetensors").read_bytes()).hexdigest()
+    out = capsys.readouterr().out
+    assert f"Built the prompt-sensitive tiny model (seed 1) on this CPU in {tmp_path / 'one'}" in out
+    assert f"weights sha256 {built[:12]}…; other CPUs may build other bytes" in out
+
+    assert bgit(["tiny-model", str(tmp_path / "again"), "--prompt-sensitive", "--rebuild"]) == 0
+    rebuilt = hashlib.sha256((tmp_path / "again" / "model.safetensors").read_bytes()).hexdigest()
+    out = capsys.readouterr().out
+    assert f"Built the prompt-sensitive tiny model (seed 0) on this CPU in {tmp_path / 'again'}" in out
+    assert f"this build {'equals' if rebuilt == shipped_sha256 else 'differs from'} the shipped one" in out
+
+
+# The cache, with a stand-in writer (the random tiny model, a second) so these tests are quick.
 
 @pytest.fixture
 def builds(monkeypatch):
-    """Seeds of the builds prompt_sensitive_model started."""
+    """Seeds of the models prompt_sensitive_model wrote."""
     seeds = []
 
-    def build(out_dir, seed=0):
+    def write(out_dir, seed=0):
         seeds.append(seed)
-        return build_tiny_model(out_dir, seed)
+        build_tiny_model(out_dir, seed)
+        return "built"
 
-    monkeypatch.setattr(prompt_sensitive, "build_prompt_sensitive_model", build)
+    monkeypatch.setattr(prompt_sensitive, "write_prompt_sensitive_model", write)
     return seeds
+
+
+def test_the_cache_unpacks_seed_0_keyed_by_the_shipped_weights(tmp_path):
+    folder = prompt_sensitive_model(seed=0, cache_dir=tmp_path)
+    assert (folder / "model.safetensors").read_bytes() == (
+        Path(prompt_sensitive.__file__).parent / "assets" / prompt_sensitive.SHIPPED_BUILDS[0][0]).read_bytes()
+    recipe = json.loads((folder / prompt_sensitive._BUILD_MANIFEST).read_text())["recipe"]
+    assert recipe["shipped_sha256"] == prompt_sensitive.SHIPPED_BUILDS[0][1]
+    assert "shipped_sha256" not in prompt_sensitive._prompt_sensitive_recipe(seed=1)
 
 
 def test_cache_builds_once_then_returns_the_same_folder(tmp_path, builds):
@@ -338,15 +401,16 @@ def test_cache_rebuilds_a_partial_or_damaged_folder(tmp_path, builds, damage):
 
 def test_cache_keeps_the_build_that_finished_first(tmp_path, monkeypatch):
     """Two processes building at once: the one that finishes second keeps the first one's folder."""
-    def build(out_dir, seed=0):
+    def write(out_dir, seed=0):
         started.append(out_dir)
         if len(started) == 1:  # the other process starts and finishes while this one builds
             first = prompt_sensitive_model(seed, cache_dir=tmp_path)
             finished.append((first, first.stat().st_ino))
-        return build_tiny_model(out_dir, seed)
+        build_tiny_model(out_dir, seed)
+        return "built"
 
     started, finished = [], []
-    monkeypatch.setattr(prompt_sensitive, "build_prompt_sensitive_model", build)
+    monkeypatch.setattr(prompt_sensitive, "write_prompt_sensitive_model", write)
     folder = prompt_sensitive_model(seed=0, cache_dir=tmp_path)
     assert len(started) == 2 and finished == [(folder, folder.stat().st_ino)]
     assert [path.name for path in tmp_path.iterdir()] == [folder.name]
@@ -358,13 +422,13 @@ def test_a_crashed_build_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
         build_tiny_model(out_dir, seed)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prompt_sensitive, "build_prompt_sensitive_model", crash)
+    monkeypatch.setattr(prompt_sensitive, "write_prompt_sensitive_model", crash)
     with pytest.raises(KeyboardInterrupt):
         prompt_sensitive_model(seed=0, cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
-# The real build (conftest's prompt_sensitive_base): about two minutes on a fresh machine, then cached.
+# The model itself (conftest's prompt_sensitive_base: the shipped seed 0, unpacked once and cached).
 
 @pytest.fixture(scope="session")
 def sensitive_model(prompt_sensitive_base):
@@ -429,7 +493,7 @@ def test_prompt_sensitive_model_is_a_bigger_tiny_model_loadable_everywhere(
     assert len(tokenizer) == AutoModelForCausalLM.from_pretrained(prompt_sensitive_base).config.vocab_size == 1000
     generation = json.loads((prompt_sensitive_base / "generation_config.json").read_text())
     assert generation["eos_token_id"] == tokenizer.convert_tokens_to_ids(IM_END)
-    monkeypatch.setattr(prompt_sensitive, "build_prompt_sensitive_model", lambda *a, **k: pytest.fail("built again"))
+    monkeypatch.setattr(prompt_sensitive, "write_prompt_sensitive_model", lambda *a, **k: pytest.fail("written again"))
     assert prompt_sensitive_model(seed=0, cache_dir=prompt_sensitive_base.parent) == prompt_sensitive_base
 
 
