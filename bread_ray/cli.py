@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -48,8 +49,8 @@ from bread_ray.pipeline import (
     planned_run,
     preflight,
     run,
-    unusable_base_model,
 )
+from bread_ray.preflight import base_model_problem
 from bread_ray.repo import DEFAULT_BASE_MODEL, INPUT_FILE, BreadRepo, RepoError, render_lineage_tree
 from bread_ray.schema import DEFAULT_QUESTION_MODEL
 from bread_ray.stim import read_stimuli
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bgit: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let Ray's and torch's exit handlers finish: no traceback
         print("bgit: interrupted", file=sys.stderr)
         return 130
 
@@ -368,9 +370,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print_warnings(resolved, shown)
     if repo and not args.parent and not resolved.is_empty:  # against this repository's models and files
         run = planned_run(repo, resolved, store=None)
-        base_problem, problems = preflight(run, items_to_check(run))
-        if base_problem:
-            raise unusable_base_model(base_problem)
+        model_problem, problems = preflight(run, items_to_check(run))
+        if model_problem:
+            raise RepoError(model_problem)
         found = [problem for item_problems in problems.values() for problem in item_problems]
         if found:
             print(f"`bgit run` would refuse {shown}:", file=sys.stderr)
@@ -416,15 +418,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"Store: {where}")
     run = planned_run(repo, resolved, store)
-    base_problem, problems = preflight(run, items_to_check(run))
-    if base_problem:
-        print(f"Base model: not a model: {base_problem}")
+    model_problem, problems = preflight(run, items_to_check(run))
+    if model_problem:
+        print(f"Cannot run: {model_problem}")
     print("\n`bgit run stim rollout bake` would:")
     marks = {True: "✓", False: "·", None: "?"}
     states = {True: "done, reused", False: "to run", None: "store not readable"}
     for step in plan(run):
         state = f"{step.state}, " if step.state else ""
-        found = ["the base model is not a model (above)"] if base_problem else \
+        found = ["its model cannot be used (above)"] if model_problem else \
             ConfigError(INPUT_FILE, problems.get(step.resource, []), resolved.lines).render()
         if found and not step.done:
             print(f"  ✗ {step.stages:<15} {step.resource}  ({step.detail}): {state}cannot run:")
@@ -471,9 +473,7 @@ def print_run_result(result, stages: list[str], store) -> None:
         print(f"Done: {' + '.join(done)} for {', '.join(t.id for t in result.resolved.targets)} (store {store.uri}).")
     if result.bake is not None:
         print("\n".join(result.bake.describe()))
-        print(f"Committed {result.commit[:12]}: Update recipe.yml after bake completion: {result.bake.bake_id}")
-        print(f"The parent model is now {result.bake.model_names[-1]}; input.yml is cleared for the next bake.")
-    if result.bake is not None:
+        print("\n".join(result.landing.lines(result.bake.bake_id, result.bake.model_names[-1])))
         print("\n".join(result.eval_lines()))
 
 
@@ -497,11 +497,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     png = report.write_heatmap(Path(args.png or "eval.png"))
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
-        return 0
-    print("\n".join(report.lines()))
-    if args.answers and not judge and not args.no_judge:
-        print("(no ANTHROPIC_API_KEY: the answers are not judged)")
-    print(f"heatmap: {png}")
+    else:
+        print("\n".join(report.lines()))
+        if args.answers and not judge and not args.no_judge:
+            print("(no ANTHROPIC_API_KEY: the answers are not judged)")
+        print(f"heatmap: {png}")
+    if report.judge_error:  # after the report, which needs no judge
+        raise RepoError(f"{report.judge_error}; the answers are not judged (the scores it gave are stored)")
     return 0
 
 
@@ -614,6 +616,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     base_model = args.base_model or (repo.base_model if repo else None)
     if base_model is None:
         raise RepoError("outside a bgit repository, say which base model to serve: --base-model MODEL")
+    problem = base_model_problem(base_model)  # before Ray starts: its replicas would fail far less clearly
+    if problem:
+        raise RepoError(f"{'--base-model ' + args.base_model if args.base_model else 'the base model'}: {problem}")
     repositories = args.repository or ([f"{repo.owner}/{repo.name}"] if repo else [])
     api_key = args.api_key or os.environ.get("BREAD_API_KEY")
     try:

@@ -100,6 +100,7 @@ class BakeRecord:
     parent: str  # the model it was baked on: a lineage name, or the base
     base_model: str
     config: dict[str, Any]  # BAKE as recorded (datasets, data split, seed)
+    commit: str | None = None  # the git commit whose input.yml the bake trained
 
     @property
     def name(self) -> str:
@@ -126,7 +127,7 @@ def bake_of(lineage: dict[str, Any], store: Store) -> BakeRecord:
     result_key = f"{bake_prefix(name.owner, name.repo, name.bake_id)}/{BAKE_RESULT}"
     final = store.get_json(result_key)["model_names"][-1] if store.exists(result_key) else lineage["model_name"]
     return BakeRecord(bake_id=lineage["bake_id"], model=final, parent=lineage["parent"] or lineage["base_model"],
-                      base_model=lineage["base_model"], config=lineage["config"])
+                      base_model=lineage["base_model"], config=lineage["config"], commit=lineage.get("commit"))
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ def stored_fidelity(model: str, store: Store) -> float | None:
 def held_out_set(bake: BakeRecord, store: Store, tokenizer: Any) -> KlSet:
     """Bake k's held-out examples, tokenized and split exactly as the bake did."""
     from bread_ray.bake.data import build_bake_data
-    from bread_ray.bake.driver import read_datasets
+    from bread_ray.bake.driver import RolloutMissing, read_datasets
     from bread_ray.chat_format import encode_chat
     from bread_ray.schema import Bake
 
@@ -235,8 +236,12 @@ def held_out_set(bake: BakeRecord, store: Store, tokenizer: Any) -> KlSet:
     weights = {dataset["target"]: dataset["weight"] for dataset in bake.config["datasets"]}
     try:
         trajectories = read_datasets(list(weights), *bake.owner_repo, store, bake.bake_id)
-    except RuntimeError as error:  # a rollout deleted from the store
-        raise EvalError(str(error)) from None
+    except RolloutMissing as error:  # deleted from the store; the input.yml that made it is in git
+        where = (f"on the commit the bake trained ({bake.commit[:12]}: `git switch -c remake {bake.commit[:12]}`, "
+                 "or the commit whose input.yml defines the target, for a replayed one)") if bake.commit else \
+            "on the commit whose input.yml defines the target"
+        raise EvalError(f"{error}, and its held-out questions are what `bgit eval` measures the bake on. "
+                        f"To make it again, run `bgit run stim rollout` {where}") from None
     data = build_bake_data(trajectories, weights, tokenizer, spec)
     records = {(target_id, r["stimulus_index"]): r for target_id, rs in trajectories.items() for r in rs}
     asked = dict.fromkeys((e.target_id, e.stimulus_index) for e in data.eval)  # held-out questions, in order
@@ -291,6 +296,7 @@ class EvalReport:
     answers: dict[str, list[tuple[str, dict[str, str]]]] = field(default_factory=dict)  # by bake id
     judged: dict[tuple[str, str], float] = field(default_factory=dict)  # (bake id, model) -> mean judge score
     judge_model: str | None = None
+    judge_error: str | None = None  # why the judge could not score the answers (the rest of the report stands)
     computed: int = 0  # results computed by this run: cells, and lists of answers or of judge scores
     reused: int = 0  # results read from the store
     seconds: float = 0.0
@@ -499,10 +505,14 @@ def evaluate(lineage: Lineages, store: Store, *, owner: str, repo: str, neutral:
         report.computed += computed
         report.reused += len(sets) * len(lineage.models) - computed
         if judge_model:
-            report.judged, asked = judge_answers(sets, report.answers, store, answers, judge_model, base)
             report.judge_model = judge_model
-            report.computed += asked
-            report.reused += len(report.judged) - asked
+            try:
+                report.judged, asked = judge_answers(sets, report.answers, store, answers, judge_model, base)
+            except JudgeError as error:  # the matrix and the answers need no judge: they stand
+                report.judge_error = str(error)
+            else:
+                report.computed += asked
+                report.reused += len(report.judged) - asked
     report.seconds = time.monotonic() - started
     return report
 
@@ -541,6 +551,10 @@ and nothing else."""
 JUDGE_CONCURRENCY = 4  # judge requests in flight at once
 
 
+class JudgeError(UserError):
+    """The judge refused the requests or could not be reached."""
+
+
 def parse_score(text: str) -> int | None:
     """The judge's score: the first integer from 0 to 10 in its reply."""
     match = re.search(r"\b(10|[0-9])\b", text)
@@ -557,7 +571,7 @@ def judge_answers(sets: list[KlSet], answers: dict[str, list[tuple[str, dict[str
 
     import anthropic
 
-    from bread_ray.stim import RetryPolicy, ask_llm
+    from bread_ray.stim import RetryPolicy, StimError, ask_llm
 
     retry = RetryPolicy()
     client = anthropic.Anthropic(max_retries=0, timeout=retry.timeout_s)  # key and URL from the environment
@@ -576,8 +590,15 @@ def judge_answers(sets: list[KlSet], answers: dict[str, list[tuple[str, dict[str
             asks.append((kl_set.id, model, key, prompts))
 
     def ask(prompt: str) -> int:
-        return ask_llm(client, model=judge_model, prompt=prompt, max_tokens=16, temperature=0.0,
-                       parse=parse_score, wanted="a score", retry=retry)
+        judge = f"the judge ({judge_model} at {client.base_url})"
+        try:
+            return ask_llm(client, model=judge_model, prompt=prompt, max_tokens=16, temperature=0.0,
+                           parse=parse_score, wanted="a score", retry=retry)
+        except anthropic.APIStatusError as error:  # not retried: a bad key, a model it does not have, ...
+            raise JudgeError(f"{judge} refused the request: {error.status_code} {error.type or ''}: "
+                             f"{error.api_message or error.message}") from None
+        except StimError as error:  # retried, in vain
+            raise JudgeError(f"{judge}: {error}") from None
 
     with ThreadPoolExecutor(max_workers=JUDGE_CONCURRENCY) as pool:
         judged = [(set_id, model, key, pool.map(ask, prompts)) for set_id, model, key, prompts in asks]

@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
+from bread_ray.landing import RunStart
 from bread_ray.pipeline import STAGE_NAMES, check_run, run
 from bread_ray.repo import BreadRepo, RepoError
 from bread_ray.store import LocalStore, Store, open_store
@@ -92,8 +93,11 @@ def job_client(address: str):
     except httpx.TimeoutException:
         raise RepoError(f"no Ray cluster's Jobs API answers at {address}: it accepts connections but did not answer "
                         f"within {JOBS_API_TIMEOUT_S:g} s; is it the head's dashboard (http://HEAD:8265)?") from None
+    except httpx.ConnectError as error:  # refused, or no such host: Ray's client would retry for ever
+        raise RepoError(f"no Ray cluster's Jobs API answers at {address}: {error}; is it the head's dashboard "
+                        "(http://HEAD:8265), and is the cluster up?") from None
     except httpx.HTTPError:
-        pass  # refused, or not HTTP: Ray's client says which, below
+        pass  # not HTTP: Ray's client says so, below
     try:
         return JobSubmissionClient(address)
     except Exception as error:  # ConnectionError, or the cluster refusing us
@@ -106,6 +110,8 @@ def submit(repo: BreadRepo, stages: list[str], *, store: Store, address: str | N
            workers: int | None) -> DetachedJob:
     """Check the run as a local run would, then submit it as a Ray job; nothing is computed here."""
     address = cluster_address(address)
+    if "bake" in stages:
+        RunStart.capture(repo)  # refuses a detached HEAD, on which `bgit fetch` could land no bake commit
     check_run(repo, stages, store)
     if isinstance(store, LocalStore) and urlparse(address).hostname not in ("127.0.0.1", "localhost", "::1"):
         raise RepoError(f"the store {store.uri} is a folder on this machine, which the cluster at {address} "

@@ -192,9 +192,15 @@ class ModelFiles:
         return FileTokenizer.from_folder(self.folder) if (self.folder / "tokenizer.json").is_file() else None
 
 
+# What a local model folder must hold besides config.json for transformers to load it.
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
 def read_model_files(name_or_path: str | Path) -> ModelFiles:
     """The model's config, weight names and tokenizer files. Raises ModelNotFoundError saying why
-    it is not a model: a missing path, a file, a folder without config.json, an unknown hub id."""
+    it is not a model: a missing path, a file, a folder without config.json (or, for a local
+    folder, without weights or a tokenizer), an unknown hub id."""
     folder = model_folder(name_or_path)
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -202,6 +208,13 @@ def read_model_files(name_or_path: str | Path) -> ModelFiles:
         raise ModelNotFoundError(f"{name_or_path} is not a model folder: it has no config.json") from None
     except (OSError, ValueError) as error:
         raise ModelNotFoundError(f"{folder / 'config.json'} is not readable JSON: {error}") from None
+    if Path(resolve_model_source(name_or_path)).is_dir():  # a hub model's cache holds only its small files
+        missing = [what for what, patterns in (("weights (*.safetensors or *.bin)", WEIGHT_FILES),
+                                               ("tokenizer (tokenizer.json)", TOKENIZER_FILES))
+                   if not any(next(folder.glob(pattern), None) for pattern in patterns)]
+        if missing:
+            raise ModelNotFoundError(f"{name_or_path} is not a model folder: it has config.json but no "
+                                     f"{' and no '.join(missing)}")
     return ModelFiles(str(name_or_path), folder, config, read_weights(folder, str(name_or_path)))
 
 

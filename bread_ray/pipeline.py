@@ -4,7 +4,7 @@ One path for the CLI and for detached jobs: cli -> pipeline -> stage -> Ray.
 
     stim     bread_ray.stim.Stim          the questions of each target
     rollout  bread_ray.rollout.Rollout    the prompted teacher's trajectories of each target
-    bake     bread_ray.bake.driver.Bake   the LoRA, published; then the bake commit (repo.complete_bake)
+    bake     bread_ray.bake.driver.Bake   the LoRA, published; then the bake commit (bread_ray.landing)
 
 When a run does the rollout, its targets' questions and trajectories stream through one
 Ray Data pipeline (bread_ray.stream), and the stages then complete each target from the store.
@@ -21,6 +21,8 @@ from bread_ray.bake.driver import Bake, BakeResult
 from bread_ray.config import ResolvedConfig, ResolvedTarget
 from bread_ray.config_errors import ConfigError, Problem
 from bread_ray.errors import UserError
+from bread_ray.landing import Landing, RunStart, land_bake
+from bread_ray.model_sources import is_lineage_name
 from bread_ray.preflight import base_model_problem
 from bread_ray.repo import BREAD_FILE, INPUT_FILE, BreadRepo, RepoError
 from bread_ray.rollout import Rollout
@@ -40,7 +42,7 @@ STAGE_NAMES = tuple(stage.name for stage in STAGES)
 class RunResult:
     resolved: ResolvedConfig
     bake: BakeResult | None = None  # the bake's result (models, losses, held-out KL)
-    commit: str | None = None  # the bake commit
+    landing: Landing | None = None  # where the bake commit went
     eval: EvalReport | None = None  # after a bake: its model's and its parent's rows of `bgit eval`
     eval_error: str | None = None  # why that eval failed (the bake and its commit stand)
 
@@ -70,24 +72,27 @@ def run(repo: BreadRepo, stages: list[str], *, store: Store, progress: bool = Tr
     """
     from bread_ray import ray_cluster
 
-    run = check_run(repo, stages, store, progress=progress, workers=workers)
-    left = work_left(run)
-    if left:
-        ray_cluster.connect(address)
-    failed = stream(run, left)
-    for stage, item in work_left(run):  # after streaming: the stimuli and manifests to write, the bake
-        if failed and stage is BAKE:
-            break
-        if item.id not in failed:
-            stage.execute(run, item)
-    if failed:
-        raise StimError("; ".join(failed.values()) + ". Every finished request and rollout shard of every "
-                        "target is saved: a re-run makes only the rest")
-    if BAKE.name not in run.stages:
-        return RunResult(run.resolved)
-    outcome = RunResult(run.resolved, bake=BAKE.result(run))
-    if commit:
-        outcome.commit = repo.complete_bake(run.resolved, outcome.bake.model_names)
+    with repo.run_lock(" ".join(["bgit run", *stages])):  # one run at a time in a repository
+        start = RunStart.capture(repo) if commit and BAKE.name in stages else None  # refuses a detached HEAD
+        run = check_run(repo, stages, store, progress=progress, workers=workers,
+                        head=start.head if start else repo.git("rev-parse", "HEAD").strip())
+        left = work_left(run)
+        if left:
+            ray_cluster.connect(address)
+        failed = stream(run, left)
+        for stage, item in work_left(run):  # after streaming: the stimuli and manifests to write, the bake
+            if failed and stage is BAKE:
+                break
+            if item.id not in failed:
+                stage.execute(run, item)
+        if failed:
+            raise StimError("; ".join(failed.values()) + ". Every finished request and rollout shard of every "
+                            "target is saved: a re-run makes only the rest")
+        if BAKE.name not in run.stages:
+            return RunResult(run.resolved)
+        outcome = RunResult(run.resolved, bake=BAKE.result(run))
+        if start:
+            outcome.landing = land_bake(repo, start, run.resolved, outcome.bake.model_names)
     if evaluate:
         try:
             outcome.eval = evaluate_bake(run, outcome.bake.model_names[-1], progress=progress, address=address)
@@ -115,9 +120,10 @@ def evaluate_bake(run: Run, model: str, *, progress: bool, address: str | None) 
 
 
 def check_run(repo: BreadRepo, stages: list[str], store: Store, *, progress: bool = True,
-              workers: int | None = None) -> Run:
+              workers: int | None = None, head: str | None = None) -> Run:
     """Everything `run` can check before any work: the stages, the staged input.yml, and every
-    item left to compute (its generators, models, datasets). Returns the run."""
+    item left to compute (its generators, models, datasets). Returns the run; `head`: the commit
+    it starts from."""
     unknown = [s for s in stages if s not in STAGE_NAMES]
     if unknown:
         raise RepoError(f"unknown stage {unknown[0]!r}: the stages are {', '.join(STAGE_NAMES)}")
@@ -129,12 +135,12 @@ def check_run(repo: BreadRepo, stages: list[str], store: Store, *, progress: boo
         raise RepoError("the staged input.yml has no TARGET: nothing for stim or rollout to do")
     if "bake" in stages and resolved.bake is None:
         raise RepoError("the staged input.yml has no BAKE: nothing for bake to do")
-    run = Run(repo, resolved, store, tuple(name for name in STAGE_NAMES if name in stages), progress, workers)
+    run = Run(repo, resolved, store, tuple(name for name in STAGE_NAMES if name in stages), progress, workers, head)
     left = work_left(run)
     if left:
-        base_problem, problems = preflight(run, left)
-        if base_problem:
-            raise unusable_base_model(base_problem)
+        model_problem, problems = preflight(run, left)
+        if model_problem:
+            raise RepoError(model_problem)
         found = [problem for item_problems in problems.values() for problem in item_problems]
         if found:
             raise ConfigError(INPUT_FILE, found, resolved.lines)
@@ -149,19 +155,31 @@ def work_left(run: Run) -> list[tuple[Stage, Item]]:
 
 
 def preflight(run: Run, items: list[tuple[Stage, Item]]) -> tuple[str | None, dict[str, list[Problem]]]:
-    """What would stop `items` before any work: why the base model is not a model (or None), else
-    each item's problems by target or bake id."""
-    base_problem = base_model_problem(run.repo.base_model)
-    if base_problem:
-        return base_problem, {}
+    """What would stop `items` before any work: why the run's models cannot be used (a sentence),
+    else None and each item's problems by target or bake id."""
+    model_problem = models_problem(run)
+    if model_problem:
+        return model_problem, {}
     problems: dict[str, list[Problem]] = {}
     for stage, item in items:
         problems.setdefault(item.id, []).extend(stage.problems(run, item))
     return None, problems
 
 
-def unusable_base_model(reason: str) -> RepoError:
-    return RepoError(f"the base model ({BREAD_FILE} [RECIPE] base_model) is not a model: {reason}")
+def models_problem(run: Run) -> str | None:
+    """Why the repository's base model is not a model, or its parent model (a lineage model) is not
+    in the store with its whole chain of parents; None when both can be used, or where the store is
+    not read (`bgit validate`)."""
+    base_problem = base_model_problem(run.repo.base_model)
+    if base_problem:
+        return f"the base model ({BREAD_FILE} [RECIPE] base_model) is not a model: {base_problem}"
+    parent = run.resolved.parent_model
+    if run.store is not None and is_lineage_name(parent):
+        try:
+            run.store.model_chain(parent)
+        except UserError as error:
+            return f"the parent model ({BREAD_FILE} [PARENT_MODEL]) cannot be used: {error}"
+    return None
 
 
 # ---- what a run would do, for `bgit status` -----------------------------------------------------

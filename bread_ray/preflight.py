@@ -76,10 +76,15 @@ def teacher_problems(index: int, target: ResolvedTarget, models: ModelReader) ->
     if files is None or not files.context_length or not files.tokenizer:
         return []
     prompt, max_tokens = prompt_tokens(files, target.teacher), target.spec.max_tokens
+    if prompt >= files.context_length:  # no max_tokens can help: the prompt itself is too long
+        where = ("TARGET", index, "prompt", "teacher") if target.spec.prompt else ("PROMPT", "teacher")
+        return [Problem(where, (
+            f"the teacher prompt is {prompt} tokens, more than the context of {teacher} ({files.context_length} "
+            "tokens): shorten it"))]
     if prompt + max_tokens > files.context_length:
         return [Problem(("TARGET", index, "max_tokens"), (
             f"{max_tokens} tokens after the teacher prompt's {prompt} exceed the context of {teacher} "
-            f"({files.context_length} tokens): lower max_tokens"))]
+            f"({files.context_length} tokens): lower max_tokens to {files.context_length - prompt} or less"))]
     return []
 
 

@@ -22,9 +22,11 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -42,6 +44,7 @@ RECIPE_FILE = "recipe.yml"
 INPUT_FILE = "input.yml"
 BAKE_COMMIT_PREFIX = "Update recipe.yml after bake completion: "
 PRE_COMMIT_RECORD = "bread-pre-commit.json"  # in the git folder: .bread as it was before the hook
+RUN_LOCK = "bread-run.lock"  # in the git folder: held by the run working in this repository
 
 EXAMPLE_INPUT = """\
 # input.yml: what to bake next. Edit, then:
@@ -97,6 +100,8 @@ CLEARED_INPUT = """\
 REPO_GITIGNORE = """\
 __pycache__/
 .bgit/
+# what a bake commit wrote where you had changed a file during its run (bread_ray.landing)
+*.bgit
 """
 
 GITATTRIBUTES = """\
@@ -143,6 +148,43 @@ def empty_recipe(base_model: str) -> dict[str, Any]:
 def dump_recipe(recipe: dict[str, Any]) -> str:
     body = yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True, width=100)
     return "# Written by bgit after each bake. The chain of bakes that led to this commit.\n\n" + body
+
+
+def parse_bread(text: str, where: str = BREAD_FILE) -> configparser.ConfigParser:
+    """.bread's text, parsed and checked for the keys every command reads."""
+    bread = configparser.ConfigParser(interpolation=None)
+    try:
+        bread.read_string(text)
+    except configparser.Error as error:
+        raise RepoError(f"{where} is not valid INI: {error}") from None
+    for section, key in (("REPO", "name"), ("REPO", "owner"), ("RECIPE", "base_model")):
+        if not bread.get(section, key, fallback="").strip():
+            raise RepoError(f"{where}: [{section}] {key} is missing")
+    return bread
+
+
+def bread_with_input(bread: configparser.ConfigParser, resolved: ResolvedConfig | None) -> configparser.ConfigParser:
+    """`bread` with the names and hashes of a committed input.yml (empty where it has none, or
+    for `resolved` None: a cleared input.yml); its other sections as they are."""
+    teachers = resolved.teacher_prompts if resolved else []
+    students = resolved.student_prompts if resolved else []
+    targets = resolved.targets if resolved else []
+    bake = resolved.bake if resolved else None
+    sections = {
+        "PROMPT.teacher": {"hash": [p.hash for p in teachers], "prompt_name": [p.name for p in teachers]},
+        "PROMPT.student": {"hash": [p.hash for p in students], "prompt_name": [p.name for p in students]},
+        "TARGET": {"hash": [t.hash for t in targets], "target_name": [t.id for t in targets]},
+        "BAKE": {"hash": [bake.hash] if bake else [], "bake_name": [bake.id] if bake else []},
+    }
+    kept = {s: dict(bread[s]) for s in bread.sections()}
+    fresh = configparser.ConfigParser(interpolation=None)
+    fresh["REPO"] = kept.pop("REPO")
+    for section, values in sections.items():  # several targets: comma-separated, in file order
+        kept.pop(section, None)
+        fresh[section] = {key: ", ".join(items) for key, items in values.items()}
+    for section, values in kept.items():
+        fresh[section] = values
+    return fresh
 
 
 def dump_bread(bread: configparser.ConfigParser) -> str:
@@ -196,7 +238,8 @@ class BreadRepo:
         owner = check_name("owner", owner) if owner is not None else _default_owner()
         if not base_model.strip() or any(c.isspace() for c in base_model):
             raise RepoError(f"invalid base model {base_model!r}: a hub id or a folder, without spaces")
-        local = Path(base_model).expanduser().exists() or base_model.startswith(("/", ".", "~")) or base_model.count("/") > 1
+        local = (Path(base_model).expanduser().exists() or base_model.startswith(("/", ".", "~"))
+                 or base_model.count("/") > 1 or base_model.lower().endswith(".gguf"))
         if local or base_model in PACKAGED_MODELS:  # a hub id is checked where it runs
             problem = base_model_problem(base_model)
             if problem:
@@ -245,6 +288,27 @@ class BreadRepo:
         git(folder, "add", BREAD_FILE)  # the hook's .bread went through git's temporary index
         return repo
 
+    @contextmanager
+    def run_lock(self, command: str) -> Iterator[None]:
+        """Held while a run works in this repository: a second run is refused, in one line naming
+        the first. The lock is the OS's (flock), so it ends with the process that holds it, however
+        that process ends; the file only says who holds it."""
+        with open(self.git_path(RUN_LOCK), "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "another process"
+                raise RepoError(f"another run is working in this repository ({holder}): wait for it to end, "
+                                "or stop it") from None
+            lock.truncate(0)
+            lock.write(f"pid {os.getpid()}: {command}, started {time.strftime('%H:%M:%S')}")
+            lock.flush()
+            try:
+                yield
+            finally:
+                lock.truncate(0)
+
     def install_hooks(self) -> None:
         """The pre-commit hook and the keepTheirs merge driver: git keeps neither in a clone, so
         every bgit command sets them up where they are missing. A foreign hook is left alone.
@@ -270,8 +334,12 @@ class BreadRepo:
         hook = self.hook_path()
         return hook.exists() and HOOK_MARKER not in hook.read_text(errors="replace")
 
-    def git(self, *args: str, check: bool = True) -> str:
-        return git(self.root, *args, check=check)
+    def git(self, *args: str, check: bool = True, env: dict[str, str] | None = None) -> str:
+        return git(self.root, *args, check=check, env=env)
+
+    def succeeds(self, *args: str) -> bool:
+        """Whether `git ARGS` exits 0 (its output is dropped)."""
+        return subprocess.run(["git", *args], cwd=self.root, capture_output=True).returncode == 0
 
     def git_path(self, name: str) -> Path:
         """Where git keeps `name` (hooks, index) for this repository, as an absolute path."""
@@ -290,15 +358,7 @@ class BreadRepo:
     # ---- .bread --------------------------------------------------------------------------
 
     def read_bread(self) -> configparser.ConfigParser:
-        bread = configparser.ConfigParser(interpolation=None)
-        try:
-            bread.read_string((self.root / BREAD_FILE).read_text())
-        except configparser.Error as error:
-            raise RepoError(f"{BREAD_FILE} is not valid INI: {error}") from None
-        for section, key in (("REPO", "name"), ("REPO", "owner"), ("RECIPE", "base_model")):
-            if not bread.get(section, key, fallback="").strip():
-                raise RepoError(f"{BREAD_FILE}: [{section}] {key} is missing")
-        return bread
+        return parse_bread((self.root / BREAD_FILE).read_text())
 
     def write_bread(self, bread: configparser.ConfigParser) -> None:
         (self.root / BREAD_FILE).write_text(dump_bread(bread))
@@ -323,23 +383,7 @@ class BreadRepo:
 
     def refresh_bread(self, resolved: ResolvedConfig) -> None:
         """Record the names and hashes of a committed input.yml in .bread (empty where it has none)."""
-        bread = self.read_bread()
-        teachers, students = resolved.teacher_prompts, resolved.student_prompts
-        sections = {
-            "PROMPT.teacher": {"hash": [p.hash for p in teachers], "prompt_name": [p.name for p in teachers]},
-            "PROMPT.student": {"hash": [p.hash for p in students], "prompt_name": [p.name for p in students]},
-            "TARGET": {"hash": [t.hash for t in resolved.targets], "target_name": [t.id for t in resolved.targets]},
-            "BAKE": {"hash": [resolved.bake.hash] if resolved.bake else [], "bake_name": [resolved.bake.id] if resolved.bake else []},
-        }
-        kept = {s: dict(bread[s]) for s in bread.sections()}
-        fresh = configparser.ConfigParser(interpolation=None)
-        fresh["REPO"] = kept.pop("REPO")
-        for section, values in sections.items():  # several targets: comma-separated, in file order
-            kept.pop(section, None)
-            fresh[section] = {key: ", ".join(items) for key, items in values.items()}
-        for section, values in kept.items():
-            fresh[section] = values
-        self.write_bread(fresh)
+        self.write_bread(bread_with_input(self.read_bread(), resolved))
 
     # ---- recipe.yml ----------------------------------------------------------------------
 
@@ -391,10 +435,10 @@ class BreadRepo:
     def add(self, git_args: list[str]) -> int:
         """`git add`, refusing to stage an invalid input.yml: the index is restored as it was."""
         index = self.git_path("index")
-        before_blob = self._index_blob(INPUT_FILE)
+        before_blob = self.index_blob(INPUT_FILE)
         snapshot = index.read_bytes() if index.exists() else None
         returncode = subprocess.run(["git", "add", *git_args]).returncode
-        after_blob = self._index_blob(INPUT_FILE)
+        after_blob = self.index_blob(INPUT_FILE)
         if after_blob and after_blob != before_blob:
             try:
                 self.resolve_staged()
@@ -411,7 +455,7 @@ class BreadRepo:
         records .bread through git's temporary index: stage it in the real one too."""
         returncode = subprocess.run(["git", "commit", *git_args]).returncode
         self.undo_aborted_commit()
-        if returncode == 0 and self._succeeds("diff", "--quiet", "HEAD", "--", BREAD_FILE):
+        if returncode == 0 and self.succeeds("diff", "--quiet", "HEAD", "--", BREAD_FILE):
             self.git("add", BREAD_FILE)
         return returncode
 
@@ -423,10 +467,10 @@ class BreadRepo:
         bgit command puts it back if HEAD has not moved (`undo_aborted_commit`)."""
         resolved = self.resolve_staged()  # raises ConfigError: the commit is refused, nothing written
         record = {"head": self._head(), "bread": (self.root / BREAD_FILE).read_text(),
-                  "staged": self._index_blob(BREAD_FILE)}
+                  "staged": self.index_blob(BREAD_FILE)}
         self.refresh_bread(resolved)
         self.git("add", BREAD_FILE)
-        record.update(written=(self.root / BREAD_FILE).read_text(), written_staged=self._index_blob(BREAD_FILE))
+        record.update(written=(self.root / BREAD_FILE).read_text(), written_staged=self.index_blob(BREAD_FILE))
         self.git_path(PRE_COMMIT_RECORD).write_text(json.dumps(record))
 
     def undo_aborted_commit(self) -> None:
@@ -442,7 +486,7 @@ class BreadRepo:
         bread = self.root / BREAD_FILE
         if bread.exists() and bread.read_text() == record["written"]:
             bread.write_text(record["bread"])
-        if self._index_blob(BREAD_FILE) == record["written_staged"]:
+        if self.index_blob(BREAD_FILE) == record["written_staged"]:
             if record["staged"]:
                 self.git("update-index", "--cacheinfo", f"100644,{record['staged']},{BREAD_FILE}")
             else:
@@ -452,27 +496,9 @@ class BreadRepo:
         """The commit HEAD points at, or "" before the first commit."""
         return self.git("rev-parse", "-q", "--verify", "HEAD", check=False).strip()
 
-    def _index_blob(self, path: str) -> str:
+    def index_blob(self, path: str) -> str:
         """The blob staged for `path`, or "" when it is not in the index."""
         return self.git("rev-parse", "-q", "--verify", f":{path}", check=False).strip()
-
-    # ---- after a bake --------------------------------------------------------------------
-
-    def complete_bake(self, resolved: ResolvedConfig, model_names: list[str]) -> str:
-        """Record a finished bake: recipe.yml gains its steps, .bread's parent becomes its last
-        model, input.yml is cleared, and everything is committed. Returns the commit id."""
-        if resolved.bake is None or not model_names:
-            raise RepoError("complete_bake needs a resolved BAKE and at least one model name")
-        recipe = self.read_recipe()
-        record_bake(recipe, resolved, model_names)
-        (self.root / RECIPE_FILE).write_text(dump_recipe(recipe))
-        bread = self.read_bread()
-        bread["PARENT_MODEL"] = {"model_name": model_names[-1]}
-        self.write_bread(bread)
-        (self.root / INPUT_FILE).write_text(CLEARED_INPUT)
-        self.git("add", RECIPE_FILE, BREAD_FILE, INPUT_FILE)
-        self.git("commit", "-q", "-m", BAKE_COMMIT_PREFIX + resolved.bake.id)
-        return self.git("rev-parse", "HEAD").strip()
 
     # ---- lineage across branches ---------------------------------------------------------
 
@@ -488,12 +514,10 @@ class BreadRepo:
         """For each branch holding a recipe.yml, its `resources.bakes`: the chain of bakes, oldest first."""
         chains = {}
         for branch in self.branches():
-            if self._succeeds("cat-file", "-e", f"refs/heads/{branch}:{RECIPE_FILE}"):
+            if self.succeeds("cat-file", "-e", f"refs/heads/{branch}:{RECIPE_FILE}"):
                 chains[branch] = self.read_recipe(f"refs/heads/{branch}")["resources"]["bakes"]
         return chains
 
-    def _succeeds(self, *args: str) -> bool:
-        return subprocess.run(["git", *args], cwd=self.root, capture_output=True).returncode == 0
 
 
 def record_bake(recipe: dict[str, Any], resolved: ResolvedConfig, model_names: list[str]) -> None:

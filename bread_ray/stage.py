@@ -33,6 +33,7 @@ class Run:
     stages: tuple[str, ...]
     progress: bool = True
     workers: int | None = None  # bake workers (default: one per GPU, else one)
+    head: str | None = None  # the commit the run started from: its bake's lineage records it
     models: ModelReader = field(init=False)  # model files read for the checks, once per run
     shards_streamed: dict[str, int] = field(default_factory=dict)  # rollout shards sampled by bread_ray.stream
     local_writers: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # question-writer models loaded, by source

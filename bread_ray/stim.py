@@ -224,7 +224,7 @@ class Stim(Stage):
 
     def execute(self, run: Run, target: ResolvedTarget) -> list[str]:
         return generate_stimuli(target, store=run.store, prefix=run.target_prefix(target.id),
-                                parent_model=run.repo.parent_model, base_dir=run.repo.root, progress=run.progress,
+                                parent_model=run.resolved.parent_model, base_dir=run.repo.root, progress=run.progress,
                                 target_index=run.target_index(target),
                                 load_writer=local_writer_loader(run.store, run.local_writers))
 

@@ -226,7 +226,7 @@ def plan_target(run: Run, target: ResolvedTarget) -> tuple[TargetStimuli, list[d
     generators = target.spec.generators
     llm = {j: g for j, g in enumerate(generators) if g.type in LLM_TYPES}
     fixed = fixed_questions(target, run.repo.root, run.target_index(target))
-    planned = first_round(target, llm, base_dir=run.repo.root, parent_model=run.repo.parent_model)
+    planned = first_round(target, llm, base_dir=run.repo.root, parent_model=run.resolved.parent_model)
     plan = TargetStimuli(target.id, [len(fixed[j]) if j in fixed else g.numq for j, g in enumerate(generators)],
                          fixed, {j: [r["request"] for r in rs] for j, rs in planned.items()},
                          stored_parts(run.store, prefix))

@@ -27,6 +27,7 @@ Scripted behaviours, consumed one per request in order (then normal replies agai
     "duplicates"  a 200 reply repeating questions (case and spacing changed), half of them new
 `fail_from(n)` answers 500 to every request after the first n, until `recover()`.
 `refuse(text)` answers 400 (not retried) to every prompt containing `text`, until `recover()`.
+`api_key`, if given, is the only key accepted: any other gets 401 authentication_error.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ COUNT = re.compile(r"(\d+) (?:\w+ ){0,3}questions")
 
 class FakeAnthropic:
     def __init__(self, delay_s: float | tuple[float, float] = 0.2, retry_after: str = "1",
-                 judge: Callable[[str], str] | None = None, deterministic: bool = False):
+                 judge: Callable[[str], str] | None = None, deterministic: bool = False,
+                 api_key: str | None = None):
         self.delay_s = delay_s
+        self.api_key = api_key
         self.deterministic = deterministic
         self.judge = judge
         self.retry_after = retry_after
@@ -167,7 +170,7 @@ class FakeAnthropic:
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
                     bearer = self.headers.get("authorization", "").removeprefix("Bearer ")
-                    fake.last_api_key = self.headers.get("x-api-key") or bearer or None
+                    key = fake.last_api_key = self.headers.get("x-api-key") or bearer or None
                     behaviour = fake._behaviour()
                 try:
                     delay = fake.delay_s
@@ -183,6 +186,10 @@ class FakeAnthropic:
                     with fake._lock:
                         fake.prompts.append(prompt)
                         fake.bodies.append(request)
+                    if fake.api_key is not None and key != fake.api_key:
+                        error = {"type": "authentication_error", "message": "invalid x-api-key"}
+                        self._send(401, {"type": "error", "error": error})
+                        return
                     if fake._refused is not None and fake._refused in prompt:
                         error = {"type": "invalid_request_error", "message": "scripted refusal"}
                         self._send(400, {"type": "error", "error": error})

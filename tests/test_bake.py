@@ -72,6 +72,20 @@ def tokenizer(tiny_model):
 
 # ---- data ---------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("before, after, said", [
+    (0.5, 0.1, "0.5 -> 0.1 nats/token (5.0x lower)"),
+    (0.2, 0.3, "0.2 -> 0.3 nats/token (higher: 1.50x)"),  # never "(0.7x lower)"
+    (0.2, 0.2, "0.2 -> 0.2 nats/token (higher: 1.00x)"),
+    (0.2, 0.0, "0.2 -> 0 nats/token (down to 0)"),
+])
+def test_the_held_out_kl_line_says_which_way_it_went(before, after, said):
+    from bread_ray.bake.driver import BakeResult
+
+    record = {"bake_id": "b_1", "model_names": ["o/r/b_1/2"], "steps": 2, "held_out_kl": {"before": before, "after": after},
+              "loss": {"latest": 1.0, "final": 1.0, "min": 1.0, "max": 1.0}}
+    assert BakeResult(record).describe()[-1] == f"  held-out KL(teacher ‖ student): {said}"
+
+
 def test_examples_align_the_response_between_teacher_and_student(tokenizer):
     data = build_bake_data({"t_1": trajectories(4)}, {"t_1": 1.0}, tokenizer, bake_config())
     examples = data.train[:3]

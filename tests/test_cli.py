@@ -54,6 +54,17 @@ def test_counts_and_ports_out_of_range_are_usage_errors(args, capsys):
     assert exit_.value.code == 2 and "must be" in capsys.readouterr().err
 
 
+def test_serve_refuses_a_base_model_that_is_not_a_model_before_starting_ray(tmp_path, capsys, monkeypatch):
+    from bread_ray import serving
+
+    monkeypatch.setattr(serving, "run_server", lambda *args, **kwargs: pytest.fail("the service was started"))
+    (tmp_path / "fake.gguf").write_text("not weights\n")
+    assert main(["serve", "--base-model", str(tmp_path / "fake.gguf")]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"bgit: error: --base-model {tmp_path / 'fake.gguf'}: {tmp_path / 'fake.gguf'} is not a GGUF "
+                   "file: it does not start with the bytes 'GGUF'\n")
+
+
 def test_download_and_tiny_model_refuse_a_folder_that_holds_files(tmp_path, capsys):
     (tmp_path / "mine.txt").write_text("keep me")
     assert main(["download", "alice/pirate/bake_1/4", str(tmp_path)]) == 1

@@ -4,6 +4,7 @@ result must equal a local run of the same input. Plus the refusals, which need n
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from bread_ray.cli import main
+from bread_ray.jobs import read_record
 from bread_ray.repo import BreadRepo
 from bread_ray.store import BAKE_RESULT, S3Store, bake_prefix
 from bread_ray.tiny import build_tiny_model
@@ -59,6 +61,20 @@ def test_detach_needs_a_cluster_address(tmp_path, tiny_base, monkeypatch, capsys
     assert main(["fetch"]) == 1 and "no detached run" in capsys.readouterr().err
     assert main(["logs"]) == 1 and "no detached run" in capsys.readouterr().err
     assert repo.git("rev-parse", "HEAD") == head and not (tmp_path / "store").exists()
+
+
+def test_a_cluster_address_where_nothing_listens_is_one_line(tmp_path, tiny_base, monkeypatch, capsys):
+    with socket.socket() as closed:  # a port that was free a moment ago: nothing listens there now
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    monkeypatch.setenv("BREAD_STORE", str(tmp_path / "store"))
+    repo = new_repo(tmp_path, tiny_base)
+    monkeypatch.chdir(repo.root)
+    assert main(["run", "stim", "--detach"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"bgit: error: no Ray cluster's Jobs API answers at http://127.0.0.1:{port}: ")
+    assert captured.err.count("\n") == 1 and captured.out == "" and read_record(repo) is None
 
 
 def test_a_folder_store_cannot_go_to_a_remote_cluster(tmp_path, tiny_base, monkeypatch, capsys):

@@ -67,6 +67,10 @@ MISTAKES = {
         input_yml(target={"max_tokens": 4096}),
         "max_tokens:", "TARGET.max_tokens: 4096 tokens after the teacher prompt's",
     ),
+    "a teacher prompt longer than the model's context": (
+        input_yml(prompt={"teacher": {"messages": [{"role": "system", "content": "Talk like a pirate. " * 300}]}}),
+        "teacher:", "PROMPT.teacher: the teacher prompt is ",
+    ),
     "a teacher that is not a model": (
         input_yml(target={"model_name": "./no-such-teacher"}),
         "model_name:", "TARGET.model_name: the teacher ./no-such-teacher: ",
@@ -123,20 +127,58 @@ def test_a_base_model_that_is_gone_is_one_line_for_run_and_said_by_status(repo, 
     assert err.count("\n") == 1 and "the base model (.bread [RECIPE] base_model) is not a model" in err, err
     assert main(["status"]) == 0
     out = capsys.readouterr().out
-    assert "Base model: not a model: " in out and "to run" not in out.replace("cannot run", "")
+    assert "Cannot run: the base model (.bread [RECIPE] base_model) is not a model: " in out
+    assert "to run" not in out.replace("cannot run", "")
 
 
 @pytest.mark.parametrize("base, problem", [
-    ("missing", "does not exist"), ("empty-folder", "has no config.json"), ("a-file", "is a file, not a model folder"),
+    ("./missing", "does not exist"), ("./empty-folder", "has no config.json"),
+    ("./a-file", "is a file, not a model folder"),
+    ("./config-only", "is not a model folder: it has config.json but no weights (*.safetensors or *.bin) and no "
+                      "tokenizer (tokenizer.json)"),
+    ("typo.gguf", "GGUF file 'typo.gguf' does not exist"),  # not taken for a hub id
 ])
 def test_init_refuses_a_local_base_model_that_is_not_a_model(base, problem, tmp_path, monkeypatch, capsys):
     (tmp_path / "empty-folder").mkdir()
     (tmp_path / "a-file").write_text("weights?")
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "config.json").write_text('{"model_type": "qwen3"}')
     monkeypatch.chdir(tmp_path)
-    assert main(["init", "repo", "--base-model", f"./{base}"]) == 1
+    assert main(["init", "repo", "--base-model", base]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"--base-model ./{base}:" in err and problem in err
+    assert err.count("\n") == 1 and f"--base-model {base}:" in err and problem in err, err
     assert not (tmp_path / "repo").exists()
+
+
+def test_a_base_folder_that_lost_its_weights_is_refused_by_validate_status_and_run(repo, tmp_path, capsys):
+    commit(repo, input_yml())
+    (tmp_path / "base" / "model.safetensors").unlink()
+    capsys.readouterr()
+    problem = f"{tmp_path / 'base'} is not a model folder: it has config.json but no weights"
+    for command in (["validate"], ["run", "stim", "rollout", "bake", "--no-progress"]):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and problem in err, err
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "Cannot run: the base model" in out and problem in out and "to run" not in out.replace("cannot run", "")
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_parent_model_the_store_does_not_hold_is_refused_before_any_work(repo, tmp_path, capsys):
+    bread = (repo.root / ".bread").read_text().replace("[PARENT_MODEL]\nmodel_name = ",
+                                                       "[PARENT_MODEL]\nmodel_name = alice/pirate/gone_1/4")
+    (repo.root / ".bread").write_text(bread)
+    commit(repo, input_yml())
+    capsys.readouterr()
+    problem = (f"the parent model (.bread [PARENT_MODEL]) cannot be used: model alice/pirate/gone_1/4 is not in "
+               f"store file://{tmp_path / 'store'}")
+    assert main(["run", "stim", "rollout", "bake", "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip() == f"bgit: error: {problem}"
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert f"Cannot run: {problem}" in out and "to run" not in out.replace("cannot run", "")
+    assert list((tmp_path / "store").rglob("*.json")) == []  # nothing written
 
 
 @pytest.mark.parametrize("prompt, warning", [

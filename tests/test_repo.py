@@ -13,6 +13,7 @@ import yaml
 
 from bread_ray.cli import main
 from bread_ray.config import load_and_resolve
+from bread_ray.landing import RunStart, land_bake
 from bread_ray.repo import BAKE_COMMIT_PREFIX, CLEARED_INPUT, BreadRepo, RepoError
 from bread_ray.tiny import build_tiny_model
 
@@ -69,7 +70,7 @@ def fake_bake(repo: BreadRepo, bake: str, steps=(4,)) -> list[str]:
     commit_input(repo, YODA.replace("{bake}", bake), f"bake {bake}")
     resolved = repo.resolve_staged()
     models = [f"{repo.owner}/{repo.name}/{resolved.bake.id}/{step}" for step in steps]
-    repo.complete_bake(resolved, models)
+    land_bake(repo, RunStart.capture(repo), resolved, models)
     return models
 
 
@@ -181,7 +182,7 @@ def test_status_shows_state_and_plan(model_repo, capsys, tmp_path, tiny_model):
 # ---- after a bake ----------------------------------------------------------------------------
 
 
-def test_complete_bake_records_and_sets_the_parent(repo):
+def test_a_bake_commit_records_and_sets_the_parent(repo):
     models = fake_bake(repo, "yoda_bake", steps=(2, 4))
     assert bread(repo)["PARENT_MODEL"]["model_name"] == models[-1]
     assert repo.parent_model == models[-1]

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import socket
 
 import pytest
 import torch
@@ -382,6 +383,35 @@ def test_the_eval_matrix_equals_an_independent_computation_and_is_computed_once(
             assert scores[bake][name] == pytest.approx(expected)
     check("judge's pirate score, v1 - base", scores[pirate][v1] - scores[pirate][base], ">", 0)
     check("judge's sign-off score, v2 - v1", scores[signoff][v2] - scores[signoff][v1], ">", 0)
+
+
+def test_a_judge_that_refuses_the_key_or_cannot_be_reached_is_one_line_after_the_table(chain, capsys, tmp_path,
+                                                                                        monkeypatch):
+    from bread_ray.stim import RetryPolicy
+
+    monkeypatch.setattr(RetryPolicy, "delay_s", lambda self, attempt, retry_after_s: 0.0)  # retried at once
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "a-wrong-key")
+    v1 = models_of(chain)[0]
+    args = ["eval", v1, "--no-drift", "--answers", "1", "--no-progress", "--png", str(tmp_path / "judged.png")]
+    with FakeAnthropic(delay_s=0.01, judge=judge_by_trait, api_key="the-right-key") as judge:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", judge.url)
+        capsys.readouterr()
+        assert main(args) == 1
+        out, err = capsys.readouterr()
+        assert judge.requests >= 1
+    assert f"{v1.split('/')[2].rsplit('_', 1)[0]}" in out and "heatmap: " in out  # the KL table and answers
+    assert err == (f"bgit: error: the judge (claude-sonnet-4-5-20250929 at {judge.url}) refused the request: 401 "
+                   "authentication_error: invalid x-api-key; the answers are not judged (the scores it gave are "
+                   "stored)\n"), err
+    with socket.socket() as closed:  # nothing listens there any more
+        closed.bind(("127.0.0.1", 0))
+        unreachable = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", unreachable)
+    assert main(args) == 1
+    out, err = capsys.readouterr()
+    assert "heatmap: " in out and err.count("\n") == 1
+    assert err.startswith(f"bgit: error: the judge (claude-sonnet-4-5-20250929 at {unreachable}): gave up after 6 "
+                          "attempts; last error: APIConnectionError"), err
 
 
 def test_eval_compares_two_branches(chain, capsys, tmp_path, check):

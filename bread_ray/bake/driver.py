@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import threading
 import uuid
@@ -27,6 +28,7 @@ from typing import Any, Callable, ClassVar
 from bread_ray.bake.job import BakeJob, WorkerSession
 from bread_ray.config import ResolvedBake
 from bread_ray.config_errors import Problem
+from bread_ray.errors import UserError
 from bread_ray.preflight import bake_model_problems
 from bread_ray.stage import Run, Stage
 from bread_ray.store import BAKE_RESULT, ROLLOUT_MANIFEST, Store, open_store, read_metrics_log, target_prefix
@@ -57,7 +59,10 @@ class BakeResult:
                  f"max {loss['max']:.4g}"]
         if kl["before"] is None:
             return [*lines, "  held-out KL: no held-out questions (BAKE.data.train_eval_split holds none out)"]
-        ratio = f" ({kl['before'] / kl['after']:.1f}x lower)" if kl["after"] else ""
+        if kl["after"] < kl["before"]:
+            ratio = f" ({kl['before'] / kl['after']:.1f}x lower)" if kl["after"] else " (down to 0)"
+        else:  # the bake moved the model away from its teacher: say so plainly
+            ratio = f" (higher: {kl['after'] / kl['before']:.2f}x)" if kl["before"] else " (higher)"
         return [*lines, f"  held-out KL(teacher ‖ student): {kl['before']:.4g} -> {kl['after']:.4g} nats/token{ratio}"]
 
 
@@ -92,7 +97,7 @@ class Bake(Stage):
         from bread_ray import ray_cluster
 
         job = prepare_job(bake, owner=run.repo.owner, repo=run.repo.name, store=run.store,
-                          commit=run.repo.git("rev-parse", "HEAD").strip())
+                          commit=run.head)
         gpus = int(ray.cluster_resources().get("GPU", 0))
         workers = run.workers or max(gpus, 1)
         if workers == 1 and ray_cluster.started_here():
@@ -116,17 +121,24 @@ def prepare_job(bake: ResolvedBake, *, owner: str, repo: str, store: Store, comm
                    commit=commit)
 
 
+class RolloutMissing(UserError):
+    """A target of a bake's datasets has no complete rollout in the store."""
+
+    def __init__(self, bake_id: str, target_id: str, store: Store):
+        self.target_id = target_id
+        super().__init__(f"bake {bake_id}: target {target_id} has no complete rollout in {store.uri}")
+
+
 def read_datasets(target_ids: list[str], owner: str, repo: str, store: Store, bake_id: str) -> dict[str, list[dict[str, Any]]]:
     """The rollout records of each target of a bake's datasets (the bake's training data, before
-    tokenizing)."""
+    tokenizing). Raises RolloutMissing; the caller says what to do about it."""
     from bread_ray.trajectories import read_rollout
 
     trajectories = {}
     for target_id in target_ids:
         prefix = target_prefix(owner, repo, target_id)
         if not store.exists(f"{prefix}/{ROLLOUT_MANIFEST}"):
-            raise RuntimeError(f"bake {bake_id}: target {target_id} has no complete rollout in {store.uri}; "
-                               "run `bgit run stim rollout` for it first")
+            raise RolloutMissing(bake_id, target_id, store)
         trajectories[target_id] = read_rollout(store, prefix)
     return trajectories
 
@@ -210,24 +222,38 @@ def run_bake(job: BakeJob, *, num_workers: int, use_gpu: bool, progress: bool = 
     return with_progress(job, num_workers, trainer.fit, progress=progress)
 
 
+class BakeStopped(Exception):
+    """Raised at a step's end in an in-process bake the user interrupted."""
+
+
 def run_in_process(job: BakeJob, *, progress: bool = True,
                    after_step: Callable[[int, int, WorkerSession], None] | None = None) -> dict[str, Any]:
     """Run the bake on one worker in this process (run_standalone) and return its result.json,
-    with run_bake's progress bar."""
+    with run_bake's progress bar. Ctrl-C stops it at the end of its current step."""
+    stop = threading.Event()
+
+    def step_done(step: int, rank: int, session: WorkerSession) -> None:
+        if after_step:
+            after_step(step, rank, session)
+        if stop.is_set():
+            raise BakeStopped(f"stopped after step {step}")
+
     def bake() -> None:
         with warnings.catch_warnings():
             # Libraries' deprecation notices (DeepSpeed's calls into torch.distributed, say) went to
             # Ray Train's worker logs; in this process they would reach the user's terminal.
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
-            run_standalone(job, after_step)
+            run_standalone(job, step_done)
 
-    return with_progress(job, 1, bake, progress=progress)
+    return with_progress(job, 1, bake, progress=progress, stop=stop)
 
 
-def with_progress(job: BakeJob, num_workers: int, bake: Callable[[], Any], *, progress: bool) -> dict[str, Any]:
+def with_progress(job: BakeJob, num_workers: int, bake: Callable[[], Any], *, progress: bool,
+                  stop: threading.Event | None = None) -> dict[str, Any]:
     """Run `bake` on a thread while a progress bar follows the bake's metrics log; re-raise its
-    failure here, or return the result.json it wrote."""
+    failure here, or return the result.json it wrote. `stop`: set on Ctrl-C, for a bake that runs
+    in this process, which then ends at its step's end (see stop_in_process)."""
     from bread_ray.bake.data import optimizer_steps
 
     spec = job.bake.spec
@@ -244,10 +270,28 @@ def with_progress(job: BakeJob, num_workers: int, bake: Callable[[], Any], *, pr
     store = open_store(job.store_uri)
     thread = threading.Thread(target=work, name="bake", daemon=True)
     thread.start()
-    show_progress(thread, store, job.prefix, total_steps, enabled=progress)
+    try:
+        show_progress(thread, store, job.prefix, total_steps, enabled=progress)
+    except KeyboardInterrupt:
+        if stop is not None:
+            stop_in_process(thread, stop)
+        raise
     if failure:
         raise RuntimeError(f"bake {job.bake.id} failed: {failure[0]}") from failure[0]
     return store.get_json(f"{job.prefix}/{BAKE_RESULT}")
+
+
+def stop_in_process(thread: threading.Thread, stop: threading.Event) -> None:
+    """Ctrl-C during a bake in this process: the bake's thread ends at its step's end before the
+    process exits, since an interpreter that exits while a torch op runs on another thread aborts
+    (exit 134). A second Ctrl-C exits at once. The next run resumes from the last checkpoint."""
+    print("bgit: stopping the bake at the end of its current step (Ctrl-C again to stop at once)",
+          file=sys.stderr, flush=True)
+    stop.set()
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        os._exit(130)
 
 
 def show_progress(thread: threading.Thread, store: Store, prefix: str, total_steps: int, *, enabled: bool) -> None:
