@@ -699,6 +699,8 @@ def fidelity_note(store: Store | None):
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from bread_ray.tiny import build_tiny_model
 
+    if args.rebuild and not args.prompt_sensitive:
+        raise RepoError("--rebuild builds the prompt-sensitive model: add --prompt-sensitive")
     folder = new_folder(args.dir)
     if not args.prompt_sensitive:
         build_tiny_model(folder, seed=args.seed)

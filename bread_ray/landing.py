@@ -86,8 +86,8 @@ class Landing:
                     f"continues the run's lineage; your {self.moved_from} is as you left it. `git switch "
                     f"{self.branch}` to continue from {model}"]
         cleared = self.checked_out and INPUT_FILE not in self.kept
-        lines = [committed, f"The parent model is now {model}" + ("; input.yml is cleared for the next bake." if cleared
-                                                                  else ".")]
+        ending = f"; {INPUT_FILE} is cleared for the next bake." if cleared else "."
+        lines = [committed, f"The parent model is now {model}{ending}"]
         if not self.checked_out:
             lines.append(f"You are on another branch now: `git switch {self.branch}` to continue from it.")
         for name in self.kept:

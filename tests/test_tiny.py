@@ -334,6 +334,9 @@ def test_tiny_model_cli_unpacks_seed_0_and_builds_other_seeds_saying_which(tmp_p
     assert f"Built the prompt-sensitive tiny model (seed 1) on this CPU in {tmp_path / 'one'}" in out
     assert f"weights sha256 {built[:12]}…; other CPUs may build other bytes" in out
 
+    assert bgit(["tiny-model", str(tmp_path / "plain"), "--rebuild"]) == 1
+    assert "--rebuild builds the prompt-sensitive model: add --prompt-sensitive" in capsys.readouterr().err
+    assert not (tmp_path / "plain").exists()
     assert bgit(["tiny-model", str(tmp_path / "again"), "--prompt-sensitive", "--rebuild"]) == 0
     rebuilt = hashlib.sha256((tmp_path / "again" / "model.safetensors").read_bytes()).hexdigest()
     out = capsys.readouterr().out
