@@ -50,7 +50,6 @@ from bread_ray.pipeline import (
     preflight,
     run,
 )
-from bread_ray.preflight import base_model_problem
 from bread_ray.repo import DEFAULT_BASE_MODEL, INPUT_FILE, BreadRepo, RepoError, render_lineage_tree
 from bread_ray.schema import DEFAULT_QUESTION_MODEL
 from bread_ray.stim import read_stimuli
@@ -616,9 +615,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     base_model = args.base_model or (repo.base_model if repo else None)
     if base_model is None:
         raise RepoError("outside a bgit repository, say which base model to serve: --base-model MODEL")
-    problem = base_model_problem(base_model)  # before Ray starts: its replicas would fail far less clearly
-    if problem:
-        raise RepoError(f"{'--base-model ' + args.base_model if args.base_model else 'the base model'}: {problem}")
     repositories = args.repository or ([f"{repo.owner}/{repo.name}"] if repo else [])
     api_key = args.api_key or os.environ.get("BREAD_API_KEY")
     try:

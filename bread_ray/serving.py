@@ -46,6 +46,7 @@ from bread_ray.inference import (
     UnknownModel,
     open_engine,
 )
+from bread_ray.preflight import base_model_problem
 from bread_ray.store import open_store
 
 APP_NAME = "bread"  # the Serve application, as serve/config.yaml names it
@@ -339,8 +340,12 @@ def run_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 800
         except OSError as error:
             raise ValueError(f"cannot serve on {host}:{port}: {(error.strerror or str(error)).lower()}: "
                              "choose another --port") from None
-    # The store is read here first, so that a misconfigured one fails in one line before Ray starts
+    # The store and the base model are read here first, so that either fails in one line before Ray
+    # starts (Serve's replicas would fail later, with pages of traceback)
     names = ModelCatalog(settings.base_model, open_store(settings.store), settings.repositories).model_names()
+    problem = base_model_problem(settings.base_model)
+    if problem:
+        raise ValueError(f"the base model {settings.base_model}: {problem}")
     local = ray_cluster.connect(announce=announce)
     signal.signal(signal.SIGTERM, interrupt)  # after ray.init, which sets its own: `kill` stops as Ctrl-C does
     try:

@@ -6,6 +6,8 @@ import pytest
 
 from bread_ray.cli import main
 
+from s3_server import free_port
+
 COMMANDS = {
     "init": "first commit",
     "add": "invalid one is refused",
@@ -55,13 +57,14 @@ def test_counts_and_ports_out_of_range_are_usage_errors(args, capsys):
 
 
 def test_serve_refuses_a_base_model_that_is_not_a_model_before_starting_ray(tmp_path, capsys, monkeypatch):
-    from bread_ray import serving
+    from bread_ray import ray_cluster
 
-    monkeypatch.setattr(serving, "run_server", lambda *args, **kwargs: pytest.fail("the service was started"))
+    monkeypatch.setattr(ray_cluster, "connect", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    monkeypatch.setenv("BREAD_STORE", str(tmp_path / "store"))
     (tmp_path / "fake.gguf").write_text("not weights\n")
-    assert main(["serve", "--base-model", str(tmp_path / "fake.gguf")]) == 1
+    assert main(["serve", "--base-model", str(tmp_path / "fake.gguf"), "--port", str(free_port())]) == 1
     err = capsys.readouterr().err
-    assert err == (f"bgit: error: --base-model {tmp_path / 'fake.gguf'}: {tmp_path / 'fake.gguf'} is not a GGUF "
+    assert err == (f"bgit: error: the base model {tmp_path / 'fake.gguf'}: {tmp_path / 'fake.gguf'} is not a GGUF "
                    "file: it does not start with the bytes 'GGUF'\n")
 
 

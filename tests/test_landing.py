@@ -244,8 +244,24 @@ def test_a_real_run_lands_on_its_branch_while_the_user_switches_to_another(tmp_p
     assert main(["eval", "--no-drift", "--no-progress", "--png", str(tmp_path / "eval.png")]) == 0
 
 
-LONG_BAKE = REAL_INPUT.replace("  micro_batch_size: 2\n", "  micro_batch_size: 1\n  epochs: 16\n").replace(
+LONG_BAKE = REAL_INPUT.replace("  micro_batch_size: 2\n", "  micro_batch_size: 1\n  epochs: 8\n").replace(
     "  deepspeed:", "  checkpoint: [{save_every_n_steps: 4}]\n  deepspeed:")
+# `bgit` with each bake step 0.2 s longer, so that a Ctrl-C lands mid-bake on any machine
+SLOW_STEPS_BGIT = """\
+import sys, time
+from bread_ray.bake import driver
+standalone = driver.run_standalone
+
+def slow_steps(job, after_step=None):
+    def step_done(step, rank, session):
+        time.sleep(0.2)
+        after_step(step, rank, session)
+    return standalone(job, step_done)
+
+driver.run_standalone = slow_steps
+from bread_ray.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 @pytest.mark.slow
@@ -253,19 +269,21 @@ def test_ctrl_c_during_a_bake_stops_it_at_a_step_end_in_one_line_and_the_next_ru
     """SIGINT to `bgit run bake` while it trains in bgit's own process: exit 130 with bgit's lines
     only (the process used to abort now and then, exit 134, as the interpreter exited under a
     running torch op); then the same command finishes the bake."""
-    env = {**os.environ, "BREAD_STORE": str(tmp_path / "store")}
-    env.pop("RAY_ADDRESS", None)
+    distributed = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")  # an earlier bake's, here
+    env = {key: value for key, value in os.environ.items() if key not in (*distributed, "RAY_ADDRESS")}
+    env["BREAD_STORE"] = str(tmp_path / "store")
     repo = BreadRepo.init(tmp_path / "pirate", base_model=str(tiny_model), owner="alice")
     (repo.root / "input.yml").write_text(LONG_BAKE.replace("{bake}", "v1"))
     repo.git("add", "input.yml")
     repo.git("commit", "-q", "-m", "v1")
 
-    def bgit(*args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "bread_ray.cli", *args, "--no-progress", "--no-eval"],
+    def bgit(*args: str, slow: bool = False) -> subprocess.Popen:
+        command = ["-c", SLOW_STEPS_BGIT] if slow else ["-m", "bread_ray.cli"]
+        return subprocess.Popen([sys.executable, *command, *args, "--no-progress", "--no-eval"],
                                 cwd=repo.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     assert bgit("run", "stim", "rollout").wait(timeout=300) == 0
-    baking = bgit("run", "bake")
+    baking = bgit("run", "bake", slow=True)
     for _ in range(600):  # until the bake has logged a step
         if any((tmp_path / "store").rglob("train_log_metrics.jsonl")) or baking.poll() is not None:
             break
