@@ -52,6 +52,15 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The synthetic tiny model (bread_ray.tiny, seed 0), built once for the whole test session (a
+    Path). Tests never change it: one that needs a changed model copies it first."""
+    from bread_ray.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
 def prompt_sensitive_base():
     """The prompt-sensitive tiny model (bread_ray.prompt_sensitive), seed 0 as shipped: the same
     weights on every machine, unpacked once into the cache ($BREAD_CACHE or ~/.cache/bread_ray)."""

@@ -33,7 +33,6 @@ from bread_ray.config import resolve_bake
 from bread_ray.models import load_tokenizer
 from bread_ray.schema import Bake
 from bread_ray.store import LocalStore
-from bread_ray.tiny import build_tiny_model
 
 from s3_server import free_port
 
@@ -58,11 +57,6 @@ def trajectories(questions: int, per_question: int = 2, seed: int = 0, teacher=P
             records.append({"stimulus_index": i, "trajectory_index": t, "teacher_messages": [*teacher, user],
                             "student_messages": [*student, user], "teacher_tools": [], "response_token_ids": response})
     return records
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")

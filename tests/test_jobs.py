@@ -5,8 +5,6 @@ result must equal a local run of the same input. Plus the refusals, which need n
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -17,9 +15,9 @@ from bread_ray.cli import main
 from bread_ray.jobs import read_record
 from bread_ray.repo import BreadRepo
 from bread_ray.store import BAKE_RESULT, S3Store, bake_prefix
-from bread_ray.tiny import build_tiny_model
 
 from ray_heads import add_worker_node, ensure_auth_token, start_head, user_env
+from repos import bgit, committed_repo
 
 INPUT = yaml.safe_dump({
     "PROMPT": {"teacher": {"messages": [{"role": "system", "content": "Talk like a pirate."}]}},
@@ -31,29 +29,15 @@ INPUT = yaml.safe_dump({
 }, sort_keys=False)
 
 
-def bgit(*args, cwd, env):
-    return subprocess.run([sys.executable, "-m", "bread_ray.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
 def new_repo(root, base) -> BreadRepo:
     """A repository with INPUT committed, named alice/jobs wherever it lives (same names, same ids)."""
-    repo = BreadRepo.init(root / "jobs", base_model=str(base), owner="alice")
-    (repo.root / "input.yml").write_text(INPUT)
-    repo.git("add", "input.yml")
-    repo.git("commit", "-q", "-m", "a pirate")
-    return repo
+    return committed_repo(root / "jobs", base, INPUT)
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-def test_detach_needs_a_cluster_address(tmp_path, tiny_base, monkeypatch, capsys):
+def test_detach_needs_a_cluster_address(tmp_path, tiny_model, monkeypatch, capsys):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("BREAD_STORE", str(tmp_path / "store"))
-    repo = new_repo(tmp_path, tiny_base)
+    repo = new_repo(tmp_path, tiny_model)
     monkeypatch.chdir(repo.root)
     head = repo.git("rev-parse", "HEAD")
     assert main(["run", "stim", "rollout", "bake", "--detach"]) == 1
@@ -63,13 +47,13 @@ def test_detach_needs_a_cluster_address(tmp_path, tiny_base, monkeypatch, capsys
     assert repo.git("rev-parse", "HEAD") == head and not (tmp_path / "store").exists()
 
 
-def test_a_cluster_address_where_nothing_listens_is_one_line(tmp_path, tiny_base, monkeypatch, capsys):
+def test_a_cluster_address_where_nothing_listens_is_one_line(tmp_path, tiny_model, monkeypatch, capsys):
     with socket.socket() as closed:  # a port that was free a moment ago: nothing listens there now
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
     monkeypatch.setenv("BREAD_STORE", str(tmp_path / "store"))
-    repo = new_repo(tmp_path, tiny_base)
+    repo = new_repo(tmp_path, tiny_model)
     monkeypatch.chdir(repo.root)
     assert main(["run", "stim", "--detach"]) == 1
     captured = capsys.readouterr()
@@ -77,9 +61,9 @@ def test_a_cluster_address_where_nothing_listens_is_one_line(tmp_path, tiny_base
     assert captured.err.count("\n") == 1 and captured.out == "" and read_record(repo) is None
 
 
-def test_a_folder_store_cannot_go_to_a_remote_cluster(tmp_path, tiny_base, monkeypatch, capsys):
+def test_a_folder_store_cannot_go_to_a_remote_cluster(tmp_path, tiny_model, monkeypatch, capsys):
     monkeypatch.setenv("BREAD_STORE", str(tmp_path / "store"))
-    repo = new_repo(tmp_path, tiny_base)
+    repo = new_repo(tmp_path, tiny_model)
     monkeypatch.chdir(repo.root)
     assert main(["run", "stim", "rollout", "bake", "--detach", "--address", "http://10.0.0.1:8265"]) == 1
     assert "cannot reach: set BREAD_STORE=s3://" in capsys.readouterr().err
@@ -111,7 +95,7 @@ def two_node_cluster(s3_server, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.s3
-def test_a_detached_two_worker_run_equals_a_local_run(two_node_cluster, s3_server, tiny_base, tmp_path,
+def test_a_detached_two_worker_run_equals_a_local_run(two_node_cluster, s3_server, tiny_model, tmp_path,
                                                      ray_session, monkeypatch):
     """`bgit run --detach` of the whole pipeline on the two-node cluster, a bake worker on each
     node checkpointing through the S3 store; `bgit status` until done, `bgit logs`, `bgit fetch`:
@@ -119,7 +103,7 @@ def test_a_detached_two_worker_run_equals_a_local_run(two_node_cluster, s3_serve
     address, env = two_node_cluster
     bucket = s3_server.create_bucket(f"jobs-{os.getpid()}-{int(time.time())}")
     env = {**env, "BREAD_STORE": f"s3://{bucket}/store"}
-    detached = new_repo(tmp_path / "detached", tiny_base)
+    detached = new_repo(tmp_path / "detached", tiny_model)
 
     submitted = bgit("run", "stim", "rollout", "bake", "--detach", "--workers", "2", "--address", address,
                      cwd=detached.root, env=env)
@@ -161,7 +145,7 @@ def test_a_detached_two_worker_run_equals_a_local_run(two_node_cluster, s3_serve
     assert bgit("fetch", cwd=detached.root, env=env).returncode == 1  # applied once
 
     monkeypatch.setenv("BREAD_STORE", str(tmp_path / "local-store"))
-    local = new_repo(tmp_path / "local", tiny_base)
+    local = new_repo(tmp_path / "local", tiny_model)
     monkeypatch.chdir(local.root)
     assert main(["run", "stim", "rollout", "bake", "--workers", "2", "--no-progress", "--no-eval"]) == 0
     for name in ("recipe.yml", ".bread", "input.yml"):

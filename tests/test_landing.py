@@ -21,7 +21,6 @@ from bread_ray.cli import main
 from bread_ray.landing import KEPT_SUFFIX, RunStart, land_bake
 from bread_ray.repo import BAKE_COMMIT_PREFIX, CLEARED_INPUT, BreadRepo
 from bread_ray.store import open_store
-from bread_ray.tiny import build_tiny_model
 
 INPUT = """\
 PROMPT:
@@ -192,11 +191,6 @@ def test_one_run_per_repository_and_the_lock_ends_with_its_process(repo, capsys,
         holder.wait()
     with repo.run_lock("bgit run stim"):
         pass
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 REAL_INPUT = INPUT.replace('["How are you?", "What is rice?"]', str([f"Question {i}?" for i in range(10)])).replace(

@@ -13,7 +13,7 @@ from bread_ray.lineage import UnfoldableAdapter, fold_adapters, fold_lineage, wr
 from bread_ray.model_sources import ModelNotFoundError
 from bread_ray.models import download_folded_adapter, load_causal_lm, load_teacher
 from bread_ray.store import LocalStore
-from bread_ray.tiny import build_random_lora, build_tiny_model
+from bread_ray.tiny import build_random_lora
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Three bakes as a chain might hold them: other ranks, alphas and targets, rsLoRA, per-module patterns.
@@ -24,11 +24,6 @@ CHAIN = [
      "rank_pattern": {"down_proj": 5}, "alpha_pattern": {"o_proj": 7}},
 ]
 CHAIN_RANK = 4 + 2 + 5  # each adapter's largest module rank
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import pytest
 
 from bread_ray.cli import main
 from bread_ray.repo import BreadRepo
-from bread_ray.tiny import build_tiny_model
 
 INPUT = """\
 PROMPT:
@@ -24,11 +23,6 @@ TARGET:
   num_traj_per_stimulus: 2
   max_tokens: 8
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 @pytest.fixture

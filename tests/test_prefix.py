@@ -20,7 +20,6 @@ from bread_ray.bake.prefix import (
 )
 from bread_ray.chat_format import MIN_SHARED_PREFIX
 from bread_ray.models import load_causal_lm, load_tokenizer
-from bread_ray.tiny import build_tiny_model
 
 
 class Engine(torch.nn.Module):
@@ -32,11 +31,6 @@ class Engine(torch.nn.Module):
 
     def forward(self, **inputs):
         return self.module(**inputs)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def student_model(tiny_model, checkpointing: bool) -> Engine:

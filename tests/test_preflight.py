@@ -12,7 +12,6 @@ import yaml
 
 from bread_ray.cli import main
 from bread_ray.repo import BreadRepo
-from bread_ray.tiny import build_tiny_model
 
 QUESTIONS = {"type": "hardcoded", "questions": ["What is the river?", "Where is the map?"]}
 
@@ -23,11 +22,6 @@ def input_yml(*, target: dict | None = None, bake: dict | None = None, prompt: d
         "TARGET": {"name": "pirate", "generators": [QUESTIONS], "max_tokens": 16, **(target or {})},
         "BAKE": {"name": "pirate_bake", "datasets": [{"target": "pirate"}], **(bake or {})},
     }, sort_keys=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture

@@ -20,9 +20,9 @@ import yaml
 
 from bread_ray.jobs import JOB_RECORD, JOBS_API_TIMEOUT_S
 from bread_ray.repo import BreadRepo
-from bread_ray.tiny import build_tiny_model
 
 from ray_heads import ensure_auth_token, start_head, user_env
+from repos import bgit, committed_repo
 
 RAY_RECORD = Path("/tmp/ray/ray_current_cluster")  # where `ray start` records its head on this machine
 INPUT = yaml.safe_dump({
@@ -35,23 +35,9 @@ INPUT = yaml.safe_dump({
 }, sort_keys=False)
 
 
-def bgit(*args: str, cwd: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bread_ray.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
 @pytest.fixture
-def repo(tmp_path, tiny_base) -> BreadRepo:
-    repo = BreadRepo.init(tmp_path / "pirate", base_model=str(tiny_base), owner="alice")
-    (repo.root / "input.yml").write_text(INPUT)
-    repo.git("add", "input.yml")
-    repo.git("commit", "-q", "-m", "a pirate")
-    return repo
+def repo(tmp_path, tiny_model) -> BreadRepo:
+    return committed_repo(tmp_path / "pirate", tiny_model, INPUT)
 
 
 @pytest.fixture

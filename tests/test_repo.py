@@ -15,7 +15,6 @@ from bread_ray.cli import main
 from bread_ray.config import load_and_resolve
 from bread_ray.landing import RunStart, land_bake
 from bread_ray.repo import BAKE_COMMIT_PREFIX, CLEARED_INPUT, BreadRepo, RepoError
-from bread_ray.tiny import build_tiny_model
 
 YODA = """\
 PROMPT:
@@ -43,11 +42,6 @@ def repo(tmp_path, monkeypatch):
     repo = BreadRepo.init(tmp_path / "yoda", base_model="tiny-base", owner="alice")
     monkeypatch.chdir(repo.root)
     return repo
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture

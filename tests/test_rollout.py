@@ -16,7 +16,6 @@ from bread_ray.models import cut_at_eos, eos_token_ids, lineage_chain, load_caus
 from bread_ray.rollout import run_rollout
 from bread_ray.schema import Prompt, Target
 from bread_ray.store import ROLLOUT_MANIFEST, LocalStore, rollout_part_key
-from bread_ray.tiny import build_tiny_model
 from bread_ray.trajectories import read_rollout
 
 TEACHER_SYSTEM = "You are a pirate captain. Answer every question like a pirate."
@@ -27,11 +26,6 @@ STIMULI = [f"What is the best {thing}?" for thing in ("ship", "map", "island", "
 SHARD_SIZE = 2  # 3 shards
 NUM_TRAJ = 2
 PREFIX = "alice/pirate/targets/t"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 def make_target(model_dir, seed=42):

@@ -27,6 +27,7 @@ from bread_ray.models import load_causal_lm, load_tokenizer
 from bread_ray.store import LocalStore, model_prefix
 from bread_ray.tiny import build_random_lora, build_tiny_model
 
+import repos
 from s3_server import free_port
 
 API_KEY = "test-key"
@@ -257,9 +258,9 @@ def test_the_api_key_is_required(server):
 
 
 def bgit(*args, env=None, input=None, cwd=None, timeout=120):
-    env = {**os.environ, "BREAD_API_KEY": API_KEY, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "bread_ray.cli", *args], capture_output=True, text=True,
-                          env=env, input=input, cwd=cwd, timeout=timeout)
+    """bgit in its own process, with the service's API key."""
+    return repos.bgit(*args, env={**os.environ, "BREAD_API_KEY": API_KEY, **(env or {})}, input=input, cwd=cwd,
+                      timeout=timeout)
 
 
 def test_bgit_chat_one_message(server, expected):

@@ -253,15 +253,8 @@ def test_store_folder_outside_the_work_tree_or_in_git_folder(git_work_tree, tmp_
 
 
 @pytest.fixture(scope="module")
-def tiny_model_folder(tmp_path_factory):
-    from bread_ray.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def bgit_repo(tiny_model_folder, tmp_path_factory):
-    return BreadRepo.init(tmp_path_factory.mktemp("repos") / "yoda", base_model=str(tiny_model_folder), owner="alice")
+def bgit_repo(tiny_model, tmp_path_factory):
+    return BreadRepo.init(tmp_path_factory.mktemp("repos") / "yoda", base_model=str(tiny_model), owner="alice")
 
 
 def broken_store(case: str, request, monkeypatch, tmp_path) -> tuple[str, str]:

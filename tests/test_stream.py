@@ -13,12 +13,11 @@ import yaml
 
 from bread_ray import pipeline, teacher
 from bread_ray.cli import main
-from bread_ray.repo import BreadRepo
 from bread_ray.store import LocalStore, target_prefix
 from bread_ray.stream import TargetStimuli, stream_targets
-from bread_ray.tiny import build_tiny_model
 
 from fake_anthropic import FakeAnthropic
+from repos import committed_repo
 
 TARGETS = [  # (name, teacher prompt, generators): shards of 8 that mix generators and wait on requests
     ("pirate", "You are a pirate captain.", [
@@ -41,13 +40,8 @@ SHARDS = {"pirate": 5, "sailor": 3, "cook": 2}  # 33, 17 and 16 stimuli
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stream")
-    repo = BreadRepo.init(root / "crew", base_model=str(build_tiny_model(root / "tiny")), owner="alice")
-    (repo.root / "input.yml").write_text(INPUT)
-    repo.git("add", "input.yml")
-    repo.git("commit", "-q", "-m", "three targets")
-    return repo
+def repo(tmp_path_factory, tiny_model):
+    return committed_repo(tmp_path_factory.mktemp("stream") / "crew", tiny_model, INPUT, "three targets")
 
 
 @pytest.fixture
