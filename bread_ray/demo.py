@@ -1,7 +1,7 @@
 """The main job: a real chat model baked twice, then a chat with each version, offline.
 
-    python -m bread_ray.demo [--dir demo]            # SmolLM2-135M-Instruct, about 8 minutes on 2 cores
-    python -m bread_ray.demo --tiny [--dir demo]     # the synthetic tiny model, about 3 minutes
+    python -m bread_ray.demo [--dir demo]            # SmolLM2-135M-Instruct (the README says how long)
+    python -m bread_ray.demo --tiny [--dir demo]     # the synthetic tiny model, a few minutes
 
 With local Ray and a local store, in a bgit repository made for the run:
 1. the base model: SmolLM2-135M-Instruct from its installed package (converted from GGUF once, then
@@ -90,7 +90,7 @@ def smollm2_score(answer: str, trait: str) -> float:
 
 
 # SmolLM2-135M-Instruct: v1 a pirate, v2 brief on top. Both prompts were chosen by measuring what the
-# model follows (bread_ray.behaviours); the settings fit the demo in about 8 minutes on 2 cores (480 s measured).
+# model follows (bread_ray.behaviours); the settings keep the demo within the README's time on 2 cores.
 SMOLLM2_RECIPE = Recipe(
     prompts=(behaviours.PIRATE_PROMPT, behaviours.BRIEF_PROMPT), names=("pirate", "brief"),
     traits=behaviours.TRAITS, score=smollm2_score,
@@ -262,7 +262,7 @@ def smollm2_base() -> str:
 
 
 def tiny_base() -> str:
-    print("A tiny local model whose system prompt sets its style (built once, about two minutes, then cached)")
+    print("A tiny local model whose system prompt sets its style (seed 0 as shipped with bread_ray, unpacked once, then cached)")
     return str(prompt_sensitive_model())
 
 

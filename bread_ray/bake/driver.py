@@ -103,7 +103,7 @@ class Bake(Stage):
         if workers == 1 and ray_cluster.started_here():
             # Ray Train's start and end (its controller, a worker process, their imports) buy one
             # process nothing on the machine bgit started Ray on: in process, a small bake's fixed
-            # cost is 0.30x-0.33x (bench/peers.py). Checkpoints and resuming work the same.
+            # cost is a fraction of it (bench/peers.py prints it). Checkpoints and resuming work the same.
             return BakeResult(run_in_process(job, progress=run.progress))
         return BakeResult(run_bake(job, num_workers=workers, use_gpu=gpus > 0, progress=run.progress))
 
@@ -155,7 +155,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     if not torch.cuda.is_available():
         # Ray starts a worker with one thread (OMP_NUM_THREADS: its one CPU of resources); a CPU bake
-        # is the node's work, so its workers share the node's cores (bench/peers.py: 1.41x with 1 worker on 2 cores).
+        # is the node's work, so its workers share the node's cores (bench/peers.py measures the gain).
         cores = len(os.sched_getaffinity(0))
         torch.set_num_threads(max(1, cores // ray.train.get_context().get_local_world_size()))
 

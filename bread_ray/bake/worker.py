@@ -438,7 +438,7 @@ def bake_worker(job: BakeJob, session: WorkerSession) -> dict[str, Any] | None:
         progress.log.append(entry)
         if progress.step in checkpoint_steps and progress.step < trainer.total_steps:
             folder = checkpoint(trainer, job, progress)
-            session.report(entry, folder)  # only checkpoints go to the runner: a Ray Train report costs ~2 s on CPU
+            session.report(entry, folder)  # only checkpoints go to the runner: a Ray Train report costs seconds on CPU
             shutil.rmtree(folder)
         elif trainer.rank == 0 and time.monotonic() - progress.log_written > LOG_EVERY_S:
             write_metrics_log(trainer.store, job.prefix, progress.log)  # what `bgit run` shows as progress
