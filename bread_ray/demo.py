@@ -262,7 +262,8 @@ def smollm2_base() -> str:
 
 
 def tiny_base() -> str:
-    print("A tiny local model whose system prompt sets its style (seed 0 as shipped with bread_ray, unpacked once, then cached)")
+    print("A tiny local model whose system prompt sets its style "
+          "(seed 0 as shipped with bread_ray, unpacked once, then cached)")
     return str(prompt_sensitive_model())
 
 
