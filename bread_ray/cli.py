@@ -36,24 +36,15 @@ import yaml
 from bread_ray.config import ResolvedConfig, load_and_resolve
 from bread_ray.config_errors import ConfigError
 from bread_ray.errors import UserError
-from bread_ray.jobs import fetch, job_logs, job_state, read_record, require_record, submit
+from bread_ray.jobs import fetch, job_logs, require_record, submit
 from bread_ray.lineage import InvalidModelName, ModelName
 from bread_ray.metrics import loss_chart, write_loss_plot
 from bread_ray.model_sources import ModelNotFoundError
-from bread_ray.pipeline import (
-    ROLLOUT,
-    STAGE_NAMES,
-    STIM,
-    items_to_check,
-    plan,
-    planned_run,
-    preflight,
-    run,
-)
+from bread_ray.pipeline import ROLLOUT, STAGE_NAMES, STIM, planned_problems, planned_run, run
 from bread_ray.repo import DEFAULT_BASE_MODEL, INPUT_FILE, BreadRepo, RepoError, render_lineage_tree
 from bread_ray.schema import DEFAULT_QUESTION_MODEL
 from bread_ray.stim import read_stimuli
-from bread_ray.store import BAKE_RESULT, Store, bake_prefix, open_store, read_metrics_log
+from bread_ray.store import BAKE_RESULT, bake_prefix, open_store, read_metrics_log
 from bread_ray.yaml_lines import decode_config
 
 PASSTHROUGH = {
@@ -368,8 +359,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(yaml.safe_dump(resolved_summary(resolved), sort_keys=False, allow_unicode=True, width=100), end="")
     print_warnings(resolved, shown)
     if repo and not args.parent and not resolved.is_empty:  # against this repository's models and files
-        run = planned_run(repo, resolved, store=None)
-        model_problem, problems = preflight(run, items_to_check(run))
+        model_problem, problems = planned_problems(planned_run(repo, resolved, store=None))
         if model_problem:
             raise RepoError(model_problem)
         found = [problem for item_problems in problems.values() for problem in item_problems]
@@ -390,65 +380,11 @@ def resolved_summary(resolved: ResolvedConfig) -> dict:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    repo = BreadRepo.find()
-    try:
-        store = repo.open_store()
-        where = store.uri
-    except UserError as error:  # status still reports the plan without a store
-        store, where = None, f"unavailable: {error}"
-    parent = repo.parent_model
-    print(f"On branch {repo.current_branch()}")
-    print(f"Repository {repo.owner}/{repo.name}, base model {repo.base_model}")
-    print(f"Parent model: {parent}" + ("  (the base: nothing baked on this branch yet)" if parent == repo.base_model
-                                        else fidelity_note(store)(parent)))
-    print(f"input.yml: {repo.input_state().describe()}")
-    print_job_state(repo)
-    try:
-        resolved = repo.resolve_staged()
-    except ConfigError as error:
-        print("The staged input.yml is invalid, `bgit run` would refuse it:")
-        for line in error.render():
-            print(f"  {line}")
-        return 0
-    for line in resolved.warning_lines():
-        print(f"  {line}")
-    if resolved.is_empty:
-        print("\n`bgit run` has nothing to do: the staged input.yml has no TARGET or BAKE.")
-        return 0
-    print(f"Store: {where}")
-    run = planned_run(repo, resolved, store)
-    model_problem, problems = preflight(run, items_to_check(run))
-    if model_problem:
-        print(f"Cannot run: {model_problem}")
-    print("\n`bgit run stim rollout bake` would:")
-    marks = {True: "✓", False: "·", None: "?"}
-    states = {True: "done, reused", False: "to run", None: "store not readable"}
-    for step in plan(run):
-        state = f"{step.state}, " if step.state else ""
-        found = ["its model cannot be used (above)"] if model_problem else \
-            ConfigError(INPUT_FILE, problems.get(step.resource, []), resolved.lines).render()
-        if found and not step.done:
-            print(f"  ✗ {step.stages:<15} {step.resource}  ({step.detail}): {state}cannot run:")
-            for line in found:
-                print(f"      {line}")
-        else:
-            print(f"  {marks[step.done]} {step.stages:<15} {step.resource}  ({step.detail}): {state}{states[step.done]}")
+    from bread_ray.status import status_lines
+
+    for line in status_lines(BreadRepo.find()):
+        print(line)
     return 0
-
-
-def print_job_state(repo: BreadRepo) -> None:
-    """The detached run's job, if there is one: its state, or why it cannot be read."""
-    job = read_record(repo)
-    if job is None:
-        return
-    try:
-        state, message = job_state(job)
-    except (RepoError, RuntimeError, OSError) as error:
-        state, message = "unknown", str(error)
-    print(f"Detached run: job {job.submission_id} on {job.address} ({' '.join(job.stages)}), {state}"
-          + (f": {message.strip()}" if message.strip() and state != "RUNNING" else ""))
-    if state == "SUCCEEDED":
-        print("  `bgit fetch` makes its bake commit.")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -669,6 +605,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_tree(args: argparse.Namespace) -> int:
+    from bread_ray.status import fidelity_note
+
     repo = BreadRepo.find()
     try:
         store = repo.open_store()
@@ -676,20 +614,6 @@ def cmd_tree(args: argparse.Namespace) -> int:
         store = None
     print(render_lineage_tree(repo.base_model, repo.bake_chains(), notes=fidelity_note(store)))
     return 0
-
-
-def fidelity_note(store: Store | None):
-    """`model -> "  (its bake's gap left: 0.05)"`: its fidelity, where an eval stored it (nothing without a store)."""
-    from bread_ray.evaluation import stored_fidelity
-
-    if store is None:
-        return lambda model: ""
-
-    def note(model: str) -> str:
-        fidelity = stored_fidelity(model, store)
-        return "" if fidelity is None else f"  (its bake's gap left: {fidelity:.2f})"
-
-    return note
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:

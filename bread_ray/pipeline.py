@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bread_ray.bake.driver import Bake, BakeResult
-from bread_ray.config import ResolvedConfig, ResolvedTarget
+from bread_ray.config import ResolvedConfig
 from bread_ray.config_errors import ConfigError, Problem
 from bread_ray.errors import UserError
 from bread_ray.landing import Landing, RunStart, land_bake
@@ -28,7 +28,7 @@ from bread_ray.repo import BREAD_FILE, INPUT_FILE, BreadRepo, RepoError
 from bread_ray.rollout import Rollout
 from bread_ray.stage import Item, Run, Stage
 from bread_ray.stim import Stim, StimError
-from bread_ray.store import ROLLOUT_MANIFEST, STIM_MANIFEST, Store, finished_shards, read_metrics_log
+from bread_ray.store import Store
 
 if TYPE_CHECKING:
     from bread_ray.evaluation import EvalReport
@@ -182,79 +182,26 @@ def models_problem(run: Run) -> str | None:
     return None
 
 
-# ---- what a run would do, for `bgit status` -----------------------------------------------------
-
-@dataclass(frozen=True)
-class TargetState:
-    """How far a target has come in the store."""
-
-    stimuli: int | None  # questions generated; None: stim not done
-    trajectories: int | None  # trajectories written; None: rollout not complete
-    shards_done: int  # rollout parts already written (a partial rollout resumes from them)
-
-    def describe(self) -> str:
-        if self.trajectories is not None:
-            return f"rollout complete (100%) - {self.trajectories} trajectories"
-        if self.stimuli is not None:
-            partial = f", rollout partial: {self.shards_done} shards written" if self.shards_done else ""
-            return f"stim complete - {self.stimuli} stimuli{partial}"
-        return "not started"
-
-
-def target_state(run: Run, target: ResolvedTarget) -> TargetState:
-    prefix, store = run.target_prefix(target.id), run.store
-    stim = store.get_json(f"{prefix}/{STIM_MANIFEST}") if STIM.done(run, target) else None
-    rollout = store.get_json(f"{prefix}/{ROLLOUT_MANIFEST}") if ROLLOUT.done(run, target) else None
-    return TargetState(
-        stimuli=stim["total"] if stim else None,
-        trajectories=rollout["trajectories"] if rollout else None,
-        shards_done=len(finished_shards(store, prefix)),
-    )
-
-
-@dataclass(frozen=True)
-class PlannedStep:
-    stages: str  # "stim + rollout" or "bake"
-    resource: str  # target id or bake id
-    detail: str  # what it runs on
-    done: bool | None  # already in the store; None when the store could not be read
-    state: str = ""  # progress in the store, for targets
-
-
-def plan(run: Run) -> list[PlannedStep]:
-    """What `bgit run stim rollout bake` would do for the run's input.yml, and what is already
-    done: a target is done when its rollout is complete (its stimuli and trajectories are
-    reused); a bake is done when its result (and so its final model) is in the store."""
-    steps = []
-    for target in run.resolved.targets:
-        state = _ask(run, lambda: target_state(run, target))
-        done = None if state is None else state.trajectories is not None
-        steps.append(PlannedStep("stim + rollout", target.id, f"teacher {target.teacher_model}", done,
-                                 state.describe() if state else ""))
-    for bake in BAKE.items(run):
-        done = _ask(run, lambda: BAKE.done(run, bake))
-        mix = ", ".join(f"{target_id} ×{weight:g}" for target_id, weight in bake.datasets)
-        log = [] if done else _ask(run, lambda: read_metrics_log(run.store, run.bake_prefix())) or []
-        state = f"training: step {log[-1]['iter']} logged" if log else ""
-        steps.append(PlannedStep("bake", bake.id, f"on {bake.parent_model} from {mix}", done, state))
-    return steps
-
+# ---- the run `bgit run stim rollout bake` would make, for `bgit status` and `bgit validate` -------
 
 def planned_run(repo: BreadRepo, resolved: ResolvedConfig, store: Store | None) -> Run:
     """The run `bgit run stim rollout bake` would make: what `bgit status` and `bgit validate` check."""
     return Run(repo, resolved, store, STAGE_NAMES)
 
 
-def items_to_check(run: Run) -> list[tuple[Stage, Item]]:
-    """The items of the run's stages that are not known to be done (with no readable store, all)."""
-    return [(stage, item) for stage in STAGES if stage.name in run.stages
-            for item in stage.items(run) if not _ask(run, lambda: stage.done(run, item))]
+def planned_problems(run: Run) -> tuple[str | None, dict[str, list[Problem]]]:
+    """`preflight` of the items of the run's stages that are not known to be done (with no
+    readable store, all of them)."""
+    return preflight(run, [(stage, item) for stage in STAGES if stage.name in run.stages
+                           for item in stage.items(run) if not ask_store(run, lambda: stage.done(run, item))])
 
 
-def _ask(run: Run, question):
+def ask_store(run: Run, question):
+    """`question()`, or None when the run has no store or the store cannot be read (which must
+    not stop `bgit status`)."""
     if run.store is None:
         return None
     try:
         return question()
-    except UserError:  # an unreadable store must not stop `bgit status`
+    except UserError:
         return None
