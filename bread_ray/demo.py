@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -273,11 +273,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for the demo's repository and store: new, or an earlier demo's (recreated)")
     parser.add_argument("--tiny", action="store_true",
                         help="bake the synthetic tiny model instead of SmolLM2-135M-Instruct (about 3 minutes)")
+    parser.add_argument("--epochs", type=int, nargs=2, metavar=("V1", "V2"),
+                        help="each bake's epochs instead of the recipe's (fewer: a quicker, weaker bake; the "
+                             "tests run the demo with 1 1)")
+    parser.add_argument("--seed", type=int, help="the rollouts' and bakes' seed (default 42)")
     args = parser.parse_args(argv)
-    if args.tiny:
-        run(tiny_recipe(), tiny_base, Path(args.dir).resolve())
-    else:
-        run(SMOLLM2_RECIPE, smollm2_base, Path(args.dir).resolve())
+    if args.epochs and min(args.epochs) < 1:
+        parser.error(f"--epochs {args.epochs[0]} {args.epochs[1]}: each bake needs at least 1 epoch")
+    recipe, base = (tiny_recipe(), tiny_base) if args.tiny else (SMOLLM2_RECIPE, smollm2_base)
+    changes = {"epochs": tuple(args.epochs) if args.epochs else None, "seed": args.seed}
+    run(replace(recipe, **{key: value for key, value in changes.items() if value is not None}), base,
+        Path(args.dir).resolve())
     return 0
 
 

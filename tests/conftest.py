@@ -1,3 +1,4 @@
+import json
 import shutil
 import socket
 import threading
@@ -74,6 +75,16 @@ def smollm2_folder():
     """The packaged SmolLM2-135M-Instruct converted into the machine's model cache (a Path): about
     15 s the first time on this machine, then a cache hit."""
     return Path(resolve_model_source("smollm2-135m-instruct"))
+
+
+@pytest.fixture
+def check(record_property):
+    """`check(name, value, "<" or ">", bound)`: asserts the bound, and records the figure in the
+    test report (pytest --junitxml) for bench/margins.py, which runs a module over bake seeds."""
+    def check(name: str, value: float, op: str, bound: float) -> None:
+        record_property(name, json.dumps([value, op, bound]))
+        assert value < bound if op == "<" else value > bound, f"{name}: {value} is not {op} {bound}"
+    return check
 
 
 @pytest.fixture

@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+SEED = int(os.environ.get("BREAD_TEST_SEED", "42"))  # the demo's seed; bench/margins.py runs others
+
 # Log records of Ray, Serve and DeepSpeed ("INFO 2026-...", "[WARNING] [real_accelerator.py...]",
 # "(raylet) ..."): they belong in Ray's log folder, which the demo names once.
 LIBRARY_LOG = re.compile(r"(^|[\s\[])(INFO|WARNING)[\s\]]|\(raylet\)|core_worker|Token authentication|ray\.init", re.M)
@@ -65,24 +67,28 @@ def eval_matrix(out: str) -> dict[str, list[float]]:
 
 
 @pytest.mark.slow
-def test_the_main_demo_bakes_smollm2_into_a_pirate_then_brief(tmp_path, smollm2_folder):
-    out = run_demo(tmp_path / "demo").stdout
+def test_the_main_demo_bakes_smollm2_into_a_pirate_then_brief(tmp_path, smollm2_folder, check):
+    """The demo's code with one epoch a bake, not two: bench/margins.py measures each figure's
+    distance from its bound over seeds (--module tests/test_demo.py; the README has the table)."""
+    out = run_demo(tmp_path / "demo", "--epochs", "1", "1", "--seed", str(SEED)).stdout
     kls = held_out_kls(out)
-    # Measured here: 6.8x and 3.4x lower (fractions 0.147 and 0.298)
-    assert kls[0][1] < kls[0][0] / 4 and kls[1][1] < kls[1][0] / 2, kls
+    check("v1's held-out KL over its parent's", kls[0][1] / kls[0][0], "<", 0.25)
+    check("v2's held-out KL over its parent's", kls[1][1] / kls[1][0], "<", 0.5)
     assert re.search(r"└── demo/persona/pirate_bake_\w+/\d+ .*\n\s+└── demo/persona/brief_bake_\w+/\d+", out), out
-    rates = trait_rates(out)  # (pirate, brief) over 10 held-out questions
-    # Measured here: base 0.0 and 0.0, v1 0.8 and 0.0, v2 0.7 and 0.3
-    assert rates["base"][0] <= 0.1 and rates["v1"][0] >= 0.6 and rates["v2"][0] >= 0.5, rates
-    assert rates["v2"][1] >= 0.1 and rates["v2"][1] > rates["v1"][1], rates
-    assert re.search(r"^v1 +[\d.]+ +[\d.]+ +[\d.]+ +43 +[\d.]+ +[\d.]+$", out, re.M), out  # the cost of each stage
+    rates = trait_rates(out)  # (pirate, brief) over 10 held-out questions, greedy, no prompt
+    check("base's pirate share", rates["base"][0], "<", 0.15)
+    check("v1's pirate share", rates["v1"][0], ">", 0.55)
+    check("v2's pirate share", rates["v2"][0], ">", 0.45)
+    check("v2's brief share", rates["v2"][1], ">", 0.05)
+    check("v2's brief share over v1's", rates["v2"][1] - rates["v1"][1], ">", 0)
+    assert re.search(r"^v1 +[\d.]+ +[\d.]+ +[\d.]+ +\d+ +[\d.]+ +[\d.]+$", out, re.M), out  # the cost of each stage
     matrix = eval_matrix(out)  # per version: pirate bake KL, fraction; brief bake KL, fraction; drift
     print("\n".join(f"{label}: {values}" for label, values in matrix.items()))
     assert matrix["base"][1] == 1.0 and matrix["v1"][3] == 1.0 and matrix["base"][4] == 0.0
     # each bake's own model: the fraction its bake reported (eval measures the same held-out KL)
     assert matrix["v1"][1] == pytest.approx(kls[0][1] / kls[0][0], abs=0.011)
     assert matrix["v2"][3] == pytest.approx(kls[1][1] / kls[1][0], abs=0.011)
-    assert matrix["v2"][1] < 1.0  # v2 keeps part of what v1 baked in
+    check("the pirate gap v2 leaves (v2 keeps part of v1)", matrix["v2"][1], "<", 1.0)
     assert matrix["v1"][4] > 0 and (tmp_path / "demo" / "eval.png").exists()
 
 

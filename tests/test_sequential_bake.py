@@ -30,19 +30,9 @@ pytestmark = pytest.mark.slow
 
 QUESTIONS = held_out_questions(seed=0, n=48)  # none seen in the model's pre-training
 TRAIN_QUESTIONS, EVAL_QUESTIONS = QUESTIONS[:36], QUESTIONS[36:]
-# The seed of every target's trajectories and every bake. bench/chain_margins.py runs this module
+# The seed of every target's trajectories and every bake. bench/margins.py runs this module
 # with other seeds, and other kernels, to measure how far each judged figure stays from its bound.
-SEED = int(os.environ.get("BREAD_CHAIN_SEED", "42"))
-
-
-@pytest.fixture
-def check(record_property):
-    """`check(name, value, "<" or ">", bound)`: asserts the bound, and records the figure in the
-    test report (pytest --junitxml) for bench/chain_margins.py."""
-    def check(name: str, value: float, op: str, bound: float) -> None:
-        record_property(name, json.dumps([value, op, bound]))
-        assert value < bound if op == "<" else value > bound, f"{name}: {value} is not {op} {bound}"
-    return check
+SEED = int(os.environ.get("BREAD_TEST_SEED", "42"))
 
 
 def input_yml(traits: tuple[str, ...], name: str, questions: list[str], *, traj: int, epochs: int,

@@ -1,13 +1,15 @@
-"""How far each figure that tests/test_sequential_bake.py judges stays from its bound, over bake
-seeds and over the kernels of other CPUs.
+"""How far each figure that a test module judges on a bake stays from its bound, over bake seeds
+and over the kernels of other CPUs.
 
-    .venv/bin/python bench/chain_margins.py                      # 3 seeds x 2 kernel sets: about 10 minutes on 2 cores
-    .venv/bin/python bench/chain_margins.py --seeds 42 --kernels native   # one run
+    .venv/bin/python bench/margins.py                      # the sequential bakes: 3 seeds x 2 kernel sets
+    .venv/bin/python bench/margins.py --seeds 42 --kernels native             # one run
+    .venv/bin/python bench/margins.py --module tests/test_demo.py --kernels native   # the main demo's bakes
 
-The test bakes the shipped prompt-sensitive model (the same weights on every machine), but a bake
-itself runs with the machine's own kernels and thread count, whose float sums round differently.
-Each run here is the test module, run by pytest in a child process with BREAD_CHAIN_SEED (every
-target's and bake's seed) and the kernels set: `native` (this CPU's own), `avx2` (torch's AVX2
+The modules judged so: tests/test_sequential_bake.py (the shipped prompt-sensitive model: the same
+weights on every machine) and tests/test_demo.py (SmolLM2-135M-Instruct). A bake itself runs with
+the machine's own kernels and thread count, whose float sums round differently. Each run here is
+the test module, run by pytest in a child process with BREAD_TEST_SEED (every target's and bake's
+seed) and the kernels set: `native` (this CPU's own), `avx2` (torch's AVX2
 kernels and MKL's AVX2 branch, what a CPU without AVX-512 runs) or `plain` (torch's unvectorized
 kernels, MKL's SSE2 branch: far from both). Each judged figure comes back from the test report; the
 table shows its bound, its value in every run, and the worst run's distance from the bound.
@@ -32,12 +34,12 @@ KERNELS = {
 }
 
 
-def run_module(seed: int, kernels: str, report: Path) -> tuple[dict[str, tuple[float, str, float]], str]:
+def run_module(module: str, seed: int, kernels: str, report: Path) -> tuple[dict[str, tuple[float, str, float]], str]:
     """The judged figures of one run of the test module, by name: (value, "<" or ">", bound), and
     pytest's summary line."""
-    env = {**os.environ, "BREAD_CHAIN_SEED": str(seed), **KERNELS[kernels]}
+    env = {**os.environ, "BREAD_TEST_SEED": str(seed), **KERNELS[kernels]}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml", str(report),
-                           "tests/test_sequential_bake.py"], cwd=ROOT, env=env, capture_output=True, text=True)
+                           module], cwd=ROOT, env=env, capture_output=True, text=True)
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]
     figures = {}
     for prop in ElementTree.parse(report).iter("property"):
@@ -48,15 +50,16 @@ def run_module(seed: int, kernels: str, report: Path) -> tuple[dict[str, tuple[f
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--module", default="tests/test_sequential_bake.py", help="the test module to run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     parser.add_argument("--kernels", nargs="+", choices=sorted(KERNELS), default=["native", "avx2"])
     args = parser.parse_args(argv)
 
     runs = [(seed, kernels) for kernels in args.kernels for seed in args.seeds]
     results = {}
-    with tempfile.TemporaryDirectory(prefix="bench-chain-") as folder:
+    with tempfile.TemporaryDirectory(prefix="bench-margins-") as folder:
         for seed, kernels in runs:
-            figures, summary = run_module(seed, kernels, Path(folder) / f"{seed}-{kernels}.xml")
+            figures, summary = run_module(args.module, seed, kernels, Path(folder) / f"{seed}-{kernels}.xml")
             results[seed, kernels] = figures
             print(f"seed {seed}, {kernels} kernels: {summary}", flush=True)
 
