@@ -37,6 +37,7 @@ from bread_ray.config import content_hash
 from bread_ray.errors import UserError
 from bread_ray.lineage import InvalidModelName, ModelName
 from bread_ray.model_sources import model_identity
+from bread_ray.progress import add_bar, progress_bars
 from bread_ray.store import BAKE_RESULT, Store, bake_prefix, repo_prefix
 
 EVAL_VERSION = 1  # part of every stored cell's key: bump it when the measurement changes
@@ -48,7 +49,7 @@ ANSWER_TOKENS = 48  # greedy answers side by side (`bgit eval --answers N`)
 # Warn when a bake brings back more than this fraction of an earlier bake's gap (its parent's KL).
 # On the prompt-sensitive model a forgetful bake brings back all of it and one that replays the
 # earlier target a small part, over bake seeds and kernels: a quarter sits clear of both (the
-# README's figures, from bench/chain_margins.py).
+# README's figures, from bench/margins.py).
 FORGETTING_THRESHOLD = 0.25
 
 # Questions that no persona or style bake is about: what the bakes should leave alone.
@@ -629,18 +630,14 @@ def score_cells(missing: list[tuple[KlSet, str]], base_model: str, store: Store,
                 num_actors: int) -> dict[tuple[str, str], Cell]:
     """KL sums of the missing cells, on a Ray Data pool of EvalActors; summed over units in order,
     so the result does not depend on which actor ran which unit."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     cells = {(kl_set.id, model): Cell(0.0, 0) for kl_set, model in missing}
     units = work_units(missing)
     if not units:
         return cells
     rows = []
     total = sum(len(json.loads(unit["examples"])) * len(json.loads(unit["models"])) for unit in units)
-    columns = [TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("sequences"),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
-    with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task("eval", total=total, rate="")
+    with progress_bars(progress) as bar:
+        task = add_bar(bar, "eval", "sequences", total)
         started, tokens = time.monotonic(), 0
         for row in actor_pool(units, base_model, store, num_actors, task="score").iter_rows():
             rows.append(row)

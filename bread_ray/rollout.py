@@ -23,11 +23,10 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from bread_ray.config import ResolvedTarget
 from bread_ray.config_errors import Problem
 from bread_ray.preflight import teacher_problems
+from bread_ray.progress import add_bar, progress_bars
 from bread_ray.stage import Run, Stage
 from bread_ray.stim import read_stimuli
 from bread_ray.store import ROLLOUT_MANIFEST, STIM_MANIFEST, Store, finished_shards
@@ -115,10 +114,8 @@ def sample_shards(target: ResolvedTarget, shards: list[dict[str, Any]], *, store
                            {"targets": {target.id: (target, prefix)}, "store_uri": store.uri}, num_actors)
     stimuli = sum(len(json.loads(shard["stimuli"])) for shard in shards)
     total = stimuli * target.spec.num_traj_per_stimulus
-    columns = [TextColumn("rollout"), BarColumn(), MofNCompleteColumn(), TextColumn("trajectories"),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
-    with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task("rollout", total=total, rate="")
+    with progress_bars(progress) as bar:
+        task = add_bar(bar, "rollout", "trajectories", total)
         started, tokens = time.monotonic(), 0
         for row in dataset.iter_rows():
             tokens += row["tokens"]

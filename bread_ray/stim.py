@@ -30,14 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from bread_ray.chat_format import encode_chat
 from bread_ray.config import ResolvedTarget
 from bread_ray.config_errors import ConfigError, Path_, Problem
 from bread_ray.errors import UserError
 from bread_ray.model_sources import ModelNotFoundError, resolve_model_source
+from bread_ray.progress import add_bar, progress_bars
 from bread_ray.stage import Run, Stage
 from bread_ray.store import STIM_MANIFEST, Store
 
@@ -416,8 +414,8 @@ def write_llm_questions(
     def collected(j: int) -> list[str]:
         return distinct([q for r in planned[j] for q in parts.get((j, r["request"]), [])])
 
-    with question_progress(progress) as bars:
-        bar = {j: bars.add_task(f"stim: {g.type} [{j}]", total=g.numq) for j, g in generators.items()}
+    with progress_bars(progress) as bars:
+        bar = {j: add_bar(bars, f"stim: {g.type} [{j}]", "questions", g.numq) for j, g in generators.items()}
         for _ in range(MAX_ROUNDS):
             for j in generators:
                 bars.update(bar[j], completed=min(len(collected(j)), generators[j].numq))
@@ -487,13 +485,6 @@ def local_writer_loader(store: Store, loaded: dict[str, tuple[Any, Any]] | None 
             loaded[source] = (tokenizer, model)
         return loaded[source]
     return load
-
-
-def question_progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("questions"),
-        TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled,
-    )
 
 
 def run_requests(

@@ -28,10 +28,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from bread_ray.config import ResolvedTarget
+from bread_ray.progress import add_bar, progress_bars
 from bread_ray.rollout import sampler_pool
 from bread_ray.stage import Run
 from bread_ray.stim import (
@@ -252,18 +250,16 @@ class StreamProgress:
 
     def __init__(self, enabled: bool, targets: list[ResolvedTarget], plans: list[TargetStimuli],
                  finished: dict[str, set[int]]):
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
-                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
-        self.bars = Progress(*columns, console=Console(stderr=True), disable=not enabled)
+        self.bars = progress_bars(enabled)
         self.plans = {plan.target_id: plan for plan in plans}
         self.questions, self.trajectories = {}, {}
         for target, plan in zip(targets, plans):
             traj = target.spec.num_traj_per_stimulus
             done = sum(min(plan.shard_size, plan.total - k * plan.shard_size) for k in finished[target.id])
-            self.questions[target.id] = self.bars.add_task(
-                f"{target.name}", total=plan.total, completed=plan.questions_known(), unit="questions", rate="")
-            self.trajectories[target.id] = self.bars.add_task(
-                f"{target.name}", total=plan.total * traj, completed=done * traj, unit="trajectories", rate="")
+            self.questions[target.id] = add_bar(self.bars, target.name, "questions", plan.total,
+                                                plan.questions_known())
+            self.trajectories[target.id] = add_bar(self.bars, target.name, "trajectories", plan.total * traj,
+                                                   done * traj)
         self.shards: dict[str, int] = {}  # shards sampled, by target
         self.error: BaseException | None = None
 

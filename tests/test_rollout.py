@@ -36,9 +36,9 @@ def make_target(model_dir, seed=42):
     return resolve_target(target, prompt, str(model_dir))
 
 
-def roll(tiny_model, store, seed=42, num_actors=2):
+def roll(tiny_model, store, seed=42, num_actors=2, progress=False):
     return run_rollout(make_target(tiny_model, seed), STIMULI, store=store, prefix=PREFIX,
-                       num_actors=num_actors, shard_size=SHARD_SIZE, progress=False)
+                       num_actors=num_actors, shard_size=SHARD_SIZE, progress=progress)
 
 
 def part_times(store):
@@ -122,12 +122,16 @@ def test_same_output_from_one_actor_through_a_failed_run_and_a_lost_shard(
     assert roll(tiny_model, store) == manifest
 
 
-def test_another_seed_gives_other_trajectories(reference, tiny_model, tmp_path):
+def test_another_seed_gives_other_trajectories_and_the_bar_is_on_stderr(reference, tiny_model, tmp_path, capsys):
     _, expected, _ = reference
     store = LocalStore(tmp_path)
-    roll(tiny_model, store, seed=7, num_actors=1)
+    capsys.readouterr()
+    roll(tiny_model, store, seed=7, num_actors=1, progress=True)
     responses = [r["response_token_ids"] for r in read_rollout(store, PREFIX)]
     assert sum(a != b["response_token_ids"] for a, b in zip(responses, expected)) >= 10
+    out, err = capsys.readouterr()
+    total = len(STIMULI) * NUM_TRAJ
+    assert f"{total}/{total} trajectories" in err and "tokens/s" in err and "trajectories" not in out
 
 
 def test_an_actor_killed_midway_is_restarted_and_only_its_shard_redone(

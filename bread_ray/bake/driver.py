@@ -30,6 +30,7 @@ from bread_ray.config import ResolvedBake
 from bread_ray.config_errors import Problem
 from bread_ray.errors import UserError
 from bread_ray.preflight import bake_model_problems
+from bread_ray.progress import add_bar, progress_bars
 from bread_ray.stage import Run, Stage
 from bread_ray.store import BAKE_RESULT, ROLLOUT_MANIFEST, Store, open_store, read_metrics_log, target_prefix
 
@@ -296,19 +297,15 @@ def stop_in_process(thread: threading.Thread, stop: threading.Event) -> None:
 
 def show_progress(thread: threading.Thread, store: Store, prefix: str, total_steps: int, *, enabled: bool) -> None:
     """A progress bar fed by the metrics log that rank 0 writes to the store, until `thread` ends."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = [TextColumn("bake"), BarColumn(), MofNCompleteColumn(), TextColumn("steps {task.fields[stats]}"),
-               TimeElapsedColumn()]
-    with Progress(*columns, disable=not enabled) as bar:
-        task = bar.add_task("bake", total=total_steps, stats="")
+    with progress_bars(enabled) as bar:
+        task = add_bar(bar, "bake", "steps", total_steps)
         while thread.is_alive():
             thread.join(timeout=2.0)
             log = read_metrics_log(store, prefix) if enabled else []
             if log:
                 last = log[-1]
                 bar.update(task, completed=last["iter"],
-                           stats=f"loss {last['loss']:.4g}  {last['tokens_per_s']:,.0f} tokens/s")
+                           rate=f"loss {last['loss']:.4g}  {last['tokens_per_s']:,.0f} tokens/s")
 
 
 def run_standalone(job: BakeJob, after_step: Callable[[int, int, WorkerSession], None] | None = None
