@@ -660,21 +660,10 @@ def sample_neutral(base_model: str, questions: list[str], store: Store, *, progr
 
 def actor_pool(units: list[dict[str, Any]], base_model: str, store: Store, num_actors: int, *, task: str):
     """The units through a pool of EvalActors (one GPU each where the cluster has GPUs)."""
-    import ray.data
+    from bread_ray.ray_cluster import actor_pool
 
-    from bread_ray.rollout import ACTOR_CPUS, gpus_per_actor
-
-    dataset = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-        EvalActor,
-        fn_constructor_kwargs={"base_model": base_model, "store_uri": store.uri},
-        fn_kwargs={"task": task},
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(num_actors, len(units)))),
-        batch_size=1,
-        num_gpus=gpus_per_actor(),
-        num_cpus=ACTOR_CPUS,
-    )
-    dataset.context.enable_progress_bars = False  # the caller shows one in sequences and tokens
-    return dataset
+    return actor_pool(units, EvalActor, {"base_model": base_model, "store_uri": store.uri}, actors=num_actors,
+                      fn_kwargs={"task": task})
 
 
 class EvalActor:

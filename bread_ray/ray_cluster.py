@@ -5,6 +5,8 @@
                                or fail within JOIN_TIMEOUT_S with one line naming the address
     started_here()             whether this process started the cluster it is on (a bake of one
                                worker then runs in this process: bread_ray.bake.driver)
+    actor_pool(rows, Actor...) a Ray Data dataset of rows mapped by a pool of actors: the teacher's
+                               samplers, eval's scorers, stim's question writer
 
 A plain `ray.init()` would join whatever cluster `ray start` last recorded on this machine, and
 retry forever when that head has died; bgit only joins a cluster it is told about.
@@ -22,6 +24,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import grpc
@@ -32,6 +35,11 @@ from bread_ray.errors import UserError
 JOIN_TIMEOUT_S = 10  # how long a named cluster's head may take to accept a connection
 API_SERVER_VARIABLE = "RAY_API_SERVER_ADDRESS"  # where Ray's state and Jobs API clients go first
 NO_API_SERVER = "http://127.0.0.1:0"  # a local cluster's: none (see connect)
+
+
+# A model actor generates on its GPU, or on CPU with one thread (Ray sets OMP_NUM_THREADS=1 below
+# one CPU); a fraction lets a pool fit beside Ray Data's own tasks on a 2-core machine.
+MODEL_ACTOR_CPUS = 0.5
 
 
 class ClusterUnreachable(UserError):
@@ -160,3 +168,27 @@ def keep_native_stderr_in(log_file: Path) -> None:
     os.close(log)
     sys.stderr = io.TextIOWrapper(io.FileIO(terminal, "w"), encoding=sys.stderr.encoding,
                                   errors="backslashreplace", line_buffering=True)
+
+
+def actor_pool(rows: list[dict[str, Any]], actor_class: type, constructor_kwargs: dict[str, Any], *, actors: int,
+               cpus: float = MODEL_ACTOR_CPUS, gpu: bool = True, concurrent_calls: int = 1,
+               fn_kwargs: dict[str, Any] | None = None) -> Any:
+    """A Ray Data dataset of `rows` (one block and one call each) mapped by a pool of at most
+    `actors` instances of `actor_class(**constructor_kwargs)`, each taking `cpus` and, with `gpu`,
+    one GPU where the cluster has any (this process may sit on a head node without one).
+    `concurrent_calls` > 1: one actor runs that many calls at
+    once, in threads (for calls that wait on the network). Joins the cluster first. Ray Data's own
+    progress bars stay off: the callers draw theirs (bread_ray.progress)."""
+    import ray.data
+
+    connect()
+    gpus = 1 if gpu and ray.cluster_resources().get("GPU", 0) > 0 else 0
+    size = max(1, min(actors, len(rows)))
+    threads = {} if concurrent_calls == 1 else {
+        "max_concurrent_calls_per_actor": concurrent_calls, "max_tasks_in_flight_per_actor": concurrent_calls,
+        "enable_true_multi_threading": True}
+    dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        actor_class, fn_constructor_kwargs=constructor_kwargs, fn_kwargs=fn_kwargs or {},
+        compute=ray.data.ActorPoolStrategy(size=size, **threads), batch_size=1, num_gpus=gpus, num_cpus=cpus)
+    dataset.context.enable_progress_bars = False
+    return dataset

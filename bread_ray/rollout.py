@@ -34,10 +34,6 @@ from bread_ray.store import ROLLOUT_MANIFEST, STIM_MANIFEST, Store, finished_sha
 if TYPE_CHECKING:
     import pyarrow as pa
 
-# Generation runs on the actor's GPU, or on CPU with one thread per actor (Ray sets
-# OMP_NUM_THREADS=1 below one CPU); a fraction lets the pool fit beside Ray Data's own tasks on a
-# 2-core machine.
-ACTOR_CPUS = 0.5
 
 
 class Rollout(Stage):
@@ -76,42 +72,14 @@ def plan_shards(stimuli: list[str], shard_size: int) -> list[dict[str, Any]]:
     ]
 
 
-def gpus_per_actor() -> int:
-    """One GPU per actor where the cluster has GPUs (the driver may sit on a CPU-only head node)."""
-    import ray
-
-    from bread_ray import ray_cluster  # Ray: only when there is something to sample
-
-    ray_cluster.connect()
-    return 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-
-
-def sampler_pool(rows: list[dict[str, Any]], sampler_class: type, constructor_kwargs: dict[str, Any],
-                 num_actors: int) -> Any:
-    """A Ray Data dataset of `rows` mapped, one row per call, by a pool of at most `num_actors`
-    teacher samplers (`sampler_class(**constructor_kwargs)`), each with a GPU where there are any."""
-    import ray.data
-
-    gpus = gpus_per_actor()  # connects to the cluster first
-    dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-        sampler_class,
-        fn_constructor_kwargs=constructor_kwargs,
-        compute=ray.data.ActorPoolStrategy(size=min(num_actors, len(rows))),
-        batch_size=1,
-        num_gpus=gpus,
-        num_cpus=ACTOR_CPUS,
-    )
-    dataset.context.enable_progress_bars = False  # the callers show trajectories and tokens/s
-    return dataset
-
-
 def sample_shards(target: ResolvedTarget, shards: list[dict[str, Any]], *, store: Store, prefix: str,
                   num_actors: int, progress: bool) -> None:
     """Run the shards through a pool of TeacherSampler actors, showing trajectories and tokens/s."""
-    from bread_ray.teacher import TeacherSampler  # torch: only when there is something to sample
+    from bread_ray.ray_cluster import actor_pool  # Ray and torch: only when there is something to sample
+    from bread_ray.teacher import TeacherSampler
 
-    dataset = sampler_pool([{"target": target.id, **shard} for shard in shards], TeacherSampler,
-                           {"targets": {target.id: (target, prefix)}, "store_uri": store.uri}, num_actors)
+    dataset = actor_pool([{"target": target.id, **shard} for shard in shards], TeacherSampler,
+                         {"targets": {target.id: (target, prefix)}, "store_uri": store.uri}, actors=num_actors)
     stimuli = sum(len(json.loads(shard["stimuli"])) for shard in shards)
     total = stimuli * target.spec.num_traj_per_stimulus
     with progress_bars(progress) as bar:

@@ -510,22 +510,13 @@ def write_on_ray(requests: list[dict[str, Any]], *, max_concurrency: int, retry:
     """One request per batch, on one writer actor that runs min(max_concurrency, requests) of
     them at once in threads: never more than max_concurrency requests in flight, and one process
     to start (the requests wait on the network, not on a CPU). One block per request."""
-    import ray.data
+    from bread_ray.ray_cluster import actor_pool
 
-    dataset = ray.data.from_items(requests, override_num_blocks=len(requests)).map_batches(
-        AnthropicQuestionWriter,
-        fn_constructor_kwargs={
-            "api_key": os.environ.get("ANTHROPIC_API_KEY"),
-            "base_url": os.environ.get("ANTHROPIC_BASE_URL"),  # read here: actors may not share our env
-            "retry": retry,
-        },
-        compute=ray.data.ActorPoolStrategy(
-            size=1, max_concurrent_calls_per_actor=min(max_concurrency, len(requests)),
-            max_tasks_in_flight_per_actor=min(max_concurrency, len(requests)), enable_true_multi_threading=True),
-        batch_size=1,
-        num_cpus=WRITER_CPUS,
-    )
-    dataset.context.enable_progress_bars = False  # ours counts questions
+    dataset = actor_pool(requests, AnthropicQuestionWriter, {
+        "api_key": os.environ.get("ANTHROPIC_API_KEY"),
+        "base_url": os.environ.get("ANTHROPIC_BASE_URL"),  # read here: actors may not share our env
+        "retry": retry,
+    }, actors=1, cpus=WRITER_CPUS, gpu=False, concurrent_calls=min(max_concurrency, len(requests)))
     for row in dataset.iter_rows():
         yield {"target": str(row["target"]), "generator": int(row["generator"]), "request": int(row["request"]),
                "questions": json.loads(row["questions"]), "error": str(row["error"])}

@@ -30,7 +30,7 @@ from typing import Any
 
 from bread_ray.config import ResolvedTarget
 from bread_ray.progress import add_bar, progress_bars
-from bread_ray.rollout import sampler_pool
+from bread_ray.ray_cluster import actor_pool
 from bread_ray.stage import Run
 from bread_ray.stim import (
     LLM_TYPES,
@@ -240,9 +240,9 @@ def sample_slots(run: Run, targets: list[ResolvedTarget], board: Any, slots: int
     """The rows of the sampler pool, one per finished shard: {"target", "shard_index",
     "trajectories", "tokens"} (shard_index -1: a slot left without a shard)."""
     if slots:
-        yield from sampler_pool([{"slot": i} for i in range(slots)], streaming_sampler(),
-                                {"targets": {t.id: (t, run.target_prefix(t.id)) for t in targets},
-                                 "store_uri": run.store.uri, "board": board}, num_actors).iter_rows()
+        yield from actor_pool([{"slot": i} for i in range(slots)], streaming_sampler(),
+                              {"targets": {t.id: (t, run.target_prefix(t.id)) for t in targets},
+                               "store_uri": run.store.uri, "board": board}, actors=num_actors).iter_rows()
 
 
 class StreamProgress:
