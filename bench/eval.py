@@ -34,7 +34,8 @@ from bread_ray import ray_cluster
 from bread_ray.bake.data import Example
 from bread_ray.behaviours import PIRATE_PROMPT, TRAIN_QUESTIONS
 from bread_ray.chat_format import encode_chat
-from bread_ray.evaluation import KlSet, score_cells
+from bread_ray.evaluation import KlSet
+from bread_ray.evaluation.actors import score_cells
 from bread_ray.model_sources import resolve_model_source
 from bread_ray.models import download_folded_adapter, load_causal_lm, load_tokenizer
 from bread_ray.store import LocalStore
