@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="bake the synthetic tiny model instead of SmolLM2-135M-Instruct (about 3 minutes)")
     parser.add_argument("--epochs", type=int, nargs=2, metavar=("V1", "V2"),
                         help="each bake's epochs instead of the recipe's (fewer: a quicker, weaker bake; the "
-                             "tests run the demo with 1 1)")
+                             "tests run the demo with 1 2)")
     parser.add_argument("--seed", type=int, help="the rollouts' and bakes' seed (default 42)")
     args = parser.parse_args(argv)
     if args.epochs and min(args.epochs) < 1:
