@@ -7,7 +7,7 @@
 
 The LLM generators split numq into requests of at most REQUEST_SIZE questions. Anthropic requests
 run on Ray Data: one writer actor with at most `max_concurrency` requests in flight (threads),
-each request retrying 429 / 529 / 5xx / timeouts itself with exponential backoff and jitter. The
+each request retried by the anthropic client (bread_ray.llm). The
 questions are parsed, de-duplicated, and more requests are made while a generator is short.
 A local writer (`model: local:<path or hub id>` or `model: parent`) generates in this process.
 Each finished request's questions are stored as it finishes, so a re-run after a failure makes
@@ -24,9 +24,7 @@ import os
 import random
 import re
 import string
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from bread_ray.chat_format import encode_chat
 from bread_ray.config import ResolvedTarget
 from bread_ray.config_errors import ConfigError, Path_, Problem
 from bread_ray.errors import UserError
+from bread_ray.llm import LLMSettings, anthropic_client, ask
 from bread_ray.model_sources import ModelNotFoundError, resolve_model_source
 from bread_ray.progress import add_bar, progress_bars
 from bread_ray.stage import Run, Stage
@@ -87,8 +86,6 @@ PERSONA_TOPICS = [
     "games and sport", "teaching a skill",
 ]
 
-SAMPLING_CUTOFFS = {"opus": (4, 7), "sonnet": (5, 0), "haiku": (4, 6)}  # first versions without temperature
-CLAUDE_VERSION = re.compile(r"claude-([a-z]+)-(\d+)(?:-(\d{1,2})(?!\d))?")
 LIST_ITEM = re.compile(r"^\s*(?:\d+\s*[.):]|[-*•])\s+(.*\S)\s*$")
 FENCED = re.compile(r"```[\w-]*\s*\n(.*?)```", re.DOTALL)
 
@@ -96,22 +93,6 @@ FENCED = re.compile(r"```[\w-]*\s*\n(.*?)```", re.DOTALL)
 class StimError(UserError, RuntimeError):
     """Stimuli could not be generated (an LLM kept failing, too few distinct questions, ...): one
     line for the user, saying which target and what is kept."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How one LLM request retries: exponential backoff with jitter, honouring `retry-after`."""
-
-    max_attempts: int = 6
-    base_delay_s: float = 1.0
-    max_delay_s: float = 30.0
-    max_retry_after_s: float = 60.0  # a server asking for longer gets this, then the next attempt
-    timeout_s: float = 120.0
-
-    def delay_s(self, attempt: int, retry_after_s: float | None) -> float:
-        if retry_after_s is not None:
-            return min(retry_after_s, self.max_retry_after_s)
-        return min(self.max_delay_s, self.base_delay_s * 2**attempt) * random.uniform(0.5, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,7 +217,7 @@ def generate_stimuli(
     base_dir: Path,
     max_concurrency: int | None = None,
     progress: bool = True,
-    retry: RetryPolicy = RetryPolicy(),
+    llm: LLMSettings = LLMSettings(),
     target_index: int = 0,
     load_writer: Callable[[str], tuple[Any, Any]] | None = None,
 ) -> list[str]:
@@ -257,7 +238,7 @@ def generate_stimuli(
     if llm_generators:
         per_generator |= write_llm_questions(
             target, llm_generators, store=store, prefix=prefix, parent_model=parent_model, base_dir=Path(base_dir),
-            max_concurrency=max_concurrency or target.spec.max_concurrency, progress=progress, retry=retry,
+            max_concurrency=max_concurrency or target.spec.max_concurrency, progress=progress, llm=llm,
             load_writer=load_writer or local_writer_loader(store),
         )
     records = [{"generator": j, "question": q} for j in range(len(generators)) for q in per_generator[j]]
@@ -401,7 +382,7 @@ def distinct(questions: list[str]) -> list[str]:
 
 def write_llm_questions(
     target: ResolvedTarget, generators: dict[int, Any], *, store: Store, prefix: str, parent_model: str,
-    base_dir: Path, max_concurrency: int, progress: bool, retry: RetryPolicy,
+    base_dir: Path, max_concurrency: int, progress: bool, llm: LLMSettings,
     load_writer: Callable[[str], tuple[Any, Any]],
 ) -> dict[int, list[str]]:
     """Exactly numq distinct questions per LLM generator, in rounds: each round makes the requests
@@ -421,7 +402,7 @@ def write_llm_questions(
                 bars.update(bar[j], completed=min(len(collected(j)), generators[j].numq))
             missing = [r for j in generators for r in planned[j] if (j, r["request"]) not in parts]
             failures = []
-            for result in run_requests(missing, max_concurrency=max_concurrency, retry=retry, load_writer=load_writer):
+            for result in run_requests(missing, max_concurrency=max_concurrency, llm=llm, load_writer=load_writer):
                 if result["error"]:
                     failures.append(result)
                     continue
@@ -488,7 +469,7 @@ def local_writer_loader(store: Store, loaded: dict[str, tuple[Any, Any]] | None 
 
 
 def run_requests(
-    requests: list[dict[str, Any]], *, max_concurrency: int, retry: RetryPolicy,
+    requests: list[dict[str, Any]], *, max_concurrency: int, llm: LLMSettings,
     load_writer: Callable[[str], tuple[Any, Any]],
 ) -> Iterator[dict]:
     """Results `{"generator", "request", "questions", "error"}` as requests finish: local writers
@@ -498,7 +479,7 @@ def run_requests(
     if local:
         yield from write_locally(local, load_writer)
     if remote:
-        yield from write_on_ray(remote, max_concurrency=max_concurrency, retry=retry)
+        yield from write_on_ray(remote, max_concurrency=max_concurrency, llm=llm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,7 +487,7 @@ def run_requests(
 # --------------------------------------------------------------------------------------------
 
 
-def write_on_ray(requests: list[dict[str, Any]], *, max_concurrency: int, retry: RetryPolicy) -> Iterator[dict]:
+def write_on_ray(requests: list[dict[str, Any]], *, max_concurrency: int, llm: LLMSettings) -> Iterator[dict]:
     """One request per batch, on one writer actor that runs min(max_concurrency, requests) of
     them at once in threads: never more than max_concurrency requests in flight, and one process
     to start (the requests wait on the network, not on a CPU). One block per request."""
@@ -515,7 +496,7 @@ def write_on_ray(requests: list[dict[str, Any]], *, max_concurrency: int, retry:
     dataset = actor_pool(requests, AnthropicQuestionWriter, {
         "api_key": os.environ.get("ANTHROPIC_API_KEY"),
         "base_url": os.environ.get("ANTHROPIC_BASE_URL"),  # read here: actors may not share our env
-        "retry": retry,
+        "llm": llm,
     }, actors=1, cpus=WRITER_CPUS, gpu=False, concurrent_calls=min(max_concurrency, len(requests)))
     for row in dataset.iter_rows():
         yield {"target": str(row["target"]), "generator": int(row["generator"]), "request": int(row["request"]),
@@ -527,18 +508,16 @@ class AnthropicQuestionWriter:
     each batch one request. A request that still fails after its retries becomes an `error` row,
     so the requests that finished are kept."""
 
-    def __init__(self, api_key: str | None, base_url: str | None, retry: RetryPolicy):
-        import anthropic
-
-        self.client = anthropic.Anthropic(api_key=api_key, base_url=base_url, max_retries=0, timeout=retry.timeout_s)
-        self.retry = retry
+    def __init__(self, api_key: str | None, base_url: str | None, llm: LLMSettings):
+        self.client = anthropic_client(llm, api_key=api_key, base_url=base_url)
+        self.llm = llm
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         out: dict[str, list] = {"target": [], "generator": [], "request": [], "questions": [], "error": []}
         for i in range(len(batch["request"])):
             request = {key: batch[key][i] for key in batch}
             try:
-                questions, error = ask_anthropic(self.client, request, self.retry), ""
+                questions, error = ask_questions(self.client, request, self.llm), ""
             except Exception as failure:  # noqa: BLE001 - reported per request, with its type
                 questions, error = [], f"{type(failure).__name__}: {failure}"
             out["target"].append(str(request.get("target", "")))  # set by the streaming pipeline
@@ -549,73 +528,11 @@ class AnthropicQuestionWriter:
         return out
 
 
-def ask_anthropic(client: Any, request: dict[str, Any], retry: RetryPolicy) -> list[str]:
+def ask_questions(client: Any, request: dict[str, Any], llm: LLMSettings) -> list[str]:
     """The questions of one request of a generator."""
-    return ask_llm(client, model=str(request["model"]), prompt=str(request["prompt"]),
-                   max_tokens=min(8192, 150 * int(request["count"]) + 256), temperature=float(request["temperature"]),
-                   parse=parse_questions, wanted="questions", retry=retry)
-
-
-def ask_llm(client: Any, *, model: str, prompt: str, max_tokens: int, temperature: float,
-            parse: Callable[[str], Any], wanted: str, retry: RetryPolicy) -> Any:
-    """One prompt to an Anthropic `client`, its reply parsed by `parse`: retrying rate limits,
-    overload, server errors, timeouts, connection errors and replies in which `parse` finds no
-    `wanted` (None or empty); other errors (400, 401, ...) at once. The one LLM client of bgit
-    (stim's questions, eval's judge)."""
-    import anthropic
-
-    last_error = ""
-    for attempt in range(retry.max_attempts):
-        retry_after = None
-        try:
-            reply = client.messages.create(
-                model=model,
-                max_tokens=max_tokens,
-                messages=[{"role": "user", "content": prompt}],
-                extra_body=sampling_parameters(model, temperature),
-            )
-            text = reply_text(reply)
-            parsed = parse(text)
-            if parsed is not None and parsed != []:
-                return parsed
-            last_error = f"a reply without {wanted}: {text[:200]!r}"
-        except anthropic.APIStatusError as error:
-            if error.status_code not in (408, 409, 429) and error.status_code < 500:
-                raise
-            last_error = f"{error.status_code} {error.type or ''}: {error.api_message or error.message}"
-            retry_after = parse_retry_after(error.response.headers.get("retry-after"))
-        except (anthropic.APIConnectionError, anthropic.APIResponseValidationError, json.JSONDecodeError) as error:
-            last_error = f"{type(error).__name__}: {error}"  # JSONDecodeError: a body that is not JSON
-        if attempt + 1 < retry.max_attempts:
-            time.sleep(retry.delay_s(attempt, retry_after))
-    raise StimError(f"gave up after {retry.max_attempts} attempts; last error: {last_error}")
-
-
-def reply_text(reply: Any) -> str:
-    """The text blocks of a Message; empty for a reply whose content has the wrong shape."""
-    blocks = reply.content if isinstance(reply.content, list) else []
-    return "".join(getattr(block, "text", "") for block in blocks if getattr(block, "type", None) == "text")
-
-
-def sampling_parameters(model: str, temperature: float) -> dict[str, float]:
-    """`temperature` for the Claude models that still take it, when it is not the default 1.0.
-
-    The anthropic SDK (2.x) no longer has the argument, and models from Opus 4.7, Sonnet 5 and
-    Haiku 4.6 on answer 400 when it is sent: those, and unknown Claude names, get none.
-    """
-    match = CLAUDE_VERSION.search(model)
-    if temperature == 1.0 or match is None:
-        return {}
-    family, version = match.group(1), (int(match.group(2)), int(match.group(3) or 0))
-    accepts = family in SAMPLING_CUTOFFS and version < SAMPLING_CUTOFFS[family]
-    return {"temperature": temperature} if accepts else {}
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:  # an HTTP date: fall back to our own backoff
-        return None
+    return ask(client, model=str(request["model"]), prompt=str(request["prompt"]),
+               max_tokens=min(8192, 150 * int(request["count"]) + 256), temperature=float(request["temperature"]),
+               parse=parse_questions, wanted="questions", settings=llm)
 
 
 # --------------------------------------------------------------------------------------------

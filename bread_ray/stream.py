@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bread_ray.config import ResolvedTarget
+from bread_ray.llm import LLMSettings
 from bread_ray.progress import add_bar, progress_bars
 from bread_ray.ray_cluster import actor_pool
 from bread_ray.stage import Run
 from bread_ray.stim import (
     LLM_TYPES,
-    RetryPolicy,
     distinct,
     first_round,
     fixed_questions,
@@ -168,7 +168,7 @@ def streaming_sampler():
 
 
 def stream_targets(run: Run, targets: list[ResolvedTarget], *, num_actors: int = 2,
-                   retry: RetryPolicy = RetryPolicy()) -> dict[str, str]:
+                   llm: LLMSettings = LLMSettings()) -> dict[str, str]:
     """Stim and rollout of `targets` at once; returns {target id: why its questions failed}.
 
     Leaves in the store every question part and rollout part it could make; the stage by stage
@@ -193,7 +193,7 @@ def stream_targets(run: Run, targets: list[ResolvedTarget], *, num_actors: int =
         try:
             if requests:
                 max_concurrency = min(by_id[r["target"]].spec.max_concurrency for r in requests)
-                for result in write_on_ray(requests, max_concurrency=max_concurrency, retry=retry):
+                for result in write_on_ray(requests, max_concurrency=max_concurrency, llm=llm):
                     target_id = result["target"]
                     if result["error"]:
                         failures.setdefault(target_id, []).append(result["error"])

@@ -3,27 +3,21 @@ against a loopback Messages API server, retries, concurrency, reuse, and checks 
 
 import importlib.util
 
+import anthropic
 import pandas
 import pytest
 import yaml
 
 from bread_ray.config import load_and_resolve
 from bread_ray.config_errors import ConfigError, format_path
-from bread_ray.stim import (
-    RetryPolicy,
-    StimError,
-    generate_stimuli,
-    generator_problems,
-    parse_questions,
-    read_stimuli,
-    sampling_parameters,
-)
+from bread_ray.llm import LLMGaveUp, LLMSettings, anthropic_client, ask, sampling_parameters
+from bread_ray.stim import StimError, generate_stimuli, generator_problems, parse_questions, read_stimuli
 from bread_ray.store import LocalStore, target_prefix
 from bread_ray.tiny import build_tiny_model
 
 from fake_anthropic import FakeAnthropic
 
-FAST_RETRY = RetryPolicy(max_attempts=4, base_delay_s=0.05, max_delay_s=0.2, timeout_s=10)
+FAST_RETRY = LLMSettings(max_retries=3, reply_attempts=3, timeout_s=10)
 TEACHER = [{"role": "system", "content": "You are a pirate. Answer every question like one."}]
 
 
@@ -39,7 +33,7 @@ def make_target(generators, **settings):
 def run_stim(target, tmp_path, **kwargs):
     store = LocalStore(tmp_path / "store")
     prefix = target_prefix("alice", "pirates", target.id)
-    options = {"parent_model": "tiny-parent", "base_dir": tmp_path, "progress": False, "retry": FAST_RETRY,
+    options = {"parent_model": "tiny-parent", "base_dir": tmp_path, "progress": False, "llm": FAST_RETRY,
                "target_index": 1, **kwargs}
     return generate_stimuli(target, store=store, prefix=prefix, **options), store, prefix
 
@@ -239,10 +233,28 @@ def test_prose_parses_as_no_questions():
     assert parse_questions("I would rather talk about the weather [today].") == []
 
 
-def test_backoff_grows_with_jitter_and_honours_a_capped_retry_after():
-    policy = RetryPolicy(base_delay_s=1.0, max_delay_s=10.0, max_retry_after_s=5.0)
-    assert 0.5 <= policy.delay_s(0, None) <= 1.0
-    assert 4.0 <= policy.delay_s(3, None) <= 8.0
-    assert policy.delay_s(9, None) <= 10.0
-    assert policy.delay_s(0, 2.0) == 2.0 and policy.delay_s(0, 600.0) == 5.0
-    assert len({policy.delay_s(2, None) for _ in range(20)}) > 1  # jittered
+def test_the_client_retries_failures_itself_and_ours_retries_replies_without_questions(fake):
+    """bread_ray.llm.ask through the real anthropic client: a 429 (with retry-after) and a 529 are
+    the client's to retry; a reply without questions and a body that is not JSON are ours; a 400 is
+    raised at once; retries that run out end in one line naming the last error."""
+    client = anthropic_client(FAST_RETRY)
+    question = {"model": "claude-haiku-4-5", "prompt": "Give 3 questions", "max_tokens": 100, "temperature": 1.0,
+                "parse": parse_questions, "wanted": "questions", "settings": FAST_RETRY}
+    fake.script("429", "529", "malformed", "not_json")
+    assert len(ask(client, **question)) == 3 and fake.requests == 5
+    fake.reset_counts()
+    fake.fail_from(0)
+    with pytest.raises(LLMGaveUp, match=r"^gave up after 4 attempts; last error: 500 api_error: scripted 500$"):
+        ask(client, **question)
+    assert fake.requests == 4  # the client's 3 retries
+    fake.recover()
+    fake.script(*["malformed"] * 3)
+    with pytest.raises(LLMGaveUp, match=r"^gave up after 3 replies; last: a reply without questions: "):
+        ask(client, **question)
+    fake.refuse("Give")
+    fake.reset_counts()
+    with pytest.raises(anthropic.BadRequestError):
+        ask(client, **question)
+    assert fake.requests == 1
+
+

@@ -62,17 +62,17 @@ def parse_score(text: str) -> int | None:
 def judge_answers(sets: list[KlSet], answers: dict[str, list[tuple[str, dict[str, str]]]], store: Store,
                   count: int, judge_model: str, base_model: str) -> tuple[dict[tuple[str, str], float], int]:
     """An LLM's score (0-10) of each answer for the instruction of its question's bake (its
-    teacher prompt), through stim's bounded, retrying Anthropic client: per (bake id, model), the
+    teacher prompt), through bgit's LLM client (bread_ray.llm): per (bake id, model), the
     mean over the questions; and for how many (bake, model) it asked (scores are stored, so a
     re-run asks nothing)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import anthropic
 
-    from bread_ray.stim import RetryPolicy, StimError, ask_llm
+    from bread_ray import llm
 
-    retry = RetryPolicy()
-    client = anthropic.Anthropic(max_retries=0, timeout=retry.timeout_s)  # key and URL from the environment
+    settings = llm.LLMSettings()
+    client = llm.anthropic_client(settings)  # key and URL from the environment
     folder = f"judge_{content_hash(judge_model)[:12]}"
     scores: dict[tuple[str, str], list[int]] = {}
     asks = []
@@ -87,19 +87,19 @@ def judge_answers(sets: list[KlSet], answers: dict[str, list[tuple[str, dict[str
                        for i, (question, by_model) in enumerate(answers[kl_set.id])]
             asks.append((kl_set.id, model, key, prompts))
 
-    def ask(prompt: str) -> int:
+    def score(prompt: str) -> int:
         judge = f"the judge ({judge_model} at {client.base_url})"
         try:
-            return ask_llm(client, model=judge_model, prompt=prompt, max_tokens=16, temperature=0.0,
-                           parse=parse_score, wanted="a score", retry=retry)
+            return llm.ask(client, model=judge_model, prompt=prompt, max_tokens=16, temperature=0.0,
+                           parse=parse_score, wanted="a score", settings=settings)
         except anthropic.APIStatusError as error:  # not retried: a bad key, a model it does not have, ...
             raise JudgeError(f"{judge} refused the request: {error.status_code} {error.type or ''}: "
                              f"{error.api_message or error.message}") from None
-        except StimError as error:  # retried, in vain
+        except llm.LLMGaveUp as error:  # retried, in vain
             raise JudgeError(f"{judge}: {error}") from None
 
     with ThreadPoolExecutor(max_workers=JUDGE_CONCURRENCY) as pool:
-        judged = [(set_id, model, key, pool.map(ask, prompts)) for set_id, model, key, prompts in asks]
+        judged = [(set_id, model, key, pool.map(score, prompts)) for set_id, model, key, prompts in asks]
         for set_id, model, key, results in judged:
             scores[(set_id, model)] = list(results)
             store.put_json(key, scores[(set_id, model)])
