@@ -282,9 +282,9 @@ def test_ctrl_c_during_a_bake_stops_it_at_a_step_end_in_one_line_and_the_next_ru
 
     assert bgit("run", "stim", "rollout").wait(timeout=300) == 0
     baking = bgit("run", "bake", slow=True)
-    for _ in range(600):  # until the bake has logged a step
-        if any((tmp_path / "store").rglob("train_log_metrics.jsonl")) or baking.poll() is not None:
-            break
+    deadline = time.monotonic() + 600
+    while not any((tmp_path / "store").rglob("train_log_metrics.jsonl")):  # until the bake has logged a step
+        assert baking.poll() is None and time.monotonic() < deadline, "the bake ended, or logged no step in 600 s"
         time.sleep(0.5)
     baking.send_signal(signal.SIGINT)
     out, err = baking.communicate(timeout=300)
