@@ -7,8 +7,8 @@
 
 The LLM generators split numq into requests of at most REQUEST_SIZE questions. Anthropic requests
 run on Ray Data: one writer actor with at most `max_concurrency` requests in flight (threads),
-each request retried by the anthropic client (bread_ray.llm). The
-questions are parsed, de-duplicated, and more requests are made while a generator is short.
+each retried by the anthropic client (bread_ray.llm). The questions are parsed, de-duplicated,
+and more requests are made while a generator is short.
 A local writer (`model: local:<path or hub id>` or `model: parent`) generates in this process.
 Each finished request's questions are stored as it finishes, so a re-run after a failure makes
 only the missing requests; the manifest is written last (the layout: bread_ray.store). When the
