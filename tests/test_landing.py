@@ -277,8 +277,11 @@ def test_ctrl_c_during_a_bake_stops_it_at_a_step_end_in_one_line_and_the_next_ru
 
     def bgit(*args: str, slow: bool = False) -> subprocess.Popen:
         command = ["-c", SLOW_STEPS_BGIT] if slow else ["-m", "bread_ray.cli"]
+        # SIGINT as a terminal gives it: a suite started in the background (`make test &`) passes
+        # SIGINT ignored to its children, and Python then never raises KeyboardInterrupt
         return subprocess.Popen([sys.executable, *command, *args, "--no-progress", "--no-eval"],
-                                cwd=repo.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                cwd=repo.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     assert bgit("run", "stim", "rollout").wait(timeout=300) == 0
     baking = bgit("run", "bake", slow=True)
