@@ -281,9 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs and min(args.epochs) < 1:
         parser.error(f"--epochs {args.epochs[0]} {args.epochs[1]}: each bake needs at least 1 epoch")
     recipe, base = (tiny_recipe(), tiny_base) if args.tiny else (SMOLLM2_RECIPE, smollm2_base)
-    changes = {"epochs": tuple(args.epochs) if args.epochs else None, "seed": args.seed}
-    run(replace(recipe, **{key: value for key, value in changes.items() if value is not None}), base,
-        Path(args.dir).resolve())
+    if args.epochs:
+        recipe = replace(recipe, epochs=tuple(args.epochs))
+    if args.seed is not None:
+        recipe = replace(recipe, seed=args.seed)
+    run(recipe, base, Path(args.dir).resolve())
     return 0
 
 

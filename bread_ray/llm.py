@@ -52,6 +52,9 @@ def ask(client: Any, *, model: str, prompt: str, max_tokens: int, temperature: f
     error of the API (400, 401, ...) as it is, at once."""
     import anthropic
 
+    def retries_ran_out(last: str) -> LLMGaveUp:
+        return LLMGaveUp(f"gave up after {settings.max_retries + 1} attempts; last error: {last}")
+
     last_error = ""
     for _ in range(settings.reply_attempts):
         try:
@@ -61,11 +64,10 @@ def ask(client: Any, *, model: str, prompt: str, max_tokens: int, temperature: f
         except anthropic.APIStatusError as error:
             if error.status_code not in RETRIED_STATUSES and error.status_code < 500:
                 raise
-            raise LLMGaveUp(f"gave up after {settings.max_retries + 1} attempts; last error: {error.status_code} "
-                            f"{error.type or ''}: {error.api_message or error.message}") from None
+            raise retries_ran_out(f"{error.status_code} {error.type or ''}: "
+                                  f"{error.api_message or error.message}") from None
         except anthropic.APIConnectionError as error:
-            raise LLMGaveUp(f"gave up after {settings.max_retries + 1} attempts; last error: "
-                            f"{type(error).__name__}: {error}") from None
+            raise retries_ran_out(f"{type(error).__name__}: {error}") from None
         except (anthropic.APIResponseValidationError, json.JSONDecodeError) as error:  # a body that is not a message
             last_error = f"{type(error).__name__}: {error}"
             continue
