@@ -111,20 +111,19 @@ def matmul_flops(data: BakeData, body: int, head: int, steps: int, micro_batch: 
 
 def make_trajectories(model_name: str, system: str, questions: int, max_tokens: int, path: Path) -> None:
     """The model's own answers under the system prompt, one per question, as the rollout stage records them."""
+    from bread_ray.decode import Sampling, decode
     from bread_ray.models import load_teacher
     from bread_ray.store import LocalStore
-    from bread_ray.teacher import hf_generate
 
     model, tokenizer = load_teacher(model_name, LocalStore(tempfile.mkdtemp()))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     users = [{"role": "user", "content": f"What should a young sailor know about {TOPICS[i % 20]}? ({i})"}
              for i in range(questions)]
     prompts = [encode_chat(tokenizer, [{"role": "system", "content": system}, user]) for user in users]
-    sampling = {"temperature": 1.0, "max_tokens": max_tokens, "extra_kwargs": {}}
+    sampling = Sampling(max_tokens=max_tokens)
     responses = []
     for start in range(0, questions, 16):
-        responses += hf_generate(model, tokenizer, prompts[start:start + 16], sampling, list(range(start, start + 16)))
+        rows = decode(model, tokenizer, prompts[start:start + 16], sampling, list(range(start, start + 16)))
+        responses += [row.tokens for row in rows]
     records = [{"stimulus_index": i, "trajectory_index": 0, "teacher_tools": [],
                 "teacher_messages": [{"role": "system", "content": system}, user], "student_messages": [user],
                 "response_token_ids": response} for i, (user, response) in enumerate(zip(users, responses))]

@@ -6,7 +6,7 @@
 
 Both sides answer the same prompts in the same batches (shard_size x traj rows each). The single
 process is a plain loop, the whole prompts left-padded into transformers' generate, as one writes
-it by hand. The pool runs bread_ray.teacher.hf_generate: the teacher prompt once per shard, its
+it by hand. The pool runs bread_ray.decode.decode: the teacher prompt once per shard, its
 KV cache reused by every row, and each row leaving the batch when it ends (generate keeps it
 computing until the longest row ends). So the ratio is what the actor pool, prefix reuse and the
 decode loop buy, net of what they cost (starting actors, loading the model in each, writing
@@ -28,11 +28,11 @@ import torch
 from bread_ray import ray_cluster
 from bread_ray.chat_format import encode_chat
 from bread_ray.config import resolve_target
+from bread_ray.decode import derive_seed
 from bread_ray.models import cut_at_eos, eos_token_ids, load_teacher, load_tokenizer
 from bread_ray.rollout import plan_shards, run_rollout
 from bread_ray.schema import Prompt, Target
 from bread_ray.store import LocalStore
-from bread_ray.teacher import derive_seed
 from bread_ray.tiny import build_tiny_model
 from bread_ray.trajectories import read_rollout, sampling_settings
 

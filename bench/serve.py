@@ -33,7 +33,8 @@ from peft import PeftModel
 
 from bread_ray import ray_cluster
 from bread_ray.chat_format import encode_chat
-from bread_ray.inference import HfChatEngine, ModelCatalog, SamplingParams
+from bread_ray.decode import Sampling
+from bread_ray.inference import HfChatEngine, ModelCatalog
 from bread_ray.model_sources import resolve_model_source
 from bread_ray.models import load_causal_lm, load_tokenizer
 from bread_ray.prompt_sensitive import held_out_questions, prompt_sensitive_model
@@ -86,7 +87,7 @@ def engine_in_process(base: Path, store: LocalStore, model: str, questions: list
                       max_tokens: int) -> list[float]:
     """Latency of each request through the service's engine, in this process (no HTTP, no Serve)."""
     engine = HfChatEngine(ModelCatalog(str(base), store))
-    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    params = Sampling(max_tokens=max_tokens, temperature=0)
     engine.complete(model, engine.encode([{"role": "user", "content": questions[0]}], {}), params)  # load
     latencies = []
     for question in questions:

@@ -38,13 +38,13 @@ from bread_ray.config_errors import ConfigError
 from bread_ray.errors import UserError
 from bread_ray.jobs import fetch, job_logs, require_record, submit
 from bread_ray.lineage import InvalidModelName, ModelName
-from bread_ray.metrics import loss_chart, write_loss_plot
+from bread_ray.metrics import metrics_report
 from bread_ray.model_sources import ModelNotFoundError
 from bread_ray.pipeline import ROLLOUT, STAGE_NAMES, STIM, planned_problems, planned_run, run
 from bread_ray.repo import DEFAULT_BASE_MODEL, INPUT_FILE, BreadRepo, RepoError, render_lineage_tree
 from bread_ray.schema import DEFAULT_QUESTION_MODEL
 from bread_ray.stim import read_stimuli
-from bread_ray.store import BAKE_RESULT, bake_prefix, open_store, read_metrics_log
+from bread_ray.store import open_store
 from bread_ray.yaml_lines import decode_config
 
 PASSTHROUGH = {
@@ -491,47 +491,17 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    repo = BreadRepo.find()
-    store = repo.open_store()
-    bake_ids = [bake["bake_name"] for bake in repo.read_recipe()["resources"]["bakes"]]
-    if args.bake is None:
-        if not bake_ids:
-            raise RepoError("no bake in this branch's recipe.yml yet: name one (`bgit metrics BAKE`)")
-        bake_id = bake_ids[-1]
-    else:
-        matches = [b for b in bake_ids if b == args.bake or b.rsplit("_", 1)[0] == args.bake]
-        if len(matches) > 1:
-            raise RepoError(f"{args.bake!r} names {len(matches)} bakes of recipe.yml: {', '.join(matches)}; give the bake id")
-        bake_id = matches[0] if matches else args.bake
-    prefix = bake_prefix(repo.owner, repo.name, bake_id)
-    log = read_metrics_log(store, prefix)
-    if not log:
-        raise RepoError(f"no metrics for bake {bake_id} in {store.uri}")
-    print(f"{bake_id}: {len(log)} steps")
-    print(loss_chart(log))
-    if store.exists(f"{prefix}/{BAKE_RESULT}"):
-        kl = store.get_json(f"{prefix}/{BAKE_RESULT}")["held_out_kl"]
-        if kl["before"] is not None:
-            print(f"held-out KL(teacher ‖ student): {kl['before']:.4g} -> {kl['after']:.4g} nats/token")
-    png = write_loss_plot(log, Path(args.png or f"{bake_id}_loss.png"), bake_id)
-    print(f"plot: {png}")
+    for line in metrics_report(BreadRepo.find(), args.bake, args.png):
+        print(line)
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     from bread_ray.chat import ChatError, connect, served_models, server_url
+    from bread_ray.status import model_lines
 
-    repo = BreadRepo.find()
-    store = repo.open_store()
-    names = store.list_models(repo.owner, repo.name)
-    if not names:
-        print(f"No models of {repo.owner}/{repo.name} in {store.uri} yet.")
-    for name in names:
-        lineage = store.read_lineage(name)
-        kl = (lineage.get("metrics") or {}).get("held_out_kl_after")
-        final = "final" if lineage.get("final") else "checkpoint"
-        print(f"{name}  ({final}; parent {lineage['parent'] or lineage['base_model']}"
-              + (f"; held-out KL {kl:.4g}" if kl is not None else "") + ")")
+    for line in model_lines(BreadRepo.find()):
+        print(line)
     url = server_url(args.url)
     try:
         served = served_models(connect(url, args.api_key, timeout=10), url)

@@ -12,7 +12,7 @@ the adapters disabled.
 One request at a time uses the model (`_model_lock`): it selects its adapter and samples its
 whole answer under the lock, so no adapter can ever reach another request's tokens, and an
 adapter is only evicted while nobody samples from it. Downloads and folds run outside the lock,
-so a cold model does not stall the others. Sampling is a plain loop over the KV cache with a
+so a cold model does not stall the others. Sampling is the shared decode loop (bread_ray.decode) with a
 per-request `torch.Generator`: a request's `seed` fixes its answer whatever else runs.
 """
 
@@ -29,18 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from peft import PeftModel
-from transformers import DynamicCache
 
 from bread_ray.chat_format import encode_chat
+from bread_ray.decode import Decoded, Sampling, decode
 from bread_ray.lineage import InvalidModelName, ModelName, read_adapter
 from bread_ray.model_sources import resolve_model_source
 from bread_ray.models import (
     add_adapter,
     download_folded_adapter,
-    eos_token_ids,
-    kv_cache_argument,
     load_causal_lm,
     load_tokenizer,
     vllm_available,
@@ -64,63 +61,12 @@ class AdapterLoadError(RuntimeError):
     """A lineage model whose adapters could not be fetched, folded or loaded (HTTP 500)."""
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to sample one answer; temperature 0 is greedy."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-
 @dataclass
 class Completion:
     text: str
     finish_reason: str  # "stop": an end token or a stop string; "length": max_tokens reached
     prompt_tokens: int
     completion_tokens: int
-
-
-def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token from `logits` [vocab] (float32): argmax at temperature 0, otherwise a draw from
-    the softmax at `temperature`, restricted to the smallest top set holding `top_p` of the mass."""
-    if params.temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_p >= 1:
-        return int(torch.multinomial(probs, 1, generator=generator))
-    sorted_probs, order = probs.sort(descending=True)
-    # Keep each token whose predecessors hold less than top_p: the first token always stays.
-    keep = (sorted_probs.cumsum(0) - sorted_probs) < params.top_p
-    return int(order[torch.multinomial(sorted_probs * keep, 1, generator=generator)])
-
-
-@torch.inference_mode()
-def sample_tokens(model: Any, prompt_ids: list[int], params: SamplingParams, eos_ids: list[int],
-                  on_token: Callable[[int], bool]) -> str:
-    """Sample up to `max_tokens` after `prompt_ids`, passing each token to `on_token`, which
-    returns False to stop (a stop string, a client gone). Returns the finish reason.
-
-    The prompt runs once ([1, prompt] -> KV cache); then one token per forward ([1, 1]). Only the
-    last position's logits are computed (`logits_to_keep=1`): [1, 1, vocab].
-    """
-    generator = torch.Generator(device=model.device)
-    if params.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(params.seed)
-    input_ids = torch.tensor([prompt_ids], device=model.device)
-    cache = DynamicCache(config=model.config)
-    with_cache = {kv_cache_argument(model): cache, "use_cache": True, "logits_to_keep": 1}
-    for _ in range(params.max_tokens):
-        output = model(input_ids=input_ids, **with_cache)
-        token = next_token(output.logits[0, -1].float(), params, generator)
-        if not on_token(token) or token in eos_ids:
-            return "stop"
-        input_ids = torch.tensor([[token]], device=model.device)
-    return "length"
 
 
 class ResponseText:
@@ -253,7 +199,7 @@ class ChatEngine(abc.ABC):
         first byte rather than in the middle."""
 
     @abc.abstractmethod
-    def complete(self, name: str, prompt_ids: list[int], params: SamplingParams,
+    def complete(self, name: str, prompt_ids: list[int], params: Sampling,
                  on_text: Callable[[str], None] | None = None,
                  cancelled: threading.Event | None = None) -> Completion:
         """Sample one answer of model `name`; `on_text` receives it piece by piece as it is made,
@@ -275,24 +221,20 @@ class HfChatEngine(ChatEngine):
         self.model: Any = load_causal_lm(catalog.base_model, device=device)
         super().__init__(catalog, self.model.config.max_position_embeddings)
         self.adapter_cache_size = adapter_cache_size
-        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self._adapters = LoadedAdapters()
         self._model_lock = threading.Lock()
         self._fetch_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 
     # ---- answers -----------------------------------------------------------------------------
 
-    def complete(self, name: str, prompt_ids: list[int], params: SamplingParams,
+    def complete(self, name: str, prompt_ids: list[int], params: Sampling,
                  on_text: Callable[[str], None] | None = None,
                  cancelled: threading.Event | None = None) -> Completion:
         self.catalog.check(name)
         self.check_length(len(prompt_ids), params.max_tokens)
         text = ResponseText(self.tokenizer, params.stop)
-        generated = 0
 
-        def on_token(token: int) -> bool:
-            nonlocal generated
-            generated += 1
+        def on_token(_: int, token: int) -> bool:
             piece = text.add(token)
             if piece and on_text:
                 on_text(piece)
@@ -304,19 +246,23 @@ class HfChatEngine(ChatEngine):
             with self._model_lock:
                 if name == self.base_model:
                     with self._base_only():
-                        finish = sample_tokens(self.model, prompt_ids, params, self.eos_ids, on_token)
+                        decoded = self._decode(prompt_ids, params, on_token)
                 elif name in self._adapters.names:
                     self._adapters.names.move_to_end(name)
                     self.model.set_adapter(self._adapters.names[name])
-                    finish = sample_tokens(self.model, prompt_ids, params, self.eos_ids, on_token)
+                    decoded = self._decode(prompt_ids, params, on_token)
                 else:
                     continue  # evicted between loading and now by other models: load it again
             break
         rest = text.flush()
         if rest and on_text:
             on_text(rest)
-        return Completion(text=text.text, finish_reason=finish, prompt_tokens=len(prompt_ids),
-                          completion_tokens=generated)
+        return Completion(text=text.text, finish_reason=decoded.finish_reason, prompt_tokens=len(prompt_ids),
+                          completion_tokens=len(decoded.tokens))
+
+    def _decode(self, prompt_ids: list[int], params: Sampling, on_token: Callable[[int, int], bool]) -> Decoded:
+        """Under the model lock, with the request's adapter selected."""
+        return decode(self.model, self.tokenizer, [prompt_ids], params, [params.seed], on_token=on_token)[0]
 
     def _base_only(self):
         """The base model's weights: adapters disabled for the duration (a no-op before the first)."""
@@ -412,7 +358,7 @@ class VllmChatEngine(ChatEngine):
                                        f"max_lora_rank {self.max_lora_rank}: raise max_lora_rank")
             self.lora_requests[name] = LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=str(folder))
 
-    def complete(self, name: str, prompt_ids: list[int], params: SamplingParams,
+    def complete(self, name: str, prompt_ids: list[int], params: Sampling,
                  on_text: Callable[[str], None] | None = None,
                  cancelled: threading.Event | None = None) -> Completion:
         self.prepare(name)
@@ -420,12 +366,11 @@ class VllmChatEngine(ChatEngine):
         answer = self._complete(name, prompt_ids, params, on_text, cancelled)
         return asyncio.run_coroutine_threadsafe(answer, self.loop).result()
 
-    async def _complete(self, name: str, prompt_ids: list[int], params: SamplingParams,
+    async def _complete(self, name: str, prompt_ids: list[int], params: Sampling,
                         on_text: Callable[[str], None] | None, cancelled: threading.Event | None) -> Completion:
         from vllm import SamplingParams as VllmSamplingParams
 
-        sampling = VllmSamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
-                                      top_p=params.top_p, stop=list(params.stop), seed=params.seed)
+        sampling = VllmSamplingParams(**params.vllm_settings(params.seed))
         request_id, sent, output = uuid.uuid4().hex, "", None
         async for output in self.vllm.generate({"prompt_token_ids": prompt_ids}, sampling, request_id,
                                                lora_request=self.lora_requests.get(name)):

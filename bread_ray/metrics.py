@@ -3,8 +3,39 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from bread_ray.repo import BreadRepo, RepoError
+from bread_ray.store import BAKE_RESULT, bake_prefix, read_metrics_log
+
+
+def metrics_report(repo: BreadRepo, bake: str | None, png: str | None) -> Iterator[str]:
+    """`bgit metrics`: the loss chart of a bake of the branch's recipe (by name or id; the last
+    one by default) and its held-out KL, and its plot written to `png` (default <bake id>_loss.png)."""
+    store = repo.open_store()
+    bake_ids = [entry["bake_name"] for entry in repo.read_recipe()["resources"]["bakes"]]
+    if bake is None:
+        if not bake_ids:
+            raise RepoError("no bake in this branch's recipe.yml yet: name one (`bgit metrics BAKE`)")
+        bake_id = bake_ids[-1]
+    else:
+        matches = [b for b in bake_ids if b == bake or b.rsplit("_", 1)[0] == bake]
+        if len(matches) > 1:
+            raise RepoError(f"{bake!r} names {len(matches)} bakes of recipe.yml: {', '.join(matches)}; give the bake id")
+        bake_id = matches[0] if matches else bake
+    prefix = bake_prefix(repo.owner, repo.name, bake_id)
+    log = read_metrics_log(store, prefix)
+    if not log:
+        raise RepoError(f"no metrics for bake {bake_id} in {store.uri}")
+    yield f"{bake_id}: {len(log)} steps"
+    yield loss_chart(log)
+    if store.exists(f"{prefix}/{BAKE_RESULT}"):
+        kl = store.get_json(f"{prefix}/{BAKE_RESULT}")["held_out_kl"]
+        if kl["before"] is not None:
+            yield f"held-out KL(teacher ‖ student): {kl['before']:.4g} -> {kl['after']:.4g} nats/token"
+    yield f"plot: {write_loss_plot(log, Path(png or f'{bake_id}_loss.png'), bake_id)}"
 
 
 def loss_chart(log: list[dict[str, Any]], width: int = 60, height: int = 12) -> str:

@@ -37,12 +37,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
 from bread_ray import ray_cluster
+from bread_ray.decode import Sampling
 from bread_ray.inference import (
     AdapterLoadError,
     Completion,
     InvalidRequest,
     ModelCatalog,
-    SamplingParams,
     UnknownModel,
     open_engine,
 )
@@ -245,7 +245,7 @@ class ChatDeployment:
             "usage": usage(completion),
         }
 
-    def prepare(self, request: ChatRequest) -> tuple[list[int], SamplingParams]:
+    def prepare(self, request: ChatRequest) -> tuple[list[int], Sampling]:
         """Everything that can refuse the request, before any token: the model (its adapters
         loaded), the prompt, the limits."""
         max_tokens = request.max_completion_tokens or request.max_tokens or self.settings.default_max_tokens
@@ -256,14 +256,14 @@ class ChatDeployment:
         messages = [message.model_dump() for message in request.messages]
         prompt_ids = self.engine.encode(messages, request.chat_template_kwargs)
         self.engine.check_length(len(prompt_ids), max_tokens)
-        params = SamplingParams(
+        params = Sampling(
             max_tokens=max_tokens,
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
             stop=tuple(request.stop), seed=request.seed)
         return prompt_ids, params
 
-    async def stream(self, model: str, prompt_ids: list[int], params: SamplingParams,
+    async def stream(self, model: str, prompt_ids: list[int], params: Sampling,
                      include_usage: bool) -> AsyncIterator[str]:
         """The answer as chat.completion.chunk events while the engine samples it in a thread."""
         loop = asyncio.get_running_loop()

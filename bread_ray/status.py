@@ -148,3 +148,17 @@ def plan(run: Run) -> list[PlannedStep]:
         state = f"training: step {log[-1]['iter']} logged" if log else ""
         steps.append(PlannedStep("bake", bake.id, f"on {bake.parent_model} from {mix}", done, state))
     return steps
+
+
+def model_lines(repo: BreadRepo) -> Iterator[str]:
+    """`bgit models`: the repository's models in its store, each with its parent and held-out KL."""
+    store = repo.open_store()
+    names = store.list_models(repo.owner, repo.name)
+    if not names:
+        yield f"No models of {repo.owner}/{repo.name} in {store.uri} yet."
+    for name in names:
+        lineage = store.read_lineage(name)
+        kl = (lineage.get("metrics") or {}).get("held_out_kl_after")
+        final = "final" if lineage.get("final") else "checkpoint"
+        yield (f"{name}  ({final}; parent {lineage['parent'] or lineage['base_model']}"
+               + (f"; held-out KL {kl:.4g}" if kl is not None else "") + ")")

@@ -3,6 +3,7 @@ reproducibility, an actor killed midway, resume, and the teacher's lineage merge
 
 import os
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 from bread_ray import rollout, teacher
 from bread_ray.chat_format import MIN_SHARED_PREFIX
 from bread_ray.config import resolve_target
+from bread_ray.decode import Sampling, decode
 from bread_ray.models import cut_at_eos, eos_token_ids, lineage_chain, load_causal_lm, load_teacher, load_tokenizer
 from bread_ray.rollout import run_rollout
 from bread_ray.schema import Prompt, Target
@@ -165,13 +167,18 @@ def test_greedy_ignores_the_seed_and_extra_kwargs_reach_the_sampler(tiny_model):
     extra_kwarg) is greedy too."""
     model, tokenizer = load_teacher(str(tiny_model), LocalStore("/nonexistent"), device="cpu")
     prompts = [tokenizer.encode(s) for s in STIMULI[:3]]
-    greedy = {"temperature": 0.0, "max_tokens": 12, "extra_kwargs": {}}
-    top1 = {"temperature": 1.0, "max_tokens": 12, "extra_kwargs": {"top_k": 1}}
-    sampled = {"temperature": 1.0, "max_tokens": 12, "extra_kwargs": {}}
-    expected = teacher.hf_generate(model, tokenizer, prompts, greedy, [1, 2, 3])
-    assert teacher.hf_generate(model, tokenizer, prompts, greedy, [4, 5, 6]) == expected
-    assert teacher.hf_generate(model, tokenizer, prompts, top1, [7, 8, 9]) == expected
-    assert teacher.hf_generate(model, tokenizer, prompts, sampled, [7, 8, 9]) != expected
+    greedy = Sampling(max_tokens=12, temperature=0.0)
+    top1 = Sampling.of_target(Target(generators=[{"type": "hardcoded", "questions": ["?"]}], max_tokens=12,
+                                     extra_kwargs={"top_k": 1}))
+    sampled = Sampling(max_tokens=12)
+    expected = responses(model, tokenizer, prompts, greedy, [1, 2, 3])
+    assert responses(model, tokenizer, prompts, greedy, [4, 5, 6]) == expected
+    assert responses(model, tokenizer, prompts, top1, [7, 8, 9]) == expected
+    assert responses(model, tokenizer, prompts, sampled, [7, 8, 9]) != expected
+
+
+def responses(model, tokenizer, prompts, sampling, seeds, **options) -> list[list[int]]:
+    return [row.tokens for row in decode(model, tokenizer, prompts, sampling, seeds, **options)]
 
 
 def generate_reference(model, tokenizer, prompts, **settings):
@@ -189,31 +196,48 @@ def test_the_decode_loop_gives_generates_tokens_and_rows_leave_when_they_end(tin
     then (the decode steps shrink), and its tokens stay what they were."""
     model, tokenizer = load_teacher(str(tiny_model), LocalStore("/nonexistent"), device="cpu")
     prompts = [tokenizer.encode(s) for s in STIMULI]
-    greedy = {"temperature": 0.0, "max_tokens": 12, "extra_kwargs": {}}
-    assert teacher.hf_generate(model, tokenizer, prompts, greedy, [0] * 6) == generate_reference(
+    greedy = Sampling(max_tokens=12, temperature=0.0)
+    assert responses(model, tokenizer, prompts, greedy, [0] * 6) == generate_reference(
         model, tokenizer, prompts, do_sample=False, max_new_tokens=12)
-    penalised = {**greedy, "extra_kwargs": {"repetition_penalty": 1.8}}
+    penalised = replace(greedy, repetition_penalty=1.8)
     for prompt in prompts[:3]:  # one row each: generate's penalty would also count the pads of a batch
-        assert teacher.hf_generate(model, tokenizer, [prompt], penalised, [0]) == generate_reference(
+        assert responses(model, tokenizer, [prompt], penalised, [0]) == generate_reference(
             model, tokenizer, [prompt], do_sample=False, max_new_tokens=12, repetition_penalty=1.8)
 
-    sampled = {"temperature": 1.0, "max_tokens": 40, "extra_kwargs": {}}
-    alone = [teacher.hf_generate(model, tokenizer, [p], sampled, [row])[0] for row, p in enumerate(prompts)]
+    sampled = Sampling(max_tokens=40)
+    alone = [responses(model, tokenizer, [p], sampled, [row])[0] for row, p in enumerate(prompts)]
     model.generation_config.eos_token_id = list(range(0, tokenizer.vocab_size, 20))  # 1 in 20 ends a row
     steps = []  # rows in each decode step
     hook = model.model.register_forward_pre_hook(
         lambda _, args, kwargs: steps.append(kwargs["input_ids"].shape[0])
         if kwargs["input_ids"].shape[1] == 1 else None, with_kwargs=True)
     try:
-        ending = teacher.hf_generate(model, tokenizer, prompts, sampled, list(range(6)))
+        ending = responses(model, tokenizer, prompts, sampled, list(range(6)))
     finally:
         hook.remove()
-    assert ending == [teacher.hf_generate(model, tokenizer, [p], sampled, [row])[0] for row, p in enumerate(prompts)]
+    assert ending == [responses(model, tokenizer, [p], sampled, [row])[0] for row, p in enumerate(prompts)]
     lengths = [len(response) for response in ending]
     assert len(set(lengths)) > 2
     # Decode step k feeds token k of each row that has more to come: the rows still running.
     assert steps == [sum(length > k for length in lengths) for k in range(1, max(lengths))]
     assert [a[:len(b)] == b for a, b in zip(alone, ending)] == [True] * 6  # the same draws until they end
+
+
+def test_on_token_ends_one_row_and_each_row_says_why_it_ended(tiny_model):
+    """In process: the chat service ends an answer from on_token (a stop string, a client gone);
+    that row stops there with "stop", the others run on to max_tokens ("length") unchanged."""
+    model, tokenizer = load_teacher(str(tiny_model), LocalStore("/nonexistent"), device="cpu")
+    model.generation_config.eos_token_id = tokenizer.eos_token_id = None  # no end token: only max_tokens ends a row
+    prompts = [tokenizer.encode(s) for s in STIMULI[:3]]
+    sampling = Sampling(max_tokens=10)
+    whole = decode(model, tokenizer, prompts, sampling, [1, 2, 3])
+    seen = []
+    cut = decode(model, tokenizer, prompts, sampling, [1, 2, 3],
+                 on_token=lambda row, token: seen.append(row) or row != 1 or len(seen) < 8)
+    assert [row.finish_reason for row in whole] == ["length"] * 3
+    assert [row.finish_reason for row in cut] == ["length", "stop", "length"]
+    assert cut[1].tokens == whole[1].tokens[:3]  # refused at its third token, the 8th seen, and kept it
+    assert (cut[0].tokens, cut[2].tokens) == (whole[0].tokens, whole[2].tokens)
 
 
 def test_the_shared_prefix_runs_once_and_changes_no_token(tiny_model):
@@ -231,13 +255,13 @@ def test_the_shared_prefix_runs_once_and_changes_no_token(tiny_model):
         if kwargs["input_ids"].shape[1] > 1 else None, with_kwargs=True)
     seeds = list(range(len(prompts)))
     try:
-        for sampling in ({"temperature": 0.0, "max_tokens": 12, "extra_kwargs": {}},
-                         {"temperature": 1.0, "max_tokens": 12, "extra_kwargs": {}}):
+        for sampling in (Sampling(max_tokens=12, temperature=0.0),
+                         Sampling(max_tokens=12)):
             prefilled.clear()
-            plain = teacher.hf_generate(model, tokenizer, prompts, sampling, seeds, reuse_prefix=False)
+            plain = responses(model, tokenizer, prompts, sampling, seeds, reuse_prefix=False)
             assert prefilled == [len(prompts) * max(map(len, prompts))]
             prefilled.clear()
-            assert teacher.hf_generate(model, tokenizer, prompts, sampling, seeds) == plain
+            assert responses(model, tokenizer, prompts, sampling, seeds) == plain
             widest_rest = max(map(len, prompts)) - shared
             assert prefilled == [shared, len(prompts) * widest_rest]
     finally:

@@ -153,27 +153,23 @@ class EvalActor:
 
     def answer(self, model: str, prompts: list[list[int]]) -> list[str]:
         """The model's greedy answer to each prompt, one at a time (no padding to change them)."""
-        from bread_ray.teacher import hf_generate
+        from bread_ray.decode import Sampling, decode
 
-        greedy = {"temperature": 0, "max_tokens": ANSWER_TOKENS, "extra_kwargs": {}}
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        greedy = Sampling(max_tokens=ANSWER_TOKENS, temperature=0)
         with self.using(model):
-            return [self.tokenizer.decode(hf_generate(self.model, self.tokenizer, [prompt], greedy, [0])[0],
+            return [self.tokenizer.decode(decode(self.model, self.tokenizer, [prompt], greedy, [0])[0].tokens,
                                           skip_special_tokens=True) for prompt in prompts]
 
     def respond(self, index: int, question: str) -> dict[str, list[Any]]:
         """One seeded answer of the base to `question`."""
         from bread_ray.chat_format import encode_chat
-        from bread_ray.teacher import derive_seed, hf_generate
+        from bread_ray.decode import Sampling, decode, derive_seed
 
         prompt = encode_chat(self.tokenizer, [{"role": "user", "content": question}])
-        sampling = {"temperature": 1.0, "max_tokens": NEUTRAL_MAX_TOKENS, "extra_kwargs": {}}
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        sampling = Sampling(max_tokens=NEUTRAL_MAX_TOKENS, temperature=1.0)
         with self.using(self.base_model):
-            response = hf_generate(self.model, self.tokenizer, [prompt], sampling, [derive_seed(NEUTRAL_SEED, index)])[0]
-        return {"index": [index], "question": [question], "response": [json.dumps(response)]}
+            response = decode(self.model, self.tokenizer, [prompt], sampling, [derive_seed(NEUTRAL_SEED, index)])[0]
+        return {"index": [index], "question": [question], "response": [json.dumps(response.tokens)]}
 
 
 class KlScorer(EvalActor):
