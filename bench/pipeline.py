@@ -26,6 +26,7 @@ import yaml
 from bread_ray import pipeline, ray_cluster
 from bread_ray.model_sources import resolve_model_source
 from bread_ray.repo import BreadRepo
+from bread_ray.stage import Streamed
 from bread_ray.store import LocalStore
 from bread_ray.tiny import build_tiny_model
 
@@ -50,7 +51,7 @@ def stage_by_stage(repo: BreadRepo, store: LocalStore) -> None:
     """Each target's stim, then each target's rollout, as `bgit run stim rollout` ran before streaming."""
     run = pipeline.check_run(repo, ["stim", "rollout"], store, progress=False)
     for stage, item in pipeline.work_left(run):
-        stage.execute(run, item)
+        stage.execute(run, item, Streamed())
 
 
 def streaming(repo: BreadRepo, store: LocalStore) -> None:

@@ -26,7 +26,7 @@ from bread_ray.model_sources import is_lineage_name
 from bread_ray.preflight import base_model_problem
 from bread_ray.repo import BREAD_FILE, INPUT_FILE, BreadRepo, RepoError
 from bread_ray.rollout import Rollout
-from bread_ray.stage import Item, Run, Stage
+from bread_ray.stage import Item, Run, Stage, Streamed
 from bread_ray.stim import Stim, StimError
 from bread_ray.store import Store
 
@@ -79,14 +79,14 @@ def run(repo: BreadRepo, stages: list[str], *, store: Store, progress: bool = Tr
         left = work_left(run)
         if left:
             ray_cluster.connect(address)
-        failed = stream(run, left)
+        streamed = stream(run, left)
         for stage, item in work_left(run):  # after streaming: the stimuli and manifests to write, the bake
-            if failed and stage is BAKE:
+            if streamed.failures and stage is BAKE:
                 break
-            if item.id not in failed:
-                stage.execute(run, item)
-        if failed:
-            raise StimError("; ".join(failed.values()) + ". Every finished request and rollout shard of every "
+            if item.id not in streamed.failures:
+                stage.execute(run, item, streamed)
+        if streamed.failures:
+            raise StimError("; ".join(streamed.failures.values()) + ". Every finished request and rollout shard of every "
                             "target is saved: a re-run makes only the rest")
         if BAKE.name not in run.stages:
             return RunResult(run.resolved)
@@ -101,13 +101,13 @@ def run(repo: BreadRepo, stages: list[str], *, store: Store, progress: bool = Tr
     return outcome
 
 
-def stream(run: Run, left: list[tuple[Stage, Item]]) -> dict[str, str]:
+def stream(run: Run, left: list[tuple[Stage, Item]]) -> Streamed:
     """When a run does stim and rollout, or rollout on stored stimuli, the targets left go through
-    one streaming pipeline (bread_ray.stream); returns {target id: why its questions failed}."""
+    one streaming pipeline (bread_ray.stream)."""
     from bread_ray.stream import stream_targets
 
     targets = [item for stage, item in left if stage is ROLLOUT]
-    return stream_targets(run, targets) if targets else {}
+    return stream_targets(run, targets) if targets else Streamed()
 
 
 def evaluate_bake(run: Run, model: str, *, progress: bool, address: str | None) -> EvalReport:

@@ -27,7 +27,7 @@ from bread_ray.config import ResolvedTarget
 from bread_ray.config_errors import Problem
 from bread_ray.preflight import teacher_problems
 from bread_ray.progress import add_bar, progress_bars
-from bread_ray.stage import Run, Stage
+from bread_ray.stage import Run, Stage, Streamed
 from bread_ray.stim import read_stimuli
 from bread_ray.store import ROLLOUT_MANIFEST, STIM_MANIFEST, Store, finished_shards
 
@@ -54,11 +54,11 @@ class Rollout(Stage):
             f"{target.id} has no stimuli in the store yet: run `bgit run stim rollout`"))]
         return missing + teacher_problems(index, target, run.models)
 
-    def execute(self, run: Run, target: ResolvedTarget) -> dict[str, Any]:
+    def execute(self, run: Run, target: ResolvedTarget, streamed: Streamed) -> dict[str, Any]:
         prefix = run.target_prefix(target.id)
         questions = [record["question"] for record in read_stimuli(run.store, prefix)]
         return run_rollout(target, questions, store=run.store, prefix=prefix, progress=run.progress,
-                           streamed=run.shards_streamed.get(target.id, 0))
+                           streamed=streamed.shards.get(target.id, 0))
 
 
 def plan_shards(stimuli: list[str], shard_size: int) -> list[dict[str, Any]]:

@@ -35,8 +35,6 @@ class Run:
     workers: int | None = None  # bake workers (default: one per GPU, else one)
     head: str | None = None  # the commit the run started from: its bake's lineage records it
     models: ModelReader = field(init=False)  # model files read for the checks, once per run
-    shards_streamed: dict[str, int] = field(default_factory=dict)  # rollout shards sampled by bread_ray.stream
-    local_writers: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # question-writer models loaded, by source
 
     def __post_init__(self) -> None:
         self.models = ModelReader(self.resolved.parent_model, self.repo.base_model, self.store)
@@ -50,6 +48,14 @@ class Run:
     def target_index(self, target: ResolvedTarget) -> int:
         """Where the target sits in input.yml's TARGET list (for file:line)."""
         return self.resolved.targets.index(target)
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """What the streaming run (bread_ray.stream) did before the stages complete its targets."""
+
+    failures: dict[str, str] = field(default_factory=dict)  # target id -> why its questions failed
+    shards: dict[str, int] = field(default_factory=dict)  # target id -> rollout shards it sampled
 
 
 class Stage(abc.ABC):
@@ -68,5 +74,6 @@ class Stage(abc.ABC):
         return []
 
     @abc.abstractmethod
-    def execute(self, run: Run, item: Item) -> Any:
-        """Compute the item and leave its result in the store."""
+    def execute(self, run: Run, item: Item, streamed: Streamed) -> Any:
+        """Compute the item and leave its result in the store; `streamed`: what this run's
+        streaming did already (empty when it streamed nothing)."""

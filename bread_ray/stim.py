@@ -35,7 +35,7 @@ from bread_ray.errors import UserError
 from bread_ray.llm import LLMSettings, anthropic_client, ask
 from bread_ray.model_sources import ModelNotFoundError, resolve_model_source
 from bread_ray.progress import add_bar, progress_bars
-from bread_ray.stage import Run, Stage
+from bread_ray.stage import Run, Stage, Streamed
 from bread_ray.store import STIM_MANIFEST, Store
 
 REQUEST_SIZE = 20  # questions per LLM request: long lists drift and repeat themselves
@@ -201,11 +201,10 @@ class Stim(Stage):
     def problems(self, run: Run, target: ResolvedTarget) -> list[Problem]:
         return generator_problems(target, base_dir=run.repo.root, target_index=run.target_index(target))
 
-    def execute(self, run: Run, target: ResolvedTarget) -> list[str]:
+    def execute(self, run: Run, target: ResolvedTarget, streamed: Streamed) -> list[str]:
         return generate_stimuli(target, store=run.store, prefix=run.target_prefix(target.id),
                                 parent_model=run.resolved.parent_model, base_dir=run.repo.root, progress=run.progress,
-                                target_index=run.target_index(target),
-                                load_writer=local_writer_loader(run.store, run.local_writers))
+                                target_index=run.target_index(target))
 
 
 def generate_stimuli(
@@ -453,10 +452,10 @@ def store_part(store: Store, prefix: str, result: dict[str, Any]) -> None:
     store.put_json(part_key(prefix, j, index), {"generator": j, "request": index, "questions": result["questions"]})
 
 
-def local_writer_loader(store: Store, loaded: dict[str, tuple[Any, Any]] | None = None) -> Callable[[str], tuple[Any, Any]]:
-    """`load(source) -> (tokenizer, model)` of local question writers, each loaded once (kept in
-    `loaded`, which a run shares between its stages); a lineage name loads with its adapters."""
-    loaded = {} if loaded is None else loaded
+def local_writer_loader(store: Store) -> Callable[[str], tuple[Any, Any]]:
+    """`load(source) -> (tokenizer, model)` of local question writers, each loaded once by this
+    loader; a lineage name loads with its adapters."""
+    loaded: dict[str, tuple[Any, Any]] = {}
 
     def load(source: str) -> tuple[Any, Any]:
         from bread_ray.models import load_teacher

@@ -26,13 +26,13 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from bread_ray.config import ResolvedTarget
 from bread_ray.llm import LLMSettings
 from bread_ray.progress import add_bar, progress_bars
 from bread_ray.ray_cluster import actor_pool
-from bread_ray.stage import Run
+from bread_ray.stage import Run, Streamed
 from bread_ray.stim import (
     LLM_TYPES,
     distinct,
@@ -168,8 +168,9 @@ def streaming_sampler():
 
 
 def stream_targets(run: Run, targets: list[ResolvedTarget], *, num_actors: int = 2,
-                   llm: LLMSettings = LLMSettings()) -> dict[str, str]:
-    """Stim and rollout of `targets` at once; returns {target id: why its questions failed}.
+                   llm: LLMSettings = LLMSettings()) -> Streamed:
+    """Stim and rollout of `targets` at once; returns why the questions of each target that
+    failed failed, and the rollout shards sampled of each.
 
     Leaves in the store every question part and rollout part it could make; the stage by stage
     path (bread_ray.pipeline) completes each target that did not fail.
@@ -177,8 +178,9 @@ def stream_targets(run: Run, targets: list[ResolvedTarget], *, num_actors: int =
     import ray
 
     plans, requests = [], []
+    load_writer = local_writer_loader(run.store)  # each local question writer loaded once for all targets
     for target in targets:
-        plan, pending = plan_target(run, target)
+        plan, pending = plan_target(run, target, load_writer)
         plans.append(plan)
         requests += pending
     finished = {t.id: finished_shards(run.store, run.target_prefix(t.id)) for t in targets}
@@ -206,17 +208,17 @@ def stream_targets(run: Run, targets: list[ResolvedTarget], *, num_actors: int =
             sampling.join()
     if view.error is not None:
         raise view.error
-    run.shards_streamed = view.shards
     total = {t: sum(1 for r in requests if r["target"] == t) for t in failures}
-    return {target_id: (f"target {by_id[target_id].name}: {len(errors)} of {total[target_id]} question requests "
-                        f"failed; first error: {errors[0]}")
-            for target_id, errors in failures.items()}
+    return Streamed({target_id: (f"target {by_id[target_id].name}: {len(errors)} of {total[target_id]} question "
+                                 f"requests failed; first error: {errors[0]}")
+                     for target_id, errors in failures.items()}, view.shards)
 
 
-def plan_target(run: Run, target: ResolvedTarget) -> tuple[TargetStimuli, list[dict[str, Any]]]:
+def plan_target(run: Run, target: ResolvedTarget,
+                load_writer: Callable[[str], tuple[Any, Any]]) -> tuple[TargetStimuli, list[dict[str, Any]]]:
     """What is known of the target's stimuli before streaming (its stored stimuli, or its fixed
     questions and stored request parts), and the Anthropic requests still to make. A local writer
-    answers its requests here, in this process, first."""
+    (`load_writer(source) -> (tokenizer, model)`) answers its requests here, in this process, first."""
     prefix = run.target_prefix(target.id)
     if run.store.exists(f"{prefix}/{STIM_MANIFEST}"):
         questions = [record["question"] for record in read_stimuli(run.store, prefix)]
@@ -230,7 +232,7 @@ def plan_target(run: Run, target: ResolvedTarget) -> tuple[TargetStimuli, list[d
                          stored_parts(run.store, prefix))
     missing = [r for rs in planned.values() for r in rs if (r["generator"], r["request"]) not in plan.parts]
     local = [r for r in missing if r["model"].startswith("local:")]  # plan_requests names local writers so
-    for result in write_locally(local, local_writer_loader(run.store, run.local_writers)):
+    for result in write_locally(local, load_writer):
         store_part(run.store, prefix, result)
         plan.parts[result["generator"], result["request"]] = result["questions"]
     return plan, [{**r, "target": target.id} for r in missing if not r["model"].startswith("local:")]

@@ -13,6 +13,7 @@ import yaml
 
 from bread_ray import pipeline, teacher
 from bread_ray.cli import main
+from bread_ray.stage import Streamed
 from bread_ray.store import LocalStore, target_prefix
 from bread_ray.stream import TargetStimuli, stream_targets
 
@@ -75,17 +76,18 @@ def stage_by_stage(repo, store):
     """The stages one after another, target after target, as `bgit run stim rollout` ran before streaming."""
     run = pipeline.check_run(repo, ["stim", "rollout"], store, progress=False)
     for stage, item in pipeline.work_left(run):
-        stage.execute(run, item)
+        stage.execute(run, item, Streamed())
 
 
 def streamed(repo, store, num_actors):
-    """The streaming run as pipeline.run makes it, with `num_actors` samplers."""
+    """The streaming run as pipeline.run makes it, with `num_actors` samplers: the run, and what streaming did."""
     run = pipeline.check_run(repo, ["stim", "rollout"], store, progress=False)
     targets = [item for stage, item in pipeline.work_left(run) if stage is pipeline.ROLLOUT]
-    assert stream_targets(run, targets, num_actors=num_actors) == {}
+    done = stream_targets(run, targets, num_actors=num_actors)
+    assert done.failures == {}
     for stage, item in pipeline.work_left(run):
-        stage.execute(run, item)
-    return run
+        stage.execute(run, item, done)
+    return run, done
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +105,11 @@ def reference(repo, ray_session, tmp_path_factory):
 @pytest.mark.parametrize("num_actors", [1, 2])
 def test_streaming_writes_byte_for_byte_what_the_stages_write(repo, reference, fake, tmp_path, num_actors):
     store = LocalStore(tmp_path)
-    run = streamed(repo, store, num_actors)
+    run, done = streamed(repo, store, num_actors)
     assert stored(store, repo) == reference
     assert sum(1 for key in reference if "/rollout/part-" in key) == sum(SHARDS.values())
     names = {t.id: t.name for t in run.resolved.targets}
-    assert {names[i]: n for i, n in run.shards_streamed.items()} == SHARDS  # all sampled while streaming
+    assert {names[i]: n for i, n in done.shards.items()} == SHARDS  # all sampled while streaming
     for name, prefix in prefixes(repo).items():
         assert store.get_json(f"{prefix}/rollout/manifest.json")["shards_generated"] == SHARDS[name]
     assert fake.requests == 4  # the persona requests, 2 + 1 + 1, none made twice

@@ -31,7 +31,7 @@ from bread_ray.config_errors import Problem
 from bread_ray.errors import UserError
 from bread_ray.preflight import bake_model_problems
 from bread_ray.progress import add_bar, progress_bars
-from bread_ray.stage import Run, Stage
+from bread_ray.stage import Run, Stage, Streamed
 from bread_ray.store import BAKE_RESULT, ROLLOUT_MANIFEST, Store, open_store, read_metrics_log, target_prefix
 
 CHECKPOINTS_KEPT = 2  # the newest training states kept in the store, under Ray Train or not
@@ -92,7 +92,7 @@ class Bake(Stage):
         """The stored result of a finished bake."""
         return BakeResult(run.store.get_json(f"{run.bake_prefix()}/{BAKE_RESULT}"))
 
-    def execute(self, run: Run, bake: ResolvedBake) -> BakeResult:
+    def execute(self, run: Run, bake: ResolvedBake, streamed: Streamed) -> BakeResult:
         import ray
 
         from bread_ray import ray_cluster

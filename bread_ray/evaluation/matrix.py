@@ -25,6 +25,9 @@ def evaluate(lineage: Lineages, store: Store, *, owner: str, repo: str, neutral:
     from bread_ray import ray_cluster
     from bread_ray.models import load_tokenizer
 
+    def join_ray() -> None:  # only for work left: an eval the store answers starts no Ray
+        ray_cluster.connect(address, announce=announce)
+
     started = time.monotonic()
     base = lineage.base_model
     tokenizer = load_tokenizer(base)
@@ -39,7 +42,7 @@ def evaluate(lineage: Lineages, store: Store, *, owner: str, repo: str, neutral:
         prefix = neutral_prefix(base, list(neutral), owner, repo)
         responses_key = f"{prefix}/responses.json"
         if not store.exists(responses_key):
-            ray_cluster.connect(address, announce=announce)
+            join_ray()
             store.put_json(responses_key, sample_neutral(base, list(neutral), store, progress=progress))
         drift_set = neutral_set(prefix, base, store.get_json(responses_key), tokenizer)
         wanted += [(drift_set, model) for model in lineage.models if model != base]
@@ -47,7 +50,7 @@ def evaluate(lineage: Lineages, store: Store, *, owner: str, repo: str, neutral:
              if store.exists(s.cell_key(m, base))}
     missing = [(s, m) for s, m in wanted if (s.id, m) not in cells]
     if missing:
-        ray_cluster.connect(address, announce=announce)
+        join_ray()
         computed = score_cells(missing, base, store, progress=progress, num_actors=num_actors)
         for kl_set, model in missing:
             cell = computed[(kl_set.id, model)]
@@ -60,7 +63,7 @@ def evaluate(lineage: Lineages, store: Store, *, owner: str, repo: str, neutral:
     report = EvalReport(lineage, matrix, drift, computed=len(missing), reused=len(wanted) - len(missing))
     if answers:
         report.answers, computed = greedy_answers(sets, lineage, store, answers, num_actors=num_actors,
-                                                  connect=lambda: ray_cluster.connect(address, announce=announce))
+                                                  connect=join_ray)
         report.computed += computed
         report.reused += len(sets) * len(lineage.models) - computed
         if judge_model:
