@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         trajectories, plain_tokens = len(plain_responses), sum(map(len, plain_responses))
         prompt_tokens = len(encode_chat(load_tokenizer(model), [{"role": "system", "content": system}]))
         for name, seconds, tokens in [("single process", plain_seconds, plain_tokens),
-                                      (f"Ray Data, {args.actors} actors", ray_seconds, manifest["tokens"])]:
+                                      (f"Ray Data, {args.actors} actors", ray_seconds, manifest.tokens)]:
             print(f"{f'{label} ({prompt_tokens} tok)':>16} {name:>22} {seconds:8.2f} {trajectories / seconds:8.1f} "
                   f"{tokens / seconds:9.0f}")
         same = (f"   same trajectories: {sum(a == b for a, b in zip(ray_responses, plain_responses))}/{trajectories}"

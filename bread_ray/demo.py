@@ -39,6 +39,7 @@ from bread_ray.lineage import ModelName
 from bread_ray.model_sources import resolve_model_source
 from bread_ray.personas import persona_prompt, trait_score
 from bread_ray.prompt_sensitive import held_out_questions, prompt_sensitive_model
+from bread_ray.records import BakeResult, RolloutManifest
 from bread_ray.repo import BreadRepo
 from bread_ray.store import BAKE_RESULT, ROLLOUT_MANIFEST, bake_prefix, open_store, read_metrics_log, target_prefix
 
@@ -127,14 +128,14 @@ class Version:
     label: str
     model: str
     seconds: dict[str, float]  # by stage
-    rollout: dict  # the rollout manifest
-    bake: dict  # the bake's result.json
+    rollout: RolloutManifest
+    bake: BakeResult  # the bake's result.json
     step_tokens_per_s: float  # median over the bake's steps (teacher and student contexts)
 
     @property
     def kl_fraction(self) -> float:
         """The bake's held-out KL after over before: the baked model's over its parent's."""
-        return self.bake["held_out_kl"]["after"] / self.bake["held_out_kl"]["before"]
+        return self.bake.held_out_kl.after / self.bake.held_out_kl.before
 
 
 def bake_version(recipe: Recipe, version: int) -> Version:
@@ -152,9 +153,10 @@ def bake_version(recipe: Recipe, version: int) -> Version:
     model = ModelName.parse(BreadRepo.find().parent_model)  # the bake's model, now the parent
     store = open_store()
     prefix = bake_prefix(model.owner, model.repo, model.bake_id)
-    result = store.get_json(f"{prefix}/{BAKE_RESULT}")
-    (target_id,) = result["examples"]  # examples counted by target: this bake's one target
-    rollout = store.get_json(f"{target_prefix(model.owner, model.repo, target_id)}/{ROLLOUT_MANIFEST}")
+    result = store.get_record(f"{prefix}/{BAKE_RESULT}", BakeResult)
+    (target_id,) = result.examples  # examples counted by target: this bake's one target
+    rollout = store.get_record(f"{target_prefix(model.owner, model.repo, target_id)}/{ROLLOUT_MANIFEST}",
+                               RolloutManifest)
     step_tokens_per_s = statistics.median(entry["tokens_per_s"] for entry in read_metrics_log(store, prefix))
     return Version(label, str(model), seconds, rollout, result, step_tokens_per_s)
 
@@ -164,8 +166,8 @@ def print_cost(versions: list[Version]) -> None:
     print(f"{'':4}{'stim':>7}{'rollout':>9}{'bake':>8}{'steps':>7}{'rollout tok/s':>15}{'bake tok/s':>12}")
     for version in versions:
         s = version.seconds
-        print(f"{version.label:4}{s['stim']:7.1f}{s['rollout']:9.1f}{s['bake']:8.1f}{version.bake['steps']:7}"
-              f"{version.rollout['tokens'] / s['rollout']:15.1f}{version.step_tokens_per_s:12.1f}")
+        print(f"{version.label:4}{s['stim']:7.1f}{s['rollout']:9.1f}{s['bake']:8.1f}{version.bake.steps:7}"
+              f"{version.rollout.tokens / s['rollout']:15.1f}{version.step_tokens_per_s:12.1f}")
     print("  rollout: tokens generated over the stage's wall time; bake: tokens through the model (teacher and "
           "student contexts) per second of a training step, median over the steps", flush=True)
 
@@ -224,7 +226,7 @@ def ask_each_version(recipe: Recipe, models: dict[str, str]) -> None:
     from ray import serve
 
     from bread_ray.chat import Conversation, ask, connect
-    from bread_ray.serving import APP_NAME, ServeSettings, chat_app
+    from bread_ray.serving import APP_NAME, ServeSettings, chat_app, replica_cpus
 
     repo = BreadRepo.find()
     port = free_port()
@@ -234,7 +236,8 @@ def ask_each_version(recipe: Recipe, models: dict[str, str]) -> None:
     try:
         settings = ServeSettings(base_model=repo.base_model, store=os.environ["BREAD_STORE"],
                                  repositories=[f"{repo.owner}/{repo.name}"])
-        serve.run(chat_app(settings), name=APP_NAME, route_prefix="/")
+        serve.run(chat_app(settings, num_cpus=replica_cpus(local=True, num_replicas=1)), name=APP_NAME,
+                  route_prefix="/")
         client = connect(url, api_key=None)
         print(f"Serving at {url}/v1 (greedy answers of at most {recipe.answer_tokens} tokens)", flush=True)
         answers: dict[str, list[str]] = {label: [] for label in models}

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bread_ray.records import BakeResult
 from bread_ray.repo import BreadRepo, RepoError
 from bread_ray.store import BAKE_RESULT, bake_prefix, read_metrics_log
 
@@ -32,9 +33,9 @@ def metrics_report(repo: BreadRepo, bake: str | None, png: str | None) -> Iterat
     yield f"{bake_id}: {len(log)} steps"
     yield loss_chart(log)
     if store.exists(f"{prefix}/{BAKE_RESULT}"):
-        kl = store.get_json(f"{prefix}/{BAKE_RESULT}")["held_out_kl"]
-        if kl["before"] is not None:
-            yield f"held-out KL(teacher ‖ student): {kl['before']:.4g} -> {kl['after']:.4g} nats/token"
+        kl = store.get_record(f"{prefix}/{BAKE_RESULT}", BakeResult).held_out_kl
+        if kl.before is not None and kl.after is not None:
+            yield f"held-out KL(teacher ‖ student): {kl.before:.4g} -> {kl.after:.4g} nats/token"
     yield f"plot: {write_loss_plot(log, Path(png or f'{bake_id}_loss.png'), bake_id)}"
 
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bread_ray.bake.driver import Bake, BakeResult
+from bread_ray.bake.driver import Bake
 from bread_ray.config import ResolvedConfig
 from bread_ray.config_errors import ConfigError, Problem
 from bread_ray.errors import UserError
 from bread_ray.landing import Landing, RunStart, land_bake
 from bread_ray.model_sources import is_lineage_name
 from bread_ray.preflight import base_model_problem
+from bread_ray.records import BakeResult
 from bread_ray.repo import BREAD_FILE, INPUT_FILE, BreadRepo, RepoError
 from bread_ray.rollout import Rollout
 from bread_ray.stage import Item, Run, Stage, Streamed

@@ -27,6 +27,7 @@ from bread_ray.config import ResolvedTarget
 from bread_ray.config_errors import Problem
 from bread_ray.preflight import teacher_problems
 from bread_ray.progress import add_bar, progress_bars
+from bread_ray.records import RolloutManifest
 from bread_ray.stage import Run, Stage, Streamed
 from bread_ray.stim import read_stimuli
 from bread_ray.store import ROLLOUT_MANIFEST, STIM_MANIFEST, Store, finished_shards
@@ -54,7 +55,7 @@ class Rollout(Stage):
             f"{target.id} has no stimuli in the store yet: run `bgit run stim rollout`"))]
         return missing + teacher_problems(index, target, run.models)
 
-    def execute(self, run: Run, target: ResolvedTarget, streamed: Streamed) -> dict[str, Any]:
+    def execute(self, run: Run, target: ResolvedTarget, streamed: Streamed) -> RolloutManifest:
         prefix = run.target_prefix(target.id)
         questions = [record["question"] for record in read_stimuli(run.store, prefix)]
         return run_rollout(target, questions, store=run.store, prefix=prefix, progress=run.progress,
@@ -104,7 +105,7 @@ def check_complete(table: pa.Table, stimuli: list[str], num_traj: int, where: st
 
 
 def run_rollout(target: ResolvedTarget, stimuli: list[str], *, store: Store, prefix: str,
-                num_actors: int = 2, shard_size: int = 8, progress: bool = True, streamed: int = 0) -> dict[str, Any]:
+                num_actors: int = 2, shard_size: int = 8, progress: bool = True, streamed: int = 0) -> RolloutManifest:
     """Sample `num_traj_per_stimulus` teacher responses per stimulus into `<prefix>/rollout/`;
     returns the manifest. Shards already in the store are kept; a complete rollout (its manifest
     exists) is returned as is, without starting Ray. `streamed`: shards this run already sampled
@@ -115,7 +116,7 @@ def run_rollout(target: ResolvedTarget, stimuli: list[str], *, store: Store, pre
 
     manifest_key = f"{prefix}/{ROLLOUT_MANIFEST}"
     if store.exists(manifest_key):
-        return store.get_json(manifest_key)
+        return store.get_record(manifest_key, RolloutManifest)
     if not stimuli:
         raise ValueError(f"no stimuli to roll out for target {target.id}")
     started = time.monotonic()
@@ -127,17 +128,11 @@ def run_rollout(target: ResolvedTarget, stimuli: list[str], *, store: Store, pre
     table = read_parts(store, prefix)
     num_traj = target.spec.num_traj_per_stimulus
     check_complete(table, stimuli, num_traj, f"{store.uri}/{prefix}/rollout")
-    manifest = {
-        "stimuli": len(stimuli),
-        "trajectories": table.num_rows,
-        "tokens": int(pc.sum(pc.list_value_length(table["response_token_ids"])).as_py() or 0),
-        "shards": len(shards),
-        "shards_generated": len(todo) + streamed,  # by the run that completed it; the rest were resumed
-        "shard_size": shard_size,
-        "num_traj_per_stimulus": num_traj,
-        "model": target.teacher_model,
-        "sampling": sampling_settings(target),
-        "seconds": round(time.monotonic() - started, 3),
-    }
-    store.put_json(manifest_key, manifest)  # last: its presence means the rollout is complete
+    manifest = RolloutManifest(
+        stimuli=len(stimuli), trajectories=table.num_rows,
+        tokens=int(pc.sum(pc.list_value_length(table["response_token_ids"])).as_py() or 0),
+        shards=len(shards), shards_generated=len(todo) + streamed, shard_size=shard_size,
+        num_traj_per_stimulus=num_traj, model=target.teacher_model, sampling=sampling_settings(target),
+        seconds=round(time.monotonic() - started, 3))
+    store.put_record(manifest_key, manifest)  # last: its presence means the rollout is complete
     return manifest

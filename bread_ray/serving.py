@@ -196,6 +196,8 @@ class ChatDeployment:
 
     def __init__(self, settings: ServeSettings):
         self.settings = settings
+        # one thread per CPU given to the replica (Ray's OMP_NUM_THREADS may come after torch's import)
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         catalog = ModelCatalog(settings.base_model, open_store(settings.store), settings.repositories)
         self.engine = open_engine(catalog, settings.engine, settings.adapter_cache_size, settings.max_lora_rank)
 
@@ -299,18 +301,26 @@ class ChatDeployment:
             cancelled.set()
 
 
-def chat_app(settings: ServeSettings, num_replicas: int = 1, num_gpus: float | None = None) -> serve.Application:
-    """The application for `serve.run`; one GPU per replica where this machine has one."""
+def chat_app(settings: ServeSettings, num_replicas: int = 1, num_gpus: float | None = None,
+             num_cpus: float = 1) -> serve.Application:
+    """The application for `serve.run`; one GPU per replica where this machine has one. A replica on
+    CPU samples with as many threads as its `num_cpus`."""
     if num_gpus is None:
         num_gpus = 1 if torch.cuda.is_available() else 0
     return ChatDeployment.options(num_replicas=num_replicas,
-                                  ray_actor_options={"num_cpus": 1, "num_gpus": num_gpus}).bind(settings)
+                                  ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus}).bind(settings)
 
 
 def build_app(args: ServeSettings) -> serve.Application:
     """The import path of serve/config.yaml: replicas, autoscaling and resources come from the
     config's `deployments` section."""
     return ChatDeployment.bind(args)
+
+
+def replica_cpus(local: bool, num_replicas: int) -> float:
+    """On the local cluster bgit started, which serves nothing else, the replicas share all its
+    CPUs; on a shared cluster each takes one."""
+    return ray.cluster_resources().get("CPU", 1) / num_replicas if local else 1
 
 
 def is_loopback(host: str) -> bool:
@@ -350,7 +360,8 @@ def run_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 800
     signal.signal(signal.SIGTERM, interrupt)  # after ray.init, which sets its own: `kill` stops as Ctrl-C does
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(chat_app(settings, num_replicas=num_replicas), name=APP_NAME, route_prefix="/")
+        serve.run(chat_app(settings, num_replicas=num_replicas, num_cpus=replica_cpus(local, num_replicas)),
+                  name=APP_NAME, route_prefix="/")
         announce(f"Serving {len(names)} models at http://{host}:{port}/v1 (OpenAI-compatible); Ctrl-C to stop.")
         for name in names:
             announce(f"  {name}")

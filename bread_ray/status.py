@@ -15,6 +15,7 @@ from bread_ray.config_errors import ConfigError
 from bread_ray.errors import UserError
 from bread_ray.jobs import job_state, read_record
 from bread_ray.pipeline import BAKE, ROLLOUT, STIM, ask_store, planned_problems, planned_run
+from bread_ray.records import RolloutManifest, StimManifest
 from bread_ray.repo import INPUT_FILE, BreadRepo, RepoError
 from bread_ray.stage import Run
 from bread_ray.store import ROLLOUT_MANIFEST, STIM_MANIFEST, Store, finished_shards, read_metrics_log
@@ -113,11 +114,11 @@ class TargetState:
 
 def target_state(run: Run, target: ResolvedTarget) -> TargetState:
     prefix, store = run.target_prefix(target.id), run.store
-    stim = store.get_json(f"{prefix}/{STIM_MANIFEST}") if STIM.done(run, target) else None
-    rollout = store.get_json(f"{prefix}/{ROLLOUT_MANIFEST}") if ROLLOUT.done(run, target) else None
+    stim = store.get_record(f"{prefix}/{STIM_MANIFEST}", StimManifest) if STIM.done(run, target) else None
+    rollout = store.get_record(f"{prefix}/{ROLLOUT_MANIFEST}", RolloutManifest) if ROLLOUT.done(run, target) else None
     return TargetState(
-        stimuli=stim["total"] if stim else None,
-        trajectories=rollout["trajectories"] if rollout else None,
+        stimuli=stim.total if stim else None,
+        trajectories=rollout.trajectories if rollout else None,
         shards_done=len(finished_shards(store, prefix)),
     )
 

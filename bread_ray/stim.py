@@ -35,6 +35,7 @@ from bread_ray.errors import UserError
 from bread_ray.llm import LLMSettings, anthropic_client, ask
 from bread_ray.model_sources import ModelNotFoundError, resolve_model_source
 from bread_ray.progress import add_bar, progress_bars
+from bread_ray.records import GeneratorCount, StimManifest
 from bread_ray.stage import Run, Stage, Streamed
 from bread_ray.store import STIM_MANIFEST, Store
 
@@ -244,11 +245,9 @@ def generate_stimuli(
     records = [{"index": index, **record} for index, record in enumerate(records)]
     jsonl = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     store.put_bytes(f"{prefix}/stim/stimuli.jsonl", jsonl.encode())
-    store.put_json(f"{prefix}/{STIM_MANIFEST}", {
-        "target": target.id,
-        "total": len(records),
-        "generators": [{"index": j, "type": g.type, "count": len(per_generator[j])} for j, g in enumerate(generators)],
-    })
+    store.put_record(f"{prefix}/{STIM_MANIFEST}", StimManifest(
+        target=target.id, total=len(records),
+        generators=[GeneratorCount(index=j, type=g.type, count=len(per_generator[j])) for j, g in enumerate(generators)]))
     return [record["question"] for record in records]
 
 

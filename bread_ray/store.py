@@ -52,6 +52,7 @@ import urllib.parse
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 import boto3
 from boto3.exceptions import Boto3Error
@@ -65,6 +66,7 @@ from botocore.exceptions import (
     NoCredentialsError,
     ReadTimeoutError,
 )
+from pydantic import ValidationError
 
 from bread_ray.errors import UserError
 from bread_ray.lineage import (
@@ -74,6 +76,9 @@ from bread_ray.lineage import (
     component_problem,
     validate_name_component,
 )
+from bread_ray.records import Record
+
+R = TypeVar("R", bound=Record)
 
 LINEAGE_FILE = "lineage.json"
 MAX_KEY_LENGTH = 1024  # S3's limit, in bytes; keys here are ASCII
@@ -106,6 +111,10 @@ class ModelNotFound(ArtifactNotFound):
 
 class ModelExists(StoreError):
     pass
+
+
+class BadRecord(StoreError):
+    """A record of the store that does not load as its type (bread_ray.records)."""
 
 
 class BrokenLineage(StoreError):
@@ -276,6 +285,21 @@ class Store(abc.ABC):
 
     def get_json(self, key: str):
         return json.loads(self.get_bytes(key))
+
+    def put_record(self, key: str, record: Record) -> None:
+        self.put_json(key, record.to_json())
+
+    def get_record(self, key: str, kind: type[R]) -> R:
+        """The record at `key` (bread_ray.records); BadRecord names the file and the field that
+        does not fit."""
+        data = self.get_bytes(key)
+        try:
+            return kind.model_validate_json(data)
+        except ValidationError as error:
+            first = error.errors()[0]
+            field = ".".join(str(part) for part in first["loc"]) or "(the whole file)"
+            raise BadRecord(f"{self.uri}/{key} is not a {kind.__name__}: {field}: {first['msg']}"
+                            f"{f' ({error.error_count() - 1} more problems)' if error.error_count() > 1 else ''}") from None
 
     def upload_file(self, local_path: str | os.PathLike, key: str) -> None:
         with self._reporting_failures():

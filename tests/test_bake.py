@@ -73,11 +73,12 @@ def tokenizer(tiny_model):
     (0.2, 0.0, "0.2 -> 0 nats/token (down to 0)"),
 ])
 def test_the_held_out_kl_line_says_which_way_it_went(before, after, said):
-    from bread_ray.bake.driver import BakeResult
+    from bread_ray.records import BakeResult
 
     record = {"bake_id": "b_1", "model_names": ["o/r/b_1/2"], "steps": 2, "held_out_kl": {"before": before, "after": after},
-              "loss": {"latest": 1.0, "final": 1.0, "min": 1.0, "max": 1.0}}
-    assert BakeResult(record).describe()[-1] == f"  held-out KL(teacher ‖ student): {said}"
+              "loss": {"latest": 1.0, "final": 1.0, "min": 1.0, "max": 1.0}, "examples": {}, "resumed_from_step": None,
+              "worker_nodes": ["n"]}
+    assert BakeResult(**record).describe()[-1] == f"  held-out KL(teacher ‖ student): {said}"
 
 
 def test_examples_align_the_response_between_teacher_and_student(tokenizer):
@@ -240,10 +241,10 @@ def test_zero2_and_zero3_bakes_match_and_publish_real_adapters(ray_session, tiny
     assert zero2 == pytest.approx(zero3, rel=1e-4)
     assert len(set(zero2)) > 1  # the losses move: equal curves are not trivially equal
     for stage, result in results.items():
-        assert result["model_names"] == [f"me/r/{jobs[stage].bake.id}/{s}" for s in (4, 8, 11)]
-        assert result["held_out_kl"]["after"] < result["held_out_kl"]["before"]
-        assert len(result["worker_nodes"]) == 2 and all(result["worker_nodes"])  # each rank's Ray node
-        final = store.download_model(result["model_names"][-1], tmp_path / f"adapter{stage}")
+        assert result.model_names == [f"me/r/{jobs[stage].bake.id}/{s}" for s in (4, 8, 11)]
+        assert result.held_out_kl.after < result.held_out_kl.before
+        assert len(result.worker_nodes) == 2 and all(result.worker_nodes)  # each rank's Ray node
+        final = store.download_model(result.model_names[-1], tmp_path / f"adapter{stage}")
         config = json.loads((final / "adapter_config.json").read_text())
         tensors = load_file(final / "adapter_model.safetensors")
         lora_b = [t for k, t in tensors.items() if "lora_B" in k]
@@ -251,7 +252,7 @@ def test_zero2_and_zero3_bakes_match_and_publish_real_adapters(ray_session, tiny
         for key, tensor in tensors.items():
             assert tensor.numel() > 0 and tensor.shape[0 if "lora_A" in key else 1] == 8, key
         assert all(t.abs().sum() > 0 for t in lora_b)  # lora_B starts at zero: non-zero means trained
-        lineage = store.read_lineage(result["model_names"][-1])
+        lineage = store.read_lineage(result.model_names[-1])
         assert lineage["parent"] is None and lineage["final"] and lineage["base_model"] == str(tiny_model)
         assert lineage["bake_hash"] == jobs[stage].bake.hash and lineage["config"] == jobs[stage].bake.config
     same = [load_file(store.download_model(results[s]["model_names"][-1], tmp_path / f"again{s}") / "adapter_model.safetensors")
@@ -280,7 +281,7 @@ def test_a_dead_head_recorded_on_this_machine_does_not_hold_up_a_local_bakes_end
                           num_workers=1, use_gpu=False, progress=False)
     finally:
         record.write_text(before) if before is not None else record.unlink()
-    assert result["steps"] == 4
+    assert result.steps == 4
     logs = [path for path in (session_logs_dir() / "train").glob("ray-train-sys-controller-*.log")
             if path.stat().st_mtime > started]
     assert logs, "this bake's Ray Train controller wrote no log"
@@ -304,11 +305,11 @@ def test_a_worker_killed_mid_bake_resumes_from_its_checkpoint(ray_session, tiny_
 
     # rank 1 is SIGKILLed after step 3; the last checkpoint is step 2
     result = run_bake(job, num_workers=2, use_gpu=False, progress=False, after_step=kill_rank_1_after_step_3)
-    assert result["resumed_from_step"] == 2
+    assert result.resumed_from_step == 2
     log = read_metrics_log(store, job.prefix)
     assert [entry["iter"] for entry in log] == list(range(1, 7))  # no step lost, none twice
-    assert result["model_names"] == [f"me/r/{job.bake.id}/{s}" for s in (2, 4, 6)]
-    assert store.model_exists(result["model_names"][-1])
+    assert result.model_names == [f"me/r/{job.bake.id}/{s}" for s in (2, 4, 6)]
+    assert store.model_exists(result.model_names[-1])
 
 
 @pytest.mark.slow
@@ -356,10 +357,10 @@ def test_a_bake_in_one_process_killed_mid_bake_resumes_from_its_checkpoint_in_th
     done = subprocess.run([sys.executable, "-c", script, "live"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["resumed_from_step"] == 2
+    assert result.resumed_from_step == 2
     assert passes(done.stdout) == ["TEACHER eval", "STUDENT training"] * 4
     assert [entry["iter"] for entry in read_metrics_log(store, job.prefix)] == list(range(1, 7))
-    assert result["model_names"] == [f"me/r/{job.bake.id}/{s}" for s in (2, 4, 6)]
+    assert result.model_names == [f"me/r/{job.bake.id}/{s}" for s in (2, 4, 6)]
     assert [folder.rsplit("-", 1)[1] for folder in checkpoints.complete()] == ["00000002", "00000004"]  # the last two
 
 
@@ -383,7 +384,7 @@ def test_later_epochs_and_evaluations_read_the_teachers_states_and_lose_nothing(
               "for job in pickle.load(open(" + repr(str(tmp_path / "jobs.pkl")) + ", 'rb')):\n"
               "    passes.clear()\n"
               "    result = run_standalone(job)\n"
-              "    print(json.dumps({'result': result, 'train': passes.count('train'), 'eval': passes.count('eval')}))\n")
+              "    print(json.dumps({'result': result.to_json(), 'train': passes.count('train'), 'eval': passes.count('eval')}))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     cached, uncached = [json.loads(line) for line in done.stdout.strip().splitlines()[-2:]]
@@ -418,7 +419,7 @@ def test_the_shared_prefixes_run_apart_train_what_whole_prompts_train(tiny_model
     script = ("import pickle, json\n"
               "from bread_ray.bake.driver import run_standalone\n"
               "for job in pickle.load(open(" + repr(str(tmp_path / "jobs.pkl")) + ", 'rb')):\n"
-              "    print(json.dumps(run_standalone(job)))\n")
+              "    print(json.dumps(run_standalone(job).to_json()))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     prefix, whole = [json.loads(line) for line in done.stdout.strip().splitlines()[-2:]]
@@ -451,5 +452,5 @@ def test_the_worker_loop_runs_without_ray(tiny_model, tokenizer, tmp_path, offlo
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["steps"] == 6 and store.model_exists(result["model_names"][-1])  # 22 examples / (2 x 2)
-    assert result["held_out_kl"]["after"] < result["held_out_kl"]["before"]
+    assert result.steps == 6 and store.model_exists(result.model_names[-1])  # 22 examples / (2 x 2)
+    assert result.held_out_kl.after < result.held_out_kl.before

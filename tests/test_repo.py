@@ -158,13 +158,18 @@ def test_status_shows_state_and_plan(model_repo, capsys, tmp_path, tiny_model):
     assert f"· bake            {resolved.bake.id}" in out
 
     # once the target's manifest is in the store, status says it will be reused
+    from bread_ray.records import GeneratorCount, RolloutManifest, RolloutSampling, StimManifest
     from bread_ray.store import open_store, target_prefix
 
     store, prefix = open_store(), target_prefix("alice", "yoda", resolved.targets[0].id)
-    store.put_json(f"{prefix}/stim/manifest.json", {"total": 4})
+    store.put_record(f"{prefix}/stim/manifest.json", StimManifest(
+        target=resolved.targets[0].id, total=4, generators=[GeneratorCount(index=0, type="hardcoded", count=4)]))
     assert main(["status"]) == 0
     assert "stim complete - 4 stimuli" in capsys.readouterr().out
-    store.put_json(f"{prefix}/rollout/manifest.json", {"trajectories": 8})
+    store.put_record(f"{prefix}/rollout/manifest.json", RolloutManifest(
+        stimuli=4, trajectories=8, tokens=64, shards=1, shards_generated=1, shard_size=8, num_traj_per_stimulus=2,
+        model=str(tiny_model), sampling=RolloutSampling(max_tokens=16, temperature=1.0, extra_kwargs={}, seed=42),
+        seconds=1.0))
     (repo.root / "input.yml").write_text("BAKE: {}\n")
     assert main(["status"]) == 0
     out = capsys.readouterr().out

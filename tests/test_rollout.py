@@ -58,11 +58,11 @@ def reference(tiny_model, ray_session, tmp_path_factory):
 
 def test_counts_and_the_two_views_of_each_conversation(reference, tiny_model):
     manifest, records, store = reference
-    assert manifest["stimuli"] == 6 and manifest["shards"] == 3 and manifest["shards_generated"] == 3
-    assert manifest["trajectories"] == len(records) == 6 * NUM_TRAJ
+    assert manifest.stimuli == 6 and manifest.shards == 3 and manifest.shards_generated == 3
+    assert manifest.trajectories == len(records) == 6 * NUM_TRAJ
     assert [(r["stimulus_index"], r["trajectory_index"]) for r in records] == [
         (i, t) for i in range(6) for t in range(NUM_TRAJ)]
-    assert manifest["tokens"] == sum(len(r["response_token_ids"]) for r in records)
+    assert manifest.tokens == sum(len(r["response_token_ids"]) for r in records)
     assert sorted(part_times(store)) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     manifest_time = (store.root / f"{PREFIX}/{ROLLOUT_MANIFEST}").stat().st_mtime_ns
     assert manifest_time >= max(part_times(store).values())  # written last
@@ -107,7 +107,7 @@ def test_same_output_from_one_actor_through_a_failed_run_and_a_lost_shard(
     assert "part-00002.parquet" not in kept
     assert not store.exists(f"{PREFIX}/{ROLLOUT_MANIFEST}")
     manifest = roll(tiny_model, store, num_actors=1)
-    assert manifest["shards_generated"] == 3 - len(kept)
+    assert manifest.shards_generated == 3 - len(kept)
     assert {name: t for name, t in part_times(store).items() if name in kept} == kept
     assert read_rollout(store, PREFIX) == expected
 
@@ -115,7 +115,7 @@ def test_same_output_from_one_actor_through_a_failed_run_and_a_lost_shard(
     (store.root / f"{PREFIX}/{ROLLOUT_MANIFEST}").unlink()
     kept = part_times(store)
     manifest = roll(tiny_model, store, num_actors=1)
-    assert manifest["shards_generated"] == 1
+    assert manifest.shards_generated == 1
     assert {name: t for name, t in part_times(store).items() if name in kept} == kept
     assert read_rollout(store, PREFIX) == expected
 
@@ -157,7 +157,7 @@ def test_an_actor_killed_midway_is_restarted_and_only_its_shard_redone(
     monkeypatch.setattr(teacher, "TeacherSampler", KilledOnce)
     store = LocalStore(tmp_path / "store")
     manifest = roll(tiny_model, store)
-    assert killed.exists() and manifest["trajectories"] == 12
+    assert killed.exists() and manifest.trajectories == 12
     assert sorted(written.read_text().split()) == ["0", "1", "2"]
     assert read_rollout(store, PREFIX) == expected
 

@@ -7,8 +7,10 @@ from datetime import datetime
 import pytest
 
 from bread_ray.lineage import InvalidModelName, InvalidName, ModelName
+from bread_ray.records import GeneratorCount, StimManifest
 from bread_ray.store import (
     ArtifactNotFound,
+    BadRecord,
     BrokenLineage,
     InvalidKey,
     LocalStore,
@@ -90,6 +92,19 @@ def test_missing_key_names_key_and_store(store, tmp_path):
 def test_json_roundtrip(store):
     store.put_json("x/manifest.json", {"rows": 3, "names": ["a", "b"]})
     assert store.get_json("x/manifest.json") == {"rows": 3, "names": ["a", "b"]}
+
+
+def test_a_record_loads_as_its_type_or_fails_naming_the_file_and_the_field(store):
+    manifest = StimManifest(target="t_1", total=2, generators=[GeneratorCount(index=0, type="hardcoded", count=2)])
+    store.put_record("t/stim/manifest.json", manifest)
+    assert store.get_record("t/stim/manifest.json", StimManifest) == manifest
+    assert store.get_json("t/stim/manifest.json")["total"] == 2  # plain JSON, sorted keys, as before
+    store.put_json("t/stim/manifest.json", {**manifest.to_json(), "totl": 2})
+    with pytest.raises(BadRecord, match=r"t/stim/manifest.json is not a StimManifest: totl: Extra inputs"):
+        store.get_record("t/stim/manifest.json", StimManifest)
+    store.put_json("t/stim/manifest.json", {**manifest.to_json(), "generators": [{"index": 0, "type": "x"}]})
+    with pytest.raises(BadRecord, match=r"generators.0.count: Field required"):
+        store.get_record("t/stim/manifest.json", StimManifest)
 
 
 def test_list_pages_through_everything(store):

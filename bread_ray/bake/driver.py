@@ -31,40 +31,11 @@ from bread_ray.config_errors import Problem
 from bread_ray.errors import UserError
 from bread_ray.preflight import bake_model_problems
 from bread_ray.progress import add_bar, progress_bars
+from bread_ray.records import BakeResult
 from bread_ray.stage import Run, Stage, Streamed
 from bread_ray.store import BAKE_RESULT, ROLLOUT_MANIFEST, Store, open_store, read_metrics_log, target_prefix
 
 CHECKPOINTS_KEPT = 2  # the newest training states kept in the store, under Ray Train or not
-
-
-@dataclass(frozen=True)
-class BakeResult:
-    """A finished bake, as its result.json records it: its models, losses and held-out KL."""
-
-    record: dict[str, Any]
-
-    @property
-    def model_names(self) -> list[str]:
-        return self.record["model_names"]
-
-    @property
-    def bake_id(self) -> str:
-        return self.record["bake_id"]
-
-    def describe(self) -> list[str]:
-        """The lines bgit prints for it."""
-        loss, kl = self.record["loss"], self.record["held_out_kl"]
-        lines = [f"Baked {self.bake_id} in {self.record['steps']} steps.",
-                 f"  models: {', '.join(self.model_names)}",
-                 f"  loss: latest {loss['latest']:.4g}, final {loss['final']:.4g}, min {loss['min']:.4g}, "
-                 f"max {loss['max']:.4g}"]
-        if kl["before"] is None:
-            return [*lines, "  held-out KL: no held-out questions (BAKE.data.train_eval_split holds none out)"]
-        if kl["after"] < kl["before"]:
-            ratio = f" ({kl['before'] / kl['after']:.1f}x lower)" if kl["after"] else " (down to 0)"
-        else:  # the bake moved the model away from its teacher: say so plainly
-            ratio = f" (higher: {kl['after'] / kl['before']:.2f}x)" if kl["before"] else " (higher)"
-        return [*lines, f"  held-out KL(teacher ‖ student): {kl['before']:.4g} -> {kl['after']:.4g} nats/token{ratio}"]
 
 
 class Bake(Stage):
@@ -90,7 +61,7 @@ class Bake(Stage):
 
     def result(self, run: Run) -> BakeResult:
         """The stored result of a finished bake."""
-        return BakeResult(run.store.get_json(f"{run.bake_prefix()}/{BAKE_RESULT}"))
+        return run.store.get_record(f"{run.bake_prefix()}/{BAKE_RESULT}", BakeResult)
 
     def execute(self, run: Run, bake: ResolvedBake, streamed: Streamed) -> BakeResult:
         import ray
@@ -105,8 +76,8 @@ class Bake(Stage):
             # Ray Train's start and end (its controller, a worker process, their imports) buy one
             # process nothing on the machine bgit started Ray on: in process, a small bake's fixed
             # cost is a fraction of it (bench/peers.py prints it). Checkpoints and resuming work the same.
-            return BakeResult(run_in_process(job, progress=run.progress))
-        return BakeResult(run_bake(job, num_workers=workers, use_gpu=gpus > 0, progress=run.progress))
+            return run_in_process(job, progress=run.progress)
+        return run_bake(job, num_workers=workers, use_gpu=gpus > 0, progress=run.progress)
 
 
 def prepare_job(bake: ResolvedBake, *, owner: str, repo: str, store: Store, commit: str | None = None) -> BakeJob:
@@ -182,7 +153,7 @@ def examples_dataset(rank: int) -> str:
 
 
 def run_bake(job: BakeJob, *, num_workers: int, use_gpu: bool, progress: bool = True,
-             after_step: Callable[[int, int, WorkerSession], None] | None = None) -> dict[str, Any]:
+             after_step: Callable[[int, int, WorkerSession], None] | None = None) -> BakeResult:
     """Run the bake on `num_workers` Ray Train workers and return its result.json.
     `after_step` reaches every worker's session (tests inject faults there).
 
@@ -228,7 +199,7 @@ class BakeStopped(Exception):
 
 
 def run_in_process(job: BakeJob, *, progress: bool = True,
-                   after_step: Callable[[int, int, WorkerSession], None] | None = None) -> dict[str, Any]:
+                   after_step: Callable[[int, int, WorkerSession], None] | None = None) -> BakeResult:
     """Run the bake on one worker in this process (run_standalone) and return its result.json,
     with run_bake's progress bar. Ctrl-C stops it at the end of its current step."""
     stop = threading.Event()
@@ -251,7 +222,7 @@ def run_in_process(job: BakeJob, *, progress: bool = True,
 
 
 def with_progress(job: BakeJob, num_workers: int, bake: Callable[[], Any], *, progress: bool,
-                  stop: threading.Event | None = None) -> dict[str, Any]:
+                  stop: threading.Event | None = None) -> BakeResult:
     """Run `bake` on a thread while a progress bar follows the bake's metrics log; re-raise its
     failure here, or return the result.json it wrote. `stop`: set on Ctrl-C, for a bake that runs
     in this process, which then ends at its step's end (see stop_in_process)."""
@@ -279,7 +250,7 @@ def with_progress(job: BakeJob, num_workers: int, bake: Callable[[], Any], *, pr
         raise
     if failure:
         raise RuntimeError(f"bake {job.bake.id} failed: {failure[0]}") from failure[0]
-    return store.get_json(f"{job.prefix}/{BAKE_RESULT}")
+    return store.get_record(f"{job.prefix}/{BAKE_RESULT}", BakeResult)
 
 
 def stop_in_process(thread: threading.Thread, stop: threading.Event) -> None:
@@ -309,7 +280,7 @@ def show_progress(thread: threading.Thread, store: Store, prefix: str, total_ste
 
 
 def run_standalone(job: BakeJob, after_step: Callable[[int, int, WorkerSession], None] | None = None
-                   ) -> dict[str, Any] | None:
+                   ) -> BakeResult | None:
     """The bake without Ray: one process, or every rank of `torchrun --nproc-per-node N`.
     Checkpoints go to the store; with auto_resume a re-run resumes from the newest, as under Ray
     Train. Returns its result.json on rank 0. `after_step` as for run_bake."""

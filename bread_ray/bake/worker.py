@@ -47,6 +47,7 @@ from bread_ray.bake.prefix import SharedPrefix, final_hidden, prefixes_to_share,
 from bread_ray.lineage import check_foldable, lora_deltas, read_adapter
 from bread_ray.model_sources import resolve_model_source
 from bread_ray.models import download_folded_adapter, load_causal_lm
+from bread_ray.records import BakeResult, HeldOutKl, Loss
 from bread_ray.store import BAKE_RESULT, Store, open_store, read_metrics_log, write_metrics_log
 
 STATE_TAG = "state"  # DeepSpeed's tag for the training state inside a checkpoint
@@ -389,7 +390,7 @@ def publish(job: BakeJob, store: Store, adapter_dir: Path, step: int, progress: 
     })
 
 
-def finish(trainer: Trainer, job: BakeJob, progress: Progress, session: WorkerSession) -> dict[str, Any] | None:
+def finish(trainer: Trainer, job: BakeJob, progress: Progress, session: WorkerSession) -> BakeResult | None:
     """The held-out KL after training, the final adapter published, the bake's result written
     last (its presence means the bake is done); returns it on rank 0."""
     kl_after = evaluate(trainer, job)
@@ -404,24 +405,19 @@ def finish(trainer: Trainer, job: BakeJob, progress: Progress, session: WorkerSe
         return None
     losses = [entry["loss"] for entry in progress.log]
     tail = losses[-max(1, len(losses) // 10):]
-    result = {
-        "bake_id": job.bake.id,
-        "model_names": progress.models,
-        "steps": trainer.total_steps,
-        "loss": {"latest": losses[-1], "final": sum(tail) / len(tail), "min": min(losses), "max": max(losses)},
-        "held_out_kl": {"before": progress.kl_before, "after": kl_after},
-        "examples": job.data.counts,
-        "resumed_from_step": progress.resumed_from,
-        "worker_nodes": nodes,
-    }
+    result = BakeResult(
+        bake_id=job.bake.id, model_names=progress.models, steps=trainer.total_steps,
+        loss=Loss(latest=losses[-1], final=sum(tail) / len(tail), min=min(losses), max=max(losses)),
+        held_out_kl=HeldOutKl(before=progress.kl_before, after=kl_after), examples=job.data.counts,
+        resumed_from_step=progress.resumed_from, worker_nodes=nodes)
     write_metrics_log(trainer.store, job.prefix, progress.log)
-    trainer.store.put_json(f"{job.prefix}/{BAKE_RESULT}", result)
+    trainer.store.put_record(f"{job.prefix}/{BAKE_RESULT}", result)
     return result
 
 
 # ---- the loop -----------------------------------------------------------------------------------
 
-def bake_worker(job: BakeJob, session: WorkerSession) -> dict[str, Any] | None:
+def bake_worker(job: BakeJob, session: WorkerSession) -> BakeResult | None:
     """setup -> train steps (evaluate, checkpoint) -> finish, on every rank of the process group;
     returns the bake's result on rank 0 (None elsewhere)."""
     trainer = setup(job)

@@ -8,6 +8,7 @@ from typing import Any
 
 from bread_ray.errors import UserError
 from bread_ray.lineage import InvalidModelName, ModelName
+from bread_ray.records import BakeResult
 from bread_ray.store import BAKE_RESULT, Store, bake_prefix
 
 
@@ -49,7 +50,7 @@ def bake_of(lineage: dict[str, Any], store: Store) -> BakeRecord:
     the same bake as its final model's)."""
     name = ModelName.parse(lineage["model_name"])
     result_key = f"{bake_prefix(name.owner, name.repo, name.bake_id)}/{BAKE_RESULT}"
-    final = store.get_json(result_key)["model_names"][-1] if store.exists(result_key) else lineage["model_name"]
+    final = store.get_record(result_key, BakeResult).model_names[-1] if store.exists(result_key) else lineage["model_name"]
     return BakeRecord(bake_id=lineage["bake_id"], model=final, parent=lineage["parent"] or lineage["base_model"],
                       base_model=lineage["base_model"], config=lineage["config"], commit=lineage.get("commit"))
 
