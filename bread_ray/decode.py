@@ -7,10 +7,11 @@ of a rollout its own seed. vLLM, where it runs, takes the same `Sampling` (`vllm
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from peft import PeftModel
 from transformers import (
     DynamicCache,
     MinPLogitsWarper,
@@ -102,71 +103,161 @@ def shared_prefix_batch(prompts: list[list[int]], pad: int, reuse_prefix: bool) 
     return shared, input_ids, attention_mask
 
 
+@dataclass
+class Row:
+    """One response being decoded: its prompt, how it samples, and what it has so far."""
+
+    prompt: list[int]
+    sampling: Sampling
+    generator: torch.Generator
+    on_token: Callable[[int], bool] | None  # sees each token; False ends the row there
+    adapter: str | None  # the PEFT adapter it decodes with; None: the base model
+    decoded: Decoded = field(default_factory=lambda: Decoded([], "length"))
+    processors: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.processors = self.sampling.logits_processors()
+
+
+class DecodeBatch:
+    """Rows decoding together over one KV cache, one token each per step; a row that ends (end
+    token, max_tokens or its on_token) leaves the batch and the cache at once, and rows can join
+    between steps (the chat service's concurrent requests).
+
+    State, for the rows in order: the KV cache, [rows, heads, width, head dim] per layer, each
+    row's tokens right-aligned with padding before them masked out by `attention_mask` [rows,
+    width]; `next_position` [rows, 1]; and `logits` [rows, vocab] (float32), those of each row's
+    next token. Only the last position's logits are ever computed (`logits_to_keep=1`). Rows with
+    different adapters share each forward pass (PEFT's mixed batches, `adapter_names`).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, mixed_adapters: bool = False):
+        self.model = model  # the engine may swap in its PEFT wrapper between steps
+        # each row names its adapter (None: the base): off, the model runs as it is set
+        self.mixed_adapters = mixed_adapters
+        self.eos_ids = set(eos_token_ids(model, tokenizer))
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.rows: list[Row] = []
+        self.cache: DynamicCache | None = None
+        self.attention_mask = self.next_position = self.logits = torch.empty(0)
+
+    def row(self, prompt: list[int], sampling: Sampling, seed: int | None,
+            on_token: Callable[[int], bool] | None = None, adapter: str | None = None) -> Row:
+        generator = torch.Generator(device=self.model.device)
+        generator.manual_seed(seed) if seed is not None else generator.seed()
+        return Row(prompt, sampling, generator, on_token, adapter)
+
+    def forward(self, rows: list[Row], input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None, cache: DynamicCache) -> torch.Tensor:
+        """The logits of the last position, [rows, vocab] (float32)."""
+        options = {kv_cache_argument(self.model): cache, "use_cache": True, "logits_to_keep": 1}
+        if self.mixed_adapters and isinstance(self.model, PeftModel):
+            options["adapter_names"] = [row.adapter or "__base__" for row in rows]
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          **options).logits[:, -1].float()
+
+    def start(self, rows: list[Row], reuse_prefix: bool = True) -> None:
+        """Prefill an empty batch with `rows` at once. The prefix every prompt shares (the teacher
+        prompt, for a rollout shard) runs once, [1, shared], and its KV cache is repeated for every
+        row; then the rests, right-aligned, [rows, widest rest] (see shared_prefix_batch). A long
+        teacher prompt, such as a document baked in, costs one row's prefill per batch."""
+        assert not self.rows, "start() fills an empty batch; join() adds to a running one"
+        device, prompts = self.model.device, [row.prompt for row in rows]
+        shared, input_ids, attention_mask = shared_prefix_batch(prompts, self.pad, reuse_prefix)
+        cache = DynamicCache(config=self.model.config)
+        if shared:
+            self.forward(rows[:1], torch.tensor([prompts[0][:shared]], device=device), None, None, cache)
+            cache.batch_repeat_interleave(len(prompts))
+        attention_mask = attention_mask.to(device)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # pads get position 0; they are masked
+        self.logits = self.forward(rows, input_ids.to(device), attention_mask, positions[:, shared:], cache)
+        self.rows, self.cache, self.attention_mask = list(rows), cache, attention_mask
+        self.next_position = positions[:, -1:] + 1
+
+    def join(self, row: Row) -> None:
+        """Prefill `row` alone, [1, prompt], then align it with the running rows: the shorter side
+        is padded on the left (masked), and the row's cache joins the batch's."""
+        if not self.rows:
+            return self.start([row], reuse_prefix=False)
+        device, width = self.model.device, len(row.prompt)
+        cache = DynamicCache(config=self.model.config)
+        mask = torch.ones(1, width, dtype=self.attention_mask.dtype, device=device)
+        logits = self.forward([row], torch.tensor([row.prompt], device=device), mask,
+                              torch.arange(width, device=device)[None], cache)
+        total = max(width, self.attention_mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([left_pad(mine.keys, total), left_pad(theirs.keys, total)])
+            mine.values = torch.cat([left_pad(mine.values, total), left_pad(theirs.values, total)])
+        self.attention_mask = torch.cat([left_pad(self.attention_mask, total), left_pad(mask, total)])
+        self.next_position = torch.cat([self.next_position, self.next_position.new_full((1, 1), width)])
+        self.logits = torch.cat([self.logits, logits])
+        self.rows.append(row)
+
+    def step(self) -> list[Row]:
+        """A token for every row from its logits; the rows that end leave; the rest run one
+        forward, [rows, 1]. Returns the rows that ended."""
+        tokens, staying = [], []
+        for i, row in enumerate(self.rows):
+            scores = self.logits[i:i + 1]
+            # the penalty is the one processor that reads the tokens so far
+            history = (torch.tensor([row.prompt + row.decoded.tokens], device=scores.device)
+                       if row.sampling.repetition_penalty != 1.0 else None)
+            for processor in row.processors:
+                scores = processor(history, scores)
+            if row.sampling.temperature == 0:
+                token = int(scores.argmax())
+            else:
+                token = int(torch.multinomial(torch.softmax(scores[0], -1), 1, generator=row.generator))
+            tokens.append(token)
+            row.decoded.tokens.append(token)
+            if (row.on_token and not row.on_token(token)) or token in self.eos_ids:
+                row.decoded.finish_reason = "stop"
+            elif len(row.decoded.tokens) < row.sampling.max_tokens:
+                staying.append(i)
+        ended = [row for i, row in enumerate(self.rows) if i not in staying]
+        if not staying:
+            self.rows, self.cache = [], None
+            return ended
+        if len(staying) < len(self.rows):
+            keep = torch.tensor(staying, device=self.attention_mask.device)
+            self.cache.batch_select_indices(keep)
+            self.attention_mask, self.next_position = self.attention_mask[keep], self.next_position[keep]
+            self.rows, tokens = [self.rows[i] for i in staying], [tokens[i] for i in staying]
+        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(len(self.rows), 1)], dim=1)
+        self.logits = self.forward(self.rows, torch.tensor(tokens, device=self.attention_mask.device)[:, None],
+                                   self.attention_mask, self.next_position, self.cache)
+        self.next_position = self.next_position + 1
+        return ended
+
+
+def left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """`tensor` [rows, ..., length] (a mask) or [rows, heads, length, dim] (keys, values) with
+    zeros before its positions up to `width`."""
+    dim = 1 if tensor.dim() == 2 else 2
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
 @torch.inference_mode()
 def decode(model: Any, tokenizer: Any, prompts: list[list[int]], sampling: Sampling, row_seeds: list[int | None],
            *, reuse_prefix: bool = True, on_token: Callable[[int, int], bool] | None = None) -> list[Decoded]:
-    """One response per prompt, the rows decoded together; row i draws its tokens from its own
-    generator seeded with row_seeds[i] (None: a random seed), so what a row samples does not depend
-    on the other rows of the batch. `on_token(row, token)` sees each token as it is sampled and
-    returns False to end that row there (a stop string, a client gone).
+    """One response per prompt, the rows decoded together (DecodeBatch); row i draws its tokens
+    from its own generator seeded with row_seeds[i] (None: a random seed), so what a row samples
+    does not depend on the other rows of the batch. `on_token(row, token)` sees each token as it
+    is sampled and returns False to end that row there (a stop string, a client gone).
 
-    Prefill: the prefix every prompt shares (the teacher prompt, for a rollout shard) runs once,
-    [1, shared], and its KV cache is repeated for every row; then the rests, right-aligned,
-    [rows, widest rest] (see shared_prefix_batch). A long teacher prompt, such as a document
-    baked in, costs one row's prefill per batch.
-    Decode: one token per active row per step, [active, 1]. A row that ends (end token,
-    max_tokens or on_token) leaves the batch and the KV cache at once, so short answers do not keep
-    computing until the longest one ends, as they would in `model.generate` (on CPU a step costs
-    less with fewer rows, most of it copying the growing KV cache). Only the last position's
-    logits are computed: [active, 1, vocab].
+    Short answers do not keep computing until the longest one ends, as they would in
+    `model.generate` (on CPU a step costs less with fewer rows, most of it copying the growing KV
+    cache).
     """
-    device = model.device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # masked anyway
-    shared, input_ids, attention_mask = shared_prefix_batch(prompts, pad, reuse_prefix)
-    cache = DynamicCache(config=model.config)
-    with_cache = {kv_cache_argument(model): cache, "use_cache": True, "logits_to_keep": 1}
-    if shared:
-        model(input_ids=torch.tensor([prompts[0][:shared]], device=device), **with_cache)
-        cache.batch_repeat_interleave(len(prompts))
-    attention_mask = attention_mask.to(device)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # pads get position 0; they are masked
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask,
-                   position_ids=positions[:, shared:], **with_cache).logits
-    next_position = positions[:, -1:] + 1  # [active, 1]
-    processors, eos_ids = sampling.logits_processors(), set(eos_token_ids(model, tokenizer))
-    generators = [torch.Generator(device=device) for _ in prompts]
-    for generator, seed in zip(generators, row_seeds):
-        generator.manual_seed(seed) if seed is not None else generator.seed()
-    decoded = [Decoded([], "length") for _ in prompts]
-    active = list(range(len(prompts)))  # the prompt row of each batch row
-    while True:
-        scores = logits[:, -1].float()  # [active, vocab]
-        tokens, staying = [], []
-        for i, row in enumerate(active):
-            row_scores = scores[i:i + 1]
-            # the penalty is the one processor that reads the tokens so far
-            history = (torch.tensor([prompts[row] + decoded[row].tokens], device=device)
-                       if sampling.repetition_penalty != 1.0 else None)
-            for processor in processors:
-                row_scores = processor(history, row_scores)
-            if sampling.temperature == 0:
-                token = int(row_scores.argmax())
-            else:
-                token = int(torch.multinomial(torch.softmax(row_scores[0], -1), 1, generator=generators[row]))
-            tokens.append(token)
-            decoded[row].tokens.append(token)
-            if (on_token and not on_token(row, token)) or token in eos_ids:
-                decoded[row].finish_reason = "stop"
-            elif len(decoded[row].tokens) < sampling.max_tokens:
-                staying.append(i)
-        if not staying:
-            return decoded
-        if len(staying) < len(active):
-            keep = torch.tensor(staying, device=device)
-            cache.batch_select_indices(keep)
-            attention_mask, next_position = attention_mask[keep], next_position[keep]
-            active, tokens = [active[i] for i in staying], [tokens[i] for i in staying]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], dim=1)
-        logits = model(input_ids=torch.tensor(tokens, device=device)[:, None], attention_mask=attention_mask,
-                       position_ids=next_position, **with_cache).logits
-        next_position = next_position + 1
+    batch = DecodeBatch(model, tokenizer)
+    rows = [batch.row(prompt, sampling, seed, on_token and (lambda token, i=i: on_token(i, token)))
+            for i, (prompt, seed) in enumerate(zip(prompts, row_seeds))]
+    batch.start(rows, reuse_prefix)
+    while batch.rows:
+        batch.step()
+    return [row.decoded for row in rows]

@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -239,15 +240,18 @@ def ask_each_version(recipe: Recipe, models: dict[str, str]) -> None:
         serve.run(chat_app(settings, num_cpus=replica_cpus(local=True, num_replicas=1)), name=APP_NAME,
                   route_prefix="/")
         client = connect(url, api_key=None)
-        print(f"Serving at {url}/v1 (greedy answers of at most {recipe.answer_tokens} tokens)", flush=True)
+        print(f"Serving at {url}/v1 (greedy answers of at most {recipe.answer_tokens} tokens; every question "
+              "asked of every version at once, as a script would: the service decodes them together)", flush=True)
+        asked = [(label, model, question) for question in recipe.asked for label, model in models.items()]
+        with ThreadPoolExecutor(max_workers=len(asked)) as pool:
+            replies = list(pool.map(lambda job: ask(client, url, Conversation(model=job[1]), job[2], lambda _: None,
+                                                    {"temperature": 0, "max_tokens": recipe.answer_tokens}), asked))
         answers: dict[str, list[str]] = {label: [] for label in models}
-        for question in recipe.asked:
-            print(f"\n{question}", flush=True)
-            for label, model in models.items():
-                answer = ask(client, url, Conversation(model=model), question, lambda _: None,
-                             {"temperature": 0, "max_tokens": recipe.answer_tokens})
-                answers[label].append(answer)
-                print(f"  {label:4} {answer[:160]!r}", flush=True)
+        for (label, _, question), answer in zip(asked, replies):
+            if label == next(iter(models)):
+                print(f"\n{question}")
+            answers[label].append(answer)
+            print(f"  {label:4} {answer[:160]!r}", flush=True)
     finally:
         ray.shutdown()  # the demo's local cluster ends, Serve with it
     print(f"\nThe fraction of answers that show each trait, of those that loop (greedy decoding's \"aye, aye, "

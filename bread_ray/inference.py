@@ -6,33 +6,32 @@ vLLM's multi-LoRA engine instead where vLLM is installed and a GPU exists (`open
 A lineage model (`owner/repo/bake_id/step`) is its base plus its whole chain of LoRA deltas. The
 engine loads the base once; on a model's first request it downloads the chain from the store,
 folds it into one adapter (`models.download_folded_adapter`) and loads it into the model as a
-named PEFT adapter, kept in an LRU cache of `adapter_cache_size`. The base itself is served with
-the adapters disabled.
+named PEFT adapter, kept in an LRU cache of `adapter_cache_size`.
 
-One request at a time uses the model (`_model_lock`): it selects its adapter and samples its
-whole answer under the lock, so no adapter can ever reach another request's tokens, and an
-adapter is only evicted while nobody samples from it. Downloads and folds run outside the lock,
-so a cold model does not stall the others. Sampling is the shared decode loop (bread_ray.decode) with a
-per-request `torch.Generator`: a request's `seed` fixes its answer whatever else runs.
+Concurrent requests decode together (HfChatEngine): each joins the running batch of the shared
+decode loop (bread_ray.decode) between steps and leaves when it ends, every row with its own
+adapter in the same forward pass. Downloads and folds run outside the model lock, so a cold
+model does not stall the others. Each request samples with its own `torch.Generator`: a
+request's `seed` fixes its answer whatever else runs.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import tempfile
 import threading
 import uuid
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from peft import PeftModel
 
 from bread_ray.chat_format import encode_chat
-from bread_ray.decode import Decoded, Sampling, decode
+from bread_ray.decode import DecodeBatch, Row, Sampling
 from bread_ray.lineage import InvalidModelName, ModelName, read_adapter
 from bread_ray.model_sources import resolve_model_source
 from bread_ray.models import (
@@ -211,19 +210,56 @@ class ChatEngine(abc.ABC):
         """Lineage models whose adapters are ready."""
 
 
+@dataclass
+class Pending:
+    """A request of HfChatEngine: waiting to join the decode batch, then decoding."""
+
+    name: str  # the model asked for
+    prompt_ids: list[int]
+    params: Sampling
+    text: ResponseText
+    on_text: Callable[[str], None] | None
+    cancelled: threading.Event | None
+    done: threading.Event = field(default_factory=threading.Event)
+    row: Row | None = None
+    error: Exception | None = None
+
+    def on_token(self, token: int) -> bool:
+        """Each token as it is sampled: its text goes out; False ends the answer (a stop string,
+        the client gone)."""
+        piece = self.text.add(token)
+        if piece and self.on_text:
+            self.on_text(piece)
+        return not self.text.stopped and not (self.cancelled and self.cancelled.is_set())
+
+
 class HfChatEngine(ChatEngine):
     """Hugging Face transformers on CPU or one GPU: one copy of the base model, lineage models as
-    named PEFT adapters (LRU, `adapter_cache_size`), one request sampling at a time."""
+    named PEFT adapters (LRU, `adapter_cache_size`), concurrent requests decoded together.
 
-    def __init__(self, catalog: ModelCatalog, adapter_cache_size: int = 8, device: str | None = None):
+    One thread decodes (`_decode_loop`): requests join its batch (bread_ray.decode.DecodeBatch)
+    between steps, up to `max_batch` rows, and leave when they end; rows of different models share
+    each forward pass (PEFT's mixed adapter batches, the base as `__base__`). Each step holds the
+    model lock, so adapters are loaded only between steps, and one that a waiting or decoding
+    request needs is never evicted.
+    """
+
+    def __init__(self, catalog: ModelCatalog, adapter_cache_size: int = 8, device: str | None = None,
+                 max_batch: int = 16):
         if adapter_cache_size < 1:
             raise ValueError(f"adapter_cache_size must be at least 1, got {adapter_cache_size}")
         self.model: Any = load_causal_lm(catalog.base_model, device=device)
         super().__init__(catalog, self.model.config.max_position_embeddings)
         self.adapter_cache_size = adapter_cache_size
+        self.max_batch = max_batch
         self._adapters = LoadedAdapters()
+        self._in_use: Counter[str] = Counter()  # lineage models of the requests not yet answered
         self._model_lock = threading.Lock()
         self._fetch_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._waiting: list[Pending] = []
+        self._work = threading.Condition()
+        self._batch = DecodeBatch(self.model, self.tokenizer, mixed_adapters=True)
+        threading.Thread(target=self._decode_loop, name="decode", daemon=True).start()
 
     # ---- answers -----------------------------------------------------------------------------
 
@@ -232,43 +268,57 @@ class HfChatEngine(ChatEngine):
                  cancelled: threading.Event | None = None) -> Completion:
         self.catalog.check(name)
         self.check_length(len(prompt_ids), params.max_tokens)
-        text = ResponseText(self.tokenizer, params.stop)
-
-        def on_token(_: int, token: int) -> bool:
-            piece = text.add(token)
-            if piece and on_text:
-                on_text(piece)
-            return not text.stopped and not (cancelled and cancelled.is_set())
-
-        while True:
+        request = Pending(name, prompt_ids, params, ResponseText(self.tokenizer, params.stop), on_text, cancelled)
+        with self._work:
+            self._in_use[name] += 1  # from here until answered: its adapter stays loaded
+        try:
             if name != self.base_model:
                 self._ensure_loaded(name)
-            with self._model_lock:
-                if name == self.base_model:
-                    with self._base_only():
-                        decoded = self._decode(prompt_ids, params, on_token)
-                elif name in self._adapters.names:
-                    self._adapters.names.move_to_end(name)
-                    self.model.set_adapter(self._adapters.names[name])
-                    decoded = self._decode(prompt_ids, params, on_token)
-                else:
-                    continue  # evicted between loading and now by other models: load it again
-            break
-        rest = text.flush()
+            with self._work:
+                self._waiting.append(request)
+                self._work.notify()
+            request.done.wait()
+        finally:
+            with self._work:
+                self._in_use[name] -= 1
+        if request.error is not None:
+            raise request.error
+        rest = request.text.flush()
         if rest and on_text:
             on_text(rest)
-        return Completion(text=text.text, finish_reason=decoded.finish_reason, prompt_tokens=len(prompt_ids),
-                          completion_tokens=len(decoded.tokens))
+        return Completion(text=request.text.text, finish_reason=request.row.decoded.finish_reason,
+                          prompt_tokens=len(prompt_ids), completion_tokens=len(request.row.decoded.tokens))
 
-    def _decode(self, prompt_ids: list[int], params: Sampling, on_token: Callable[[int, int], bool]) -> Decoded:
-        """Under the model lock, with the request's adapter selected."""
-        return decode(self.model, self.tokenizer, [prompt_ids], params, [params.seed], on_token=on_token)[0]
-
-    def _base_only(self):
-        """The base model's weights: adapters disabled for the duration (a no-op before the first)."""
-        if isinstance(self.model, PeftModel):
-            return self.model.disable_adapter()
-        return contextlib.nullcontext()
+    def _decode_loop(self) -> None:
+        """The decode thread: admit waiting requests, run a step, answer the rows that ended."""
+        decoding: dict[int, Pending] = {}  # id(row) -> its request
+        while True:
+            with self._work:
+                while not self._waiting and not self._batch.rows:
+                    self._work.wait()
+                room = self.max_batch - len(self._batch.rows)
+                joining, self._waiting = self._waiting[:room], self._waiting[room:]
+            with self._model_lock, torch.inference_mode():
+                self._batch.model = self.model  # a PEFT wrapper once the first adapter loaded
+                for request in joining:
+                    adapter = None if request.name == self.base_model else self._adapters.names[request.name]
+                    request.row = self._batch.row(request.prompt_ids, request.params, request.params.seed,
+                                                  request.on_token, adapter)
+                    try:
+                        self._batch.join(request.row)
+                    except Exception as err:  # noqa: BLE001 - this request fails; the others go on
+                        request.error = err
+                        request.done.set()
+                        continue
+                    decoding[id(request.row)] = request
+                try:
+                    ended = self._batch.step()
+                except Exception as err:  # noqa: BLE001 - every decoding request fails with it
+                    ended, self._batch = self._batch.rows, DecodeBatch(self.model, self.tokenizer, mixed_adapters=True)
+                    for row in ended:
+                        decoding[id(row)].error = err
+            for row in ended:
+                decoding.pop(id(row)).done.set()
 
     def prepare(self, name: str) -> None:
         self.catalog.check(name)
@@ -282,6 +332,7 @@ class HfChatEngine(ChatEngine):
         """
         with self._fetch_locks[name]:
             if name in self._adapters.names:
+                self._adapters.names.move_to_end(name)
                 return
             with tempfile.TemporaryDirectory(prefix="bread-serve-") as folder:
                 try:
@@ -293,7 +344,8 @@ class HfChatEngine(ChatEngine):
                     self._load_adapter(name, adapter_dir)
 
     def _load_adapter(self, name: str, adapter_dir: Path) -> None:
-        """Under the model lock: add the adapter, then evict the least recently used beyond the cache."""
+        """Under the model lock: add the adapter, then evict the least recently used beyond the
+        cache that no request needs."""
         self._adapters.created += 1
         adapter_name = f"a{self._adapters.created}"
         try:
@@ -304,9 +356,10 @@ class HfChatEngine(ChatEngine):
             raise AdapterLoadError(f"the adapter of model {name!r} could not be loaded: {err}") from err
         self.model.set_adapter(adapter_name)  # before evicting: PEFT warns when the active one goes
         self._adapters.names[name] = adapter_name
-        while len(self._adapters.names) > self.adapter_cache_size:
-            _, evicted = self._adapters.names.popitem(last=False)
-            self.model.delete_adapter(evicted)
+        with self._work:
+            idle = [model for model in self._adapters.names if not self._in_use[model]]
+        for model in idle[:max(0, len(self._adapters.names) - self.adapter_cache_size)]:
+            self.model.delete_adapter(self._adapters.names.pop(model))
 
     def cached_models(self) -> list[str]:
         return list(self._adapters.names)  # least recently used first

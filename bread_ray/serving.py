@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable, Literal
 
 import ray
@@ -189,7 +190,10 @@ def usage(completion: Completion) -> dict[str, int]:
             "total_tokens": completion.prompt_tokens + completion.completion_tokens}
 
 
-@serve.deployment(max_ongoing_requests=64)
+MAX_ONGOING_REQUESTS = 64  # per replica; each waits for its answer on a thread of its own
+
+
+@serve.deployment(max_ongoing_requests=MAX_ONGOING_REQUESTS)
 @serve.ingress(api)
 class ChatDeployment:
     """One replica: a ChatEngine behind the OpenAI-compatible routes."""
@@ -200,6 +204,13 @@ class ChatDeployment:
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         catalog = ModelCatalog(settings.base_model, open_store(settings.store), settings.repositories)
         self.engine = open_engine(catalog, settings.engine, settings.adapter_cache_size, settings.max_lora_rank)
+        # asyncio's default pool has a few threads: requests waiting beyond those would never join
+        # the engine's batch
+        self.answer_threads = ThreadPoolExecutor(MAX_ONGOING_REQUESTS, thread_name_prefix="answer")
+
+    def answering(self, complete: Callable[..., Completion], *args: Any) -> asyncio.Future:
+        """The engine's answer, awaited while a thread of the replica's own waits for it."""
+        return asyncio.get_running_loop().run_in_executor(self.answer_threads, complete, *args)
 
     def authorize(self, authorization: str | None) -> None:
         expected = self.settings.api_key_sha256
@@ -238,7 +249,7 @@ class ChatDeployment:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             return StreamingResponse(self.stream(request.model, prompt_ids, params, include_usage),
                                      media_type="text/event-stream")
-        completion = await asyncio.to_thread(self.engine.complete, request.model, prompt_ids, params)
+        completion = await self.answering(self.engine.complete, request.model, prompt_ids, params)
         return {
             "id": completion_id(), "object": "chat.completion", "created": int(time.time()),
             "model": request.model,
@@ -276,7 +287,7 @@ class ChatDeployment:
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
         sampling = asyncio.ensure_future(
-            asyncio.to_thread(self.engine.complete, model, prompt_ids, params, on_text, cancelled))
+            self.answering(self.engine.complete, model, prompt_ids, params, on_text, cancelled))
         sampling.add_done_callback(lambda _: pieces.put_nowait(None))
         header = {"id": completion_id(), "object": "chat.completion.chunk", "created": int(time.time()),
                   "model": model}

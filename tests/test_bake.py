@@ -31,6 +31,7 @@ from bread_ray.bake.deepspeed import lr_multiplier
 from bread_ray.chat_format import MIN_SHARED_PREFIX
 from bread_ray.config import resolve_bake
 from bread_ray.models import load_tokenizer
+from bread_ray.records import BakeResult
 from bread_ray.schema import Bake
 from bread_ray.store import LocalStore
 
@@ -73,8 +74,6 @@ def tokenizer(tiny_model):
     (0.2, 0.0, "0.2 -> 0 nats/token (down to 0)"),
 ])
 def test_the_held_out_kl_line_says_which_way_it_went(before, after, said):
-    from bread_ray.records import BakeResult
-
     record = {"bake_id": "b_1", "model_names": ["o/r/b_1/2"], "steps": 2, "held_out_kl": {"before": before, "after": after},
               "loss": {"latest": 1.0, "final": 1.0, "min": 1.0, "max": 1.0}, "examples": {}, "resumed_from_step": None,
               "worker_nodes": ["n"]}
@@ -237,7 +236,7 @@ def test_zero2_and_zero3_bakes_match_and_publish_real_adapters(ray_session, tiny
                             checkpoint=[{"save_every_n_steps": 4}]) for stage in (2, 3)}
     results = {stage: run_bake(job, num_workers=2, use_gpu=False, progress=False) for stage, job in jobs.items()}
     zero2, zero3 = losses(store, jobs[2]), losses(store, jobs[3])
-    assert len(zero2) == len(zero3) == results[2]["steps"] == 11  # 2 epochs x 22 examples / (2 per micro batch x 2 workers)
+    assert len(zero2) == len(zero3) == results[2].steps == 11  # 2 epochs x 22 examples / (2 per micro batch x 2 workers)
     assert zero2 == pytest.approx(zero3, rel=1e-4)
     assert len(set(zero2)) > 1  # the losses move: equal curves are not trivially equal
     for stage, result in results.items():
@@ -255,7 +254,7 @@ def test_zero2_and_zero3_bakes_match_and_publish_real_adapters(ray_session, tiny
         lineage = store.read_lineage(result.model_names[-1])
         assert lineage["parent"] is None and lineage["final"] and lineage["base_model"] == str(tiny_model)
         assert lineage["bake_hash"] == jobs[stage].bake.hash and lineage["config"] == jobs[stage].bake.config
-    same = [load_file(store.download_model(results[s]["model_names"][-1], tmp_path / f"again{s}") / "adapter_model.safetensors")
+    same = [load_file(store.download_model(results[s].model_names[-1], tmp_path / f"again{s}") / "adapter_model.safetensors")
             for s in (2, 3)]
     for key in same[0]:
         torch.testing.assert_close(same[0][key], same[1][key], rtol=1e-3, atol=1e-5)
@@ -347,7 +346,7 @@ def test_a_bake_in_one_process_killed_mid_bake_resumes_from_its_checkpoint_in_th
               "def die(step, rank, session):\n"
               "    if step == 3 and sys.argv[1] == 'die':\n"
               "        os.kill(os.getpid(), signal.SIGKILL)\n"
-              f"print(json.dumps(run_standalone(pickle.load(open({str(tmp_path / 'job.pkl')!r}, 'rb')), die)))\n")
+              f"print(run_standalone(pickle.load(open({str(tmp_path / 'job.pkl')!r}, 'rb')), die).model_dump_json())\n")
     killed = subprocess.run([sys.executable, "-c", script, "die"], capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not store.exists(f"{job.prefix}/result.json")
@@ -356,7 +355,7 @@ def test_a_bake_in_one_process_killed_mid_bake_resumes_from_its_checkpoint_in_th
     assert checkpoints.newest().endswith("step-00000002")
     done = subprocess.run([sys.executable, "-c", script, "live"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = BakeResult.model_validate_json(done.stdout.strip().splitlines()[-1])
     assert result.resumed_from_step == 2
     assert passes(done.stdout) == ["TEACHER eval", "STUDENT training"] * 4
     assert [entry["iter"] for entry in read_metrics_log(store, job.prefix)] == list(range(1, 7))
@@ -448,9 +447,9 @@ def test_the_worker_loop_runs_without_ray(tiny_model, tokenizer, tmp_path, offlo
     script = ("import pickle, sys, json\n"
               "sys.modules['ray'] = None  # prove Ray is not needed\n"
               "from bread_ray.bake.driver import run_standalone\n"
-              f"print(json.dumps(run_standalone(pickle.load(open({str(tmp_path / 'job.pkl')!r}, 'rb')))))\n")
+              f"print(run_standalone(pickle.load(open({str(tmp_path / 'job.pkl')!r}, 'rb'))).model_dump_json())\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = BakeResult.model_validate_json(done.stdout.strip().splitlines()[-1])
     assert result.steps == 6 and store.model_exists(result.model_names[-1])  # 22 examples / (2 x 2)
     assert result.held_out_kl.after < result.held_out_kl.before

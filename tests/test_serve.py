@@ -23,6 +23,8 @@ import pytest
 import torch
 from peft import PeftModel
 
+from bread_ray.decode import Sampling
+from bread_ray.inference import HfChatEngine, ModelCatalog
 from bread_ray.models import load_causal_lm, load_tokenizer
 from bread_ray.store import LocalStore, model_prefix
 from bread_ray.tiny import build_random_lora, build_tiny_model
@@ -157,6 +159,33 @@ def test_32_concurrent_requests_across_models_each_match_their_model(client, ser
     mismatches = [(model, question) for (model, question, _), answer in zip(jobs, answers)
                   if answer != expected[model, question]]
     assert mismatches == []
+
+
+def test_concurrent_requests_of_different_models_decode_together_as_each_would_alone(served, expected):
+    """In process: requests that arrive while the engine is busy join its batch between steps, rows
+    of different models share each forward pass, and each answer is what it is alone."""
+    base, store, _ = served
+    engine = HfChatEngine(ModelCatalog(str(base), store, [OWNER_REPO]), adapter_cache_size=4)
+    models = [str(base), *CHAIN]
+    for model in models:
+        engine.prepare(model)
+    passes = []  # the adapters of the rows of each decode step
+    forward = engine._batch.forward
+    engine._batch.forward = lambda rows, input_ids, *rest: (
+        passes.append([row.adapter for row in rows]) if input_ids.shape[1] == 1 else None,
+        forward(rows, input_ids, *rest))[1]
+    jobs = [(model, question) for question in QUESTIONS[:2] for model in models]
+    params = Sampling(max_tokens=MAX_TOKENS, temperature=0)
+    engine._model_lock.acquire()  # the decode thread waits before its first step: the requests all arrive
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        answers = [pool.submit(engine.complete, model, engine.encode(chat(question), {}), params)
+                   for model, question in jobs]
+        while sum(engine._in_use.values()) < len(jobs):
+            time.sleep(0.01)
+        engine._model_lock.release()
+        answers = [answer.result(timeout=120).text for answer in answers]
+    assert answers == [expected[job] for job in jobs]
+    assert max(map(len, passes)) > 4 and max(len(set(rows)) for rows in passes) == 4  # base + 3 adapters at once
 
 
 def test_a_seed_fixes_a_sampled_answer(client):
