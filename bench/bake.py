@@ -192,7 +192,7 @@ def bench_bake_step(quick: bool, model_name: str | None) -> None:
 
     run_standalone(job)
     log = read_metrics_log(store, job.prefix)
-    framework = [entry["tokens_per_s"] for entry in log][warmup:]
+    framework = [entry.tokens_per_s for entry in log][warmup:]
 
     model = load_causal_lm(model_dir, device="cpu")
     hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
@@ -245,7 +245,7 @@ def bench_bake_step(quick: bool, model_name: str | None) -> None:
     run_standalone(uncached_job)
     uncached_log = read_metrics_log(store, uncached_job.prefix)
     steps_per_epoch = len(log) // spec.epochs
-    cached_s, uncached_s = [e["seconds"] for e in log], [e["seconds"] for e in uncached_log]
+    cached_s, uncached_s = [e.seconds for e in log], [e.seconds for e in uncached_log]
     later = slice(steps_per_epoch, None)
     print(f"\nteacher cache, {spec.epochs} epochs of {steps_per_epoch} steps: training steps take "
           f"{sum(cached_s):.1f} s with it, {sum(uncached_s):.1f} s without: {sum(cached_s) / sum(uncached_s):.2f}x; "

@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     run_standalone(job, after_step=switch)
     totals = {True: [0.0, 0.0], False: [0.0, 0.0]}  # seconds, tokens
     for entry in read_metrics_log(store, job.prefix)[1:]:
-        way = totals[grouped(entry["iter"])]
-        way[0] += entry["seconds"]
-        way[1] += entry["seconds"] * entry["tokens_per_s"]
+        way = totals[grouped(entry.iter)]
+        way[0] += entry.seconds
+        way[1] += entry.seconds * entry.tokens_per_s
     rates = {way: tokens / seconds for way, (seconds, tokens) in totals.items()}
     print(f"{args.model}: {args.steps - 1} steps of {args.micro_batch} rows, fp32, CPU ({os.cpu_count()} cores)")
     print(f"keys and values copied per query head: {rates[False]:.0f} tokens/s; read grouped: {rates[True]:.0f} "

@@ -197,8 +197,8 @@ def run_bread(model_name: str, records: list[dict], spec: Bake, workers: int | N
     wall = time.time() - started
     log = read_metrics_log(store, job.prefix)
     seen = json.loads(marks.read_text())
-    seconds = sum(entry["seconds"] for entry in log)
-    tokens = sum(entry["seconds"] * entry["tokens_per_s"] for entry in log)
+    seconds = sum(entry.seconds for entry in log)
+    tokens = sum(entry.seconds * entry.tokens_per_s for entry in log)
     return {"steps": len(log), "tokens_per_s": tokens / seconds, "train_s": seconds, "fixed_s": wall - seconds,
             "rss_mb": seen["rss_mb"], "gpu_mb": seen["gpu_mb"], "kl_after": result.held_out_kl.after, "kl_before": result.held_out_kl.before}
 

@@ -64,8 +64,8 @@ def records(system: str, questions: int) -> list[dict]:
 def tokens_per_s(store: LocalStore, job: BakeJob) -> tuple[float, float]:
     """(training tokens/s over all steps, final loss)."""
     log = read_metrics_log(store, job.prefix)
-    seconds = sum(entry["seconds"] for entry in log)
-    return sum(entry["seconds"] * entry["tokens_per_s"] for entry in log) / seconds, log[-1]["loss"]
+    seconds = sum(entry.seconds for entry in log)
+    return sum(entry.seconds * entry.tokens_per_s for entry in log) / seconds, log[-1].loss
 
 
 class Plain(torch.nn.Module):

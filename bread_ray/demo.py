@@ -158,7 +158,7 @@ def bake_version(recipe: Recipe, version: int) -> Version:
     (target_id,) = result.examples  # examples counted by target: this bake's one target
     rollout = store.get_record(f"{target_prefix(model.owner, model.repo, target_id)}/{ROLLOUT_MANIFEST}",
                                RolloutManifest)
-    step_tokens_per_s = statistics.median(entry["tokens_per_s"] for entry in read_metrics_log(store, prefix))
+    step_tokens_per_s = statistics.median(entry.tokens_per_s for entry in read_metrics_log(store, prefix))
     return Version(label, str(model), seconds, rollout, result, step_tokens_per_s)
 
 

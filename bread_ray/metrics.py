@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-from bread_ray.records import BakeResult
+from bread_ray.records import BakeResult, MetricsEntry
 from bread_ray.repo import BreadRepo, RepoError
 from bread_ray.store import BAKE_RESULT, bake_prefix, read_metrics_log
 
@@ -39,10 +38,10 @@ def metrics_report(repo: BreadRepo, bake: str | None, png: str | None) -> Iterat
     yield f"plot: {write_loss_plot(log, Path(png or f'{bake_id}_loss.png'), bake_id)}"
 
 
-def loss_chart(log: list[dict[str, Any]], width: int = 60, height: int = 12) -> str:
+def loss_chart(log: list[MetricsEntry], width: int = 60, height: int = 12) -> str:
     """Loss against iteration as text: one column per group of steps (their mean), a log scale
     when the loss spans more than a decade (a good bake falls by orders of magnitude)."""
-    points = [(entry["iter"], entry["loss"]) for entry in log]
+    points = [(entry.iter, entry.loss) for entry in log]
     if not points:
         return "(no steps logged)"
     losses = [loss for _, loss in points]
@@ -69,7 +68,7 @@ def loss_chart(log: list[dict[str, Any]], width: int = 60, height: int = 12) -> 
     return "\n".join(lines)
 
 
-def write_loss_plot(log: list[dict[str, Any]], path: Path, title: str) -> Path:
+def write_loss_plot(log: list[MetricsEntry], path: Path, title: str) -> Path:
     """Loss (and held-out KL where measured) against iteration, as a PNG."""
     import matplotlib
 
@@ -77,11 +76,11 @@ def write_loss_plot(log: list[dict[str, Any]], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 4.5))
-    axes.plot([e["iter"] for e in log], [e["loss"] for e in log], label="train KL (loss)")
-    evals = [(e["iter"], e["eval_kl"]) for e in log if e.get("eval_kl") is not None]
+    axes.plot([e.iter for e in log], [e.loss for e in log], label="train KL (loss)")
+    evals = [(e.iter, e.eval_kl) for e in log if e.eval_kl is not None]
     if evals:
         axes.plot(*zip(*evals), "o-", label="held-out KL")
-    losses = [e["loss"] for e in log]
+    losses = [e.loss for e in log]
     if losses and min(losses) > 0 and max(losses) / min(losses) > 10:
         axes.set_yscale("log")
     axes.set_xlabel("iteration")

@@ -5,7 +5,7 @@ the field, not later as a KeyError.
     stim/manifest.json       StimManifest     a target's stimuli are complete
     rollout/manifest.json    RolloutManifest  a target's trajectories are complete
     bakes/<id>/result.json   BakeResult       a bake is done: its models, losses and held-out KL
-    train_log_metrics.jsonl  MetricsEntry     one line per optimizer step of a bake
+    train_log_metrics.jsonl  MetricsEntry     one line per optimizer step of a bake (read_metrics_log)
 
 `Store.get_record(key, Type)` reads one and `Store.put_record(key, record)` writes one (sorted
 keys, as every JSON file of the store).
@@ -71,6 +71,23 @@ class HeldOutKl(Record):
 
     before: float | None
     after: float | None
+
+
+class MetricsEntry(Record):
+    """An optimizer step of a bake, as rank 0 logs it."""
+
+    iter: int  # the step, from 1
+    loss: float  # KL(teacher ‖ student), nats per response token: the step's mean over ranks
+    lr: float
+    epoch: float
+    grad_norm: float | None
+    seconds: float
+    tokens_per_s: float  # teacher and student contexts through the model, per second of the step
+    eval_kl: float | None = None  # the held-out KL, at every BAKE.eval_interval steps
+
+    def to_json(self) -> dict[str, Any]:
+        """As the log writes it: eval_kl only where it was measured."""
+        return self.model_dump(mode="json", exclude=set() if self.eval_kl is not None else {"eval_kl"})
 
 
 class BakeResult(Record):

@@ -146,7 +146,7 @@ def plan(run: Run) -> list[PlannedStep]:
         done = ask_store(run, lambda: BAKE.done(run, bake))
         mix = ", ".join(f"{target_id} ×{weight:g}" for target_id, weight in bake.datasets)
         log = [] if done else ask_store(run, lambda: read_metrics_log(run.store, run.bake_prefix())) or []
-        state = f"training: step {log[-1]['iter']} logged" if log else ""
+        state = f"training: step {log[-1].iter} logged" if log else ""
         steps.append(PlannedStep("bake", bake.id, f"on {bake.parent_model} from {mix}", done, state))
     return steps
 

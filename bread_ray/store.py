@@ -76,7 +76,7 @@ from bread_ray.lineage import (
     component_problem,
     validate_name_component,
 )
-from bread_ray.records import Record
+from bread_ray.records import MetricsEntry, Record
 
 R = TypeVar("R", bound=Record)
 
@@ -174,16 +174,33 @@ ROLLOUT_MANIFEST = "rollout/manifest.json"
 ROLLOUT_PART = re.compile(r"part-(\d{5})\.parquet")
 
 
-def read_metrics_log(store: Store, prefix: str) -> list[dict]:
-    """A bake's `train_log_metrics.jsonl`: one entry per step (iter, loss, lr, epoch, ...); [] before any."""
+def read_metrics_log(store: Store, prefix: str) -> list[MetricsEntry]:
+    """A bake's `train_log_metrics.jsonl`: one entry per step; [] before any. BadRecord names the
+    line that does not load."""
     key = f"{prefix}/{METRICS_LOG}"
     if not store.exists(key):
         return []
-    return [json.loads(line) for line in store.get_bytes(key).decode().splitlines() if line]
+    log = []
+    for number, line in enumerate(store.get_bytes(key).decode().splitlines(), start=1):
+        if line:
+            try:
+                log.append(MetricsEntry.model_validate_json(line))
+            except ValidationError as error:
+                raise BadRecord(f"{store.uri}/{key}, line {number}, is not a MetricsEntry: "
+                                f"{record_problem(error)}") from None
+    return log
 
 
-def write_metrics_log(store: Store, prefix: str, log: list[dict]) -> None:
-    store.put_bytes(f"{prefix}/{METRICS_LOG}", "".join(json.dumps(entry) + "\n" for entry in log).encode())
+def write_metrics_log(store: Store, prefix: str, log: list[MetricsEntry]) -> None:
+    store.put_bytes(f"{prefix}/{METRICS_LOG}", "".join(json.dumps(entry.to_json()) + "\n" for entry in log).encode())
+
+
+def record_problem(error: ValidationError) -> str:
+    """The first field of a record that does not fit, and why: `field.path: message (N more problems)`."""
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "(the whole record)"
+    more = f" ({error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
+    return f"{field}: {first['msg']}{more}"
 
 
 def rollout_part_key(prefix: str, shard_index: int) -> str:
@@ -296,10 +313,7 @@ class Store(abc.ABC):
         try:
             return kind.model_validate_json(data)
         except ValidationError as error:
-            first = error.errors()[0]
-            field = ".".join(str(part) for part in first["loc"]) or "(the whole file)"
-            raise BadRecord(f"{self.uri}/{key} is not a {kind.__name__}: {field}: {first['msg']}"
-                            f"{f' ({error.error_count() - 1} more problems)' if error.error_count() > 1 else ''}") from None
+            raise BadRecord(f"{self.uri}/{key} is not a {kind.__name__}: {record_problem(error)}") from None
 
     def upload_file(self, local_path: str | os.PathLike, key: str) -> None:
         with self._reporting_failures():

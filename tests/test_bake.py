@@ -222,7 +222,7 @@ def make_job(tokenizer, model_dir: Path, store: LocalStore, name: str, records: 
 def losses(store: LocalStore, job) -> list[float]:
     from bread_ray.store import read_metrics_log
 
-    return [entry["loss"] for entry in read_metrics_log(store, job.prefix)]
+    return [entry.loss for entry in read_metrics_log(store, job.prefix)]
 
 
 @pytest.mark.slow
@@ -306,7 +306,7 @@ def test_a_worker_killed_mid_bake_resumes_from_its_checkpoint(ray_session, tiny_
     result = run_bake(job, num_workers=2, use_gpu=False, progress=False, after_step=kill_rank_1_after_step_3)
     assert result.resumed_from_step == 2
     log = read_metrics_log(store, job.prefix)
-    assert [entry["iter"] for entry in log] == list(range(1, 7))  # no step lost, none twice
+    assert [entry.iter for entry in log] == list(range(1, 7))  # no step lost, none twice
     assert result.model_names == [f"me/r/{job.bake.id}/{s}" for s in (2, 4, 6)]
     assert store.model_exists(result.model_names[-1])
 
@@ -358,7 +358,7 @@ def test_a_bake_in_one_process_killed_mid_bake_resumes_from_its_checkpoint_in_th
     result = BakeResult.model_validate_json(done.stdout.strip().splitlines()[-1])
     assert result.resumed_from_step == 2
     assert passes(done.stdout) == ["TEACHER eval", "STUDENT training"] * 4
-    assert [entry["iter"] for entry in read_metrics_log(store, job.prefix)] == list(range(1, 7))
+    assert [entry.iter for entry in read_metrics_log(store, job.prefix)] == list(range(1, 7))
     assert result.model_names == [f"me/r/{job.bake.id}/{s}" for s in (2, 4, 6)]
     assert [folder.rsplit("-", 1)[1] for folder in checkpoints.complete()] == ["00000002", "00000004"]  # the last two
 

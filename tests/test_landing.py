@@ -213,9 +213,9 @@ def test_a_real_run_lands_on_its_branch_while_the_user_switches_to_another(tmp_p
     bake = type(pipeline.BAKE)
     train = bake.execute
 
-    def train_while_the_user_switches(self, run, item):
+    def train_while_the_user_switches(self, run, item, streamed):
         repo.git("checkout", "-q", "other")
-        train(self, run, item)
+        train(self, run, item, streamed)
 
     monkeypatch.setattr(bake, "execute", train_while_the_user_switches)
     assert main(["run", "stim", "rollout", "bake", "--no-progress", "--no-eval"]) == 0

@@ -98,13 +98,15 @@ def test_bake_refuses_before_any_work_without_a_bake_or_its_rollouts(repo, capsy
 
 def test_status_shows_a_bake_in_progress_from_its_metrics_log(repo, capsys):
     """What a detached run's bake has done so far is read from the store: its last logged step."""
+    from bread_ray.records import MetricsEntry
     from bread_ray.store import bake_prefix, open_store, write_metrics_log
 
     (repo.root / "input.yml").write_text(INPUT + "BAKE:\n  name: pirate_bake\n  datasets: [{target: pirate}]\n")
     assert main(["add", "input.yml"]) == 0
     bake_id = repo.resolve_staged().bake.id
     write_metrics_log(open_store(), bake_prefix("alice", "pirate", bake_id),
-                      [{"iter": step, "loss": 1.0 / step} for step in (1, 2, 3)])
+                      [MetricsEntry(iter=step, loss=1.0 / step, lr=1e-3, epoch=step / 3, grad_norm=None, seconds=1.0,
+                                    tokens_per_s=100.0) for step in (1, 2, 3)])
     capsys.readouterr()
     assert main(["status"]) == 0
     assert f"bake            {bake_id}" in (out := capsys.readouterr().out)

@@ -7,8 +7,9 @@ from datetime import datetime
 import pytest
 
 from bread_ray.lineage import InvalidModelName, InvalidName, ModelName
-from bread_ray.records import GeneratorCount, StimManifest
+from bread_ray.records import GeneratorCount, MetricsEntry, StimManifest
 from bread_ray.store import (
+    METRICS_LOG,
     ArtifactNotFound,
     BadRecord,
     BrokenLineage,
@@ -20,7 +21,9 @@ from bread_ray.store import (
     StoreError,
     model_prefix,
     open_store,
+    read_metrics_log,
     target_prefix,
+    write_metrics_log,
 )
 
 MiB = 1024 * 1024
@@ -105,6 +108,19 @@ def test_a_record_loads_as_its_type_or_fails_naming_the_file_and_the_field(store
     store.put_json("t/stim/manifest.json", {**manifest.to_json(), "generators": [{"index": 0, "type": "x"}]})
     with pytest.raises(BadRecord, match=r"generators.0.count: Field required"):
         store.get_record("t/stim/manifest.json", StimManifest)
+
+
+def test_the_metrics_log_round_trips_and_a_bad_line_is_named(store):
+    log = [MetricsEntry(iter=1, loss=0.5, lr=1e-3, epoch=0.5, grad_norm=None, seconds=1.0, tokens_per_s=10.0),
+           MetricsEntry(iter=2, loss=0.25, lr=1e-3, epoch=1.0, grad_norm=2.0, seconds=1.0, tokens_per_s=10.0,
+                        eval_kl=0.1)]
+    write_metrics_log(store, "b", log)
+    assert read_metrics_log(store, "b") == log
+    first, second = store.get_bytes(f"b/{METRICS_LOG}").decode().splitlines()
+    assert "eval_kl" not in first and '"grad_norm": null' in first and '"eval_kl": 0.1' in second
+    store.put_bytes(f"b/{METRICS_LOG}", f"{first}\n{second.replace('loss', 'los')}\n".encode())
+    with pytest.raises(BadRecord, match=r"train_log_metrics.jsonl, line 2, is not a MetricsEntry: loss: Field required"):
+        read_metrics_log(store, "b")
 
 
 def test_list_pages_through_everything(store):

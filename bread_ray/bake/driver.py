@@ -275,8 +275,7 @@ def show_progress(thread: threading.Thread, store: Store, prefix: str, total_ste
             log = read_metrics_log(store, prefix) if enabled else []
             if log:
                 last = log[-1]
-                bar.update(task, completed=last["iter"],
-                           rate=f"loss {last['loss']:.4g}  {last['tokens_per_s']:,.0f} tokens/s")
+                bar.update(task, completed=last.iter, rate=f"loss {last.loss:.4g}  {last.tokens_per_s:,.0f} tokens/s")
 
 
 def run_standalone(job: BakeJob, after_step: Callable[[int, int, WorkerSession], None] | None = None

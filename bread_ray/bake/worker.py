@@ -47,7 +47,7 @@ from bread_ray.bake.prefix import SharedPrefix, final_hidden, prefixes_to_share,
 from bread_ray.lineage import check_foldable, lora_deltas, read_adapter
 from bread_ray.model_sources import resolve_model_source
 from bread_ray.models import download_folded_adapter, load_causal_lm
-from bread_ray.records import BakeResult, HeldOutKl, Loss
+from bread_ray.records import BakeResult, HeldOutKl, Loss, MetricsEntry
 from bread_ray.store import BAKE_RESULT, Store, open_store, read_metrics_log, write_metrics_log
 
 STATE_TAG = "state"  # DeepSpeed's tag for the training state inside a checkpoint
@@ -119,7 +119,7 @@ class Progress:
     """What rank 0 logs; restored from the checkpoint and the store's log on resume."""
 
     step: int = 0
-    log: list[dict[str, Any]] = field(default_factory=list)
+    log: list[MetricsEntry] = field(default_factory=list)
     kl_before: float | None = None
     models: list[str] = field(default_factory=list)
     resumed_from: int | None = None
@@ -253,7 +253,7 @@ def start(trainer: Trainer, job: BakeJob, session: WorkerSession) -> Progress:
     _, client_state = trainer.engine.load_checkpoint(str(session.restored), tag=STATE_TAG, load_module_strict=False)
     step = client_state["step"]
     return Progress(step=step, kl_before=client_state["kl_before"], models=client_state["models"], resumed_from=step,
-                    log=[entry for entry in read_metrics_log(trainer.store, job.prefix) if entry["iter"] <= step])
+                    log=[entry for entry in read_metrics_log(trainer.store, job.prefix) if entry.iter <= step])
 
 
 # ---- train step and evaluation -----------------------------------------------------------------
@@ -313,10 +313,10 @@ def train_step(trainer: Trainer, job: BakeJob, step: int) -> dict[str, Any]:
     stats = torch.tensor([torch.stack(losses).mean().item(), tokens], dtype=torch.float64, device=trainer.device)
     dist.all_reduce(stats)
     grad_norm, seconds = engine.get_global_grad_norm(), time.perf_counter() - started
-    return {"iter": step, "loss": float(stats[0]) / world, "lr": lr,
-            "epoch": round(step * spec.epochs / trainer.total_steps, 4),
-            "grad_norm": None if grad_norm is None else float(grad_norm),
-            "seconds": round(seconds, 4), "tokens_per_s": float(stats[1]) / seconds}
+    return MetricsEntry(iter=step, loss=float(stats[0]) / world, lr=lr,
+                        epoch=round(step * spec.epochs / trainer.total_steps, 4),
+                        grad_norm=None if grad_norm is None else float(grad_norm),
+                        seconds=round(seconds, 4), tokens_per_s=float(stats[1]) / seconds)
 
 
 def evaluate(trainer: Trainer, job: BakeJob) -> float | None:
@@ -381,7 +381,7 @@ def publish(job: BakeJob, store: Store, adapter_dir: Path, step: int, progress: 
         progress.models.append(name)
     if store.model_exists(name):
         return  # published before a restart
-    losses = [entry["loss"] for entry in progress.log]
+    losses = [entry.loss for entry in progress.log]
     store.publish_model(name, adapter_dir, {
         "parent": job.parent_lineage_model, "base_model": job.base_model, "bake_id": job.bake.id,
         "bake_hash": job.bake.hash, "config": job.bake.config, "commit": job.commit, "step": step, "final": final,
@@ -403,7 +403,7 @@ def finish(trainer: Trainer, job: BakeJob, progress: Progress, session: WorkerSe
         dist.all_gather_object(nodes, session.node)
     if trainer.rank != 0:
         return None
-    losses = [entry["loss"] for entry in progress.log]
+    losses = [entry.loss for entry in progress.log]
     tail = losses[-max(1, len(losses) // 10):]
     result = BakeResult(
         bake_id=job.bake.id, model_names=progress.models, steps=trainer.total_steps,
@@ -430,11 +430,11 @@ def bake_worker(job: BakeJob, session: WorkerSession) -> BakeResult | None:
         if session.after_step:
             session.after_step(progress.step, trainer.rank, session)
         if eval_interval and progress.step % eval_interval == 0 and progress.step < trainer.total_steps:
-            entry["eval_kl"] = evaluate(trainer, job)
+            entry = entry.model_copy(update={"eval_kl": evaluate(trainer, job)})
         progress.log.append(entry)
         if progress.step in checkpoint_steps and progress.step < trainer.total_steps:
             folder = checkpoint(trainer, job, progress)
-            session.report(entry, folder)  # only checkpoints go to the runner: a Ray Train report costs seconds on CPU
+            session.report(entry.to_json(), folder)  # only checkpoints go to the runner: a Ray Train report costs seconds on CPU
             shutil.rmtree(folder)
         elif trainer.rank == 0 and time.monotonic() - progress.log_written > LOG_EVERY_S:
             write_metrics_log(trainer.store, job.prefix, progress.log)  # what `bgit run` shows as progress
