@@ -14,6 +14,7 @@ import torch
 from peft import PeftModel
 from transformers import (
     DynamicCache,
+    DynamicLayer,
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -174,9 +175,17 @@ class DecodeBatch:
         self.rows, self.cache, self.attention_mask = list(rows), cache, attention_mask
         self.next_position = positions[:, -1:] + 1
 
+    @property
+    def can_join(self) -> bool:
+        """Whether a row can join now: into an empty batch always; into a running one where every
+        layer keeps its whole past (a sliding-window layer drops old positions, which left-padding
+        would shift)."""
+        return not self.rows or all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
     def join(self, row: Row) -> None:
         """Prefill `row` alone, [1, prompt], then align it with the running rows: the shorter side
         is padded on the left (masked), and the row's cache joins the batch's."""
+        assert self.can_join, "a row joins an empty batch, or one whose layers all keep their whole past"
         if not self.rows:
             return self.start([row], reuse_prefix=False)
         device, width = self.model.device, len(row.prompt)

@@ -296,7 +296,7 @@ class HfChatEngine(ChatEngine):
             with self._work:
                 while not self._waiting and not self._batch.rows:
                     self._work.wait()
-                room = self.max_batch - len(self._batch.rows)
+                room = self.max_batch - len(self._batch.rows) if self._batch.can_join else 0
                 joining, self._waiting = self._waiting[:room], self._waiting[room:]
             with self._model_lock, torch.inference_mode():
                 self._batch.model = self.model  # a PEFT wrapper once the first adapter loaded
