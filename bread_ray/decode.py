@@ -24,7 +24,7 @@ from transformers import (
 
 from bread_ray.chat_format import shared_prefix_length
 from bread_ray.models import eos_token_ids, kv_cache_argument
-from bread_ray.schema import Target
+from bread_ray.schema import SAMPLER_SETTINGS, Target
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Sampling:
     def narrowing(self) -> dict[str, float]:
         """The settings beyond temperature that differ from their defaults (a target's extra_kwargs)."""
         defaults = Sampling(max_tokens=1)
-        return {name: getattr(self, name) for name in ("top_p", "top_k", "min_p", "repetition_penalty")
+        return {name: getattr(self, name) for name in SAMPLER_SETTINGS
                 if getattr(self, name) != getattr(defaults, name)}
 
     def logits_processors(self) -> list[Any]:
@@ -114,7 +114,7 @@ class Row:
     on_token: Callable[[int], bool] | None  # sees each token; False ends the row there
     adapter: str | None  # the PEFT adapter it decodes with; None: the base model
     decoded: Decoded = field(default_factory=lambda: Decoded([], "length"))
-    processors: list[Any] = field(default_factory=list)
+    processors: list[Any] = field(init=False)
 
     def __post_init__(self) -> None:
         self.processors = self.sampling.logits_processors()

@@ -208,9 +208,10 @@ class ChatDeployment:
         # the engine's batch
         self.answer_threads = ThreadPoolExecutor(MAX_ONGOING_REQUESTS, thread_name_prefix="answer")
 
-    def answering(self, complete: Callable[..., Completion], *args: Any) -> asyncio.Future:
-        """The engine's answer, awaited while a thread of the replica's own waits for it."""
-        return asyncio.get_running_loop().run_in_executor(self.answer_threads, complete, *args)
+    def answering(self, *args: Any) -> asyncio.Future:
+        """The engine's answer (`ChatEngine.complete(*args)`), awaited while a thread of the
+        replica's own waits for it."""
+        return asyncio.get_running_loop().run_in_executor(self.answer_threads, self.engine.complete, *args)
 
     def authorize(self, authorization: str | None) -> None:
         expected = self.settings.api_key_sha256
@@ -249,7 +250,7 @@ class ChatDeployment:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             return StreamingResponse(self.stream(request.model, prompt_ids, params, include_usage),
                                      media_type="text/event-stream")
-        completion = await self.answering(self.engine.complete, request.model, prompt_ids, params)
+        completion = await self.answering(request.model, prompt_ids, params)
         return {
             "id": completion_id(), "object": "chat.completion", "created": int(time.time()),
             "model": request.model,
@@ -287,7 +288,7 @@ class ChatDeployment:
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
         sampling = asyncio.ensure_future(
-            self.answering(self.engine.complete, model, prompt_ids, params, on_text, cancelled))
+            self.answering(model, prompt_ids, params, on_text, cancelled))
         sampling.add_done_callback(lambda _: pieces.put_nowait(None))
         header = {"id": completion_id(), "object": "chat.completion.chunk", "created": int(time.time()),
                   "model": model}
