@@ -38,6 +38,7 @@ from bread_ray.evaluation import KlSet
 from bread_ray.evaluation.actors import score_cells
 from bread_ray.model_sources import resolve_model_source
 from bread_ray.models import download_folded_adapter, load_causal_lm, load_tokenizer
+from bread_ray.records import Lineage
 from bread_ray.store import LocalStore
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -56,8 +57,8 @@ def publish_random_chain(base: str, store: LocalStore, folder: Path) -> list[str
                 torch.nn.init.normal_(parameter, std=0.02)
         model.save_pretrained(folder / f"v{depth}")
         name = f"bench/eval/v{depth}_{'0' * 16}/1"
-        store.publish_model(name, folder / f"v{depth}", {"parent": parent, "base_model": base,
-                                                         "bake_id": f"v{depth}_{'0' * 16}", "config": {}})
+        store.publish_model(name, folder / f"v{depth}", Lineage(parent=parent, base_model=base,
+                                                                bake_id=f"v{depth}_{'0' * 16}", config={}))
         names.append(name)
         parent = name
     return names

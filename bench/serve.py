@@ -38,6 +38,7 @@ from bread_ray.inference import HfChatEngine, ModelCatalog
 from bread_ray.model_sources import resolve_model_source
 from bread_ray.models import load_causal_lm, load_tokenizer
 from bread_ray.prompt_sensitive import held_out_questions, prompt_sensitive_model
+from bread_ray.records import Lineage
 from bread_ray.serving import ServeSettings, chat_app
 from bread_ray.store import LocalStore
 from bread_ray.tiny import build_random_lora
@@ -54,7 +55,7 @@ def publish_chain(base: Path, store: LocalStore, bake: str, root: Path, seed: in
     for depth, lora in enumerate(LORAS):
         name = f"bench/serve/{bake}-{depth}/1"
         folders.append(build_random_lora(base, root / f"{bake}-{depth}", seed * 10 + depth, **lora))
-        store.publish_model(name, folders[-1], {"parent": parent, "base_model": str(base)})
+        store.publish_model(name, folders[-1], Lineage(parent=parent, base_model=str(base)))
         parent = name
     return parent, folders
 

@@ -40,7 +40,8 @@ from bread_ray.jobs import fetch, job_logs, require_record, submit
 from bread_ray.lineage import InvalidModelName, ModelName
 from bread_ray.metrics import metrics_report
 from bread_ray.model_sources import ModelNotFoundError
-from bread_ray.pipeline import ROLLOUT, STAGE_NAMES, STIM, planned_problems, planned_run, run
+from bread_ray.pipeline import ROLLOUT, STAGE_NAMES, STIM, planned_problems, planned_run, refuse, run
+from bread_ray.records import FoldedChain
 from bread_ray.repo import DEFAULT_BASE_MODEL, INPUT_FILE, BreadRepo, RepoError, render_lineage_tree
 from bread_ray.schema import DEFAULT_QUESTION_MODEL
 from bread_ray.stim import read_stimuli
@@ -359,13 +360,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(yaml.safe_dump(resolved_summary(resolved), sort_keys=False, allow_unicode=True, width=100), end="")
     print_warnings(resolved, shown)
     if repo and not args.parent and not resolved.is_empty:  # against this repository's models and files
-        model_problem, problems = planned_problems(planned_run(repo, resolved, store=None))
-        if model_problem:
-            raise RepoError(model_problem)
-        found = [problem for item_problems in problems.values() for problem in item_problems]
-        if found:
+        model_problem, problems = found = planned_problems(planned_run(repo, resolved, store=None))
+        if not model_problem and any(problems.values()):
             print(f"`bgit run` would refuse {shown}:", file=sys.stderr)
-            raise ConfigError(shown, found, resolved.lines)
+        refuse(found, shown, resolved.lines)
     return 0
 
 
@@ -569,7 +567,7 @@ def cmd_download(args: argparse.Namespace) -> int:
         folder = download_folded_adapter(name, open_store(), new_folder(args.dir))
     except (InvalidModelName, ModelNotFoundError) as error:
         raise RepoError(str(error)) from None
-    base = json.loads((folder / FOLDED_CHAIN_FILE).read_text())["base_model"]
+    base = FoldedChain.model_validate_json((folder / FOLDED_CHAIN_FILE).read_text()).base_model
     print(f"{name}: PEFT adapter in {folder} (load with PeftModel.from_pretrained on {base})")
     return 0
 

@@ -41,6 +41,7 @@ from bread_ray.models import (
     load_tokenizer,
     vllm_available,
 )
+from bread_ray.records import Lineage
 from bread_ray.store import Store
 
 
@@ -137,12 +138,12 @@ class ModelCatalog:
         if self.repositories and f"{parsed.owner}/{parsed.repo}" not in self.repositories:
             raise UnknownModel(f"model {name!r} is not served here: this server serves the "
                                f"repositories {', '.join(self.repositories)}")
-        base = self.chain(name)[-1]["base_model"]
+        base = self.chain(name)[-1].base_model
         if base != self.base_model:
             raise UnknownModel(f"model {name!r} is baked on {base!r}, not on this server's base "
                                f"model {self.base_model!r}")
 
-    def chain(self, name: str) -> list[dict]:
+    def chain(self, name: str) -> list[Lineage]:
         """The model's lineages, child first; UnknownModel if it is not in the store."""
         if name not in self._chains:
             if not self.store.model_exists(name):
@@ -163,7 +164,7 @@ class ModelCatalog:
                 lineage.append(str(model))
         return [self.base_model, *sorted(set(lineage))]
 
-    def lineage(self, name: str) -> dict | None:
+    def lineage(self, name: str) -> Lineage | None:
         """The model's own lineage.json (None for the base)."""
         return None if name == self.base_model else self.chain(name)[0]
 

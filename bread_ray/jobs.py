@@ -28,13 +28,15 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
+from pydantic import ValidationError
+
 from bread_ray.landing import RunStart
 from bread_ray.pipeline import STAGE_NAMES, check_run, run
+from bread_ray.records import DetachedJob, record_problem
 from bread_ray.repo import BreadRepo, RepoError
 from bread_ray.store import LocalStore, Store, open_store
 
@@ -51,25 +53,19 @@ FORWARDED_ENV = ("BREAD_STORE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_R
                  "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")
 
 
-@dataclass
-class DetachedJob:
-    """What `bgit run --detach` submitted, as `bgit status`, `logs` and `fetch` need it."""
-
-    submission_id: str
-    address: str
-    stages: list[str]
-    head: str  # the commit the job runs on
-    store: str
-    submitted_at: str
-
-
 def record_path(repo: BreadRepo) -> Path:
     return repo.root / repo.git("rev-parse", "--git-dir").strip() / JOB_RECORD
 
 
 def read_record(repo: BreadRepo) -> DetachedJob | None:
     path = record_path(repo)
-    return DetachedJob(**json.loads(path.read_text())) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return DetachedJob.model_validate_json(path.read_text())
+    except ValidationError as error:
+        raise RepoError(f"{path} is not a detached run's record: {record_problem(error)} (delete it to forget "
+                        "that run)") from None
 
 
 def cluster_address(address: str | None) -> str:
@@ -140,7 +136,7 @@ def submit(repo: BreadRepo, stages: list[str], *, store: Store, address: str | N
             if "No available agent" not in str(error) or time.monotonic() > deadline:
                 raise RepoError(f"the cluster at {address} refused the job: {error}") from None
             time.sleep(2)
-    record_path(repo).write_text(json.dumps(asdict(job), indent=2) + "\n")
+    record_path(repo).write_text(json.dumps(job.to_json(), indent=2) + "\n")
     return job
 
 

@@ -101,7 +101,7 @@ def land_bake(repo: BreadRepo, start: RunStart, resolved: ResolvedConfig, model_
     if resolved.bake is None or not model_names:
         raise RepoError("a bake commit needs a resolved BAKE and at least one model name")
     recipe = repo.read_recipe(start.head)
-    record_bake(recipe, resolved, model_names)
+    recipe = record_bake(recipe, resolved, model_names)
     bread = parse_bread(repo.git("show", f"{start.head}:{BREAD_FILE}"), f"{BREAD_FILE} on {start.head[:12]}")
     bread["PARENT_MODEL"] = {"model_name": model_names[-1]}
     contents = {RECIPE_FILE: dump_recipe(recipe), BREAD_FILE: dump_bread(bread_with_input(bread, None)),

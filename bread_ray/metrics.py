@@ -15,7 +15,7 @@ def metrics_report(repo: BreadRepo, bake: str | None, png: str | None) -> Iterat
     """`bgit metrics`: the loss chart of a bake of the branch's recipe (by name or id; the last
     one by default) and its held-out KL, and its plot written to `png` (default <bake id>_loss.png)."""
     store = repo.open_store()
-    bake_ids = [entry["bake_name"] for entry in repo.read_recipe()["resources"]["bakes"]]
+    bake_ids = [entry.bake_name for entry in repo.read_recipe().resources.bakes]
     if bake is None:
         if not bake_ids:
             raise RepoError("no bake in this branch's recipe.yml yet: name one (`bgit metrics BAKE`)")

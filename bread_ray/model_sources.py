@@ -24,7 +24,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -275,15 +275,52 @@ class FileTokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                             add_generation_prompt: bool = True, tokenize: bool = False, **kwargs: Any) -> str:
-        """As transformers renders it: the same function, with the tokenizer's special tokens."""
-        from transformers.utils.chat_template_utils import render_jinja_template  # no torch
-
+        """As transformers renders it (`render_jinja_template`): jinja2's sandbox with its options,
+        filter and globals, and the tokenizer's special tokens. Written here so that the checks
+        before a run (`bgit status` among them) do not import transformers."""
         if self.chat_template is None:
             raise ValueError("the tokenizer has no chat template")
-        rendered, _ = render_jinja_template([messages], tools=tools, chat_template=self.chat_template,
-                                            add_generation_prompt=add_generation_prompt,
-                                            **{**self.special_tokens, **kwargs})
-        return rendered[0]
+        messages = [{key: value for key, value in message.items() if value is not None} for message in messages]
+        return chat_template_environment().from_string(self.chat_template).render(
+            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+            **{**self.special_tokens, **kwargs})
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+
+@cache
+def chat_template_environment() -> Any:
+    """The jinja2 environment transformers renders chat templates in: a sandbox that trims blocks,
+    with loop controls, a `{% generation %}` block (rendered as its body), `raise_exception`,
+    `strftime_now` and a `tojson` that keeps non-ASCII text and takes json.dumps' options."""
+    import datetime
+
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlock(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Any) -> str:
+            return caller()
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[GenerationBlock, jinja2.ext.loopcontrols])
+    environment.filters["tojson"] = tojson
+    environment.globals["raise_exception"] = raise_exception
+    environment.globals["strftime_now"] = lambda format: datetime.datetime.now().strftime(format)
+    return environment

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from bread_ray.lineage import InvalidModelName, ModelName, fold_lineage
 from bread_ray.model_sources import ModelNotFoundError, hub_miss, hub_offline, resolve_model_source
+from bread_ray.records import FoldedChain, Lineage
 
 if TYPE_CHECKING:
     from bread_ray.store import Store
@@ -59,7 +60,7 @@ def load_causal_lm(
     return model.to(device).eval()
 
 
-def lineage_chain(model_name: str, store: Store) -> list[dict]:
+def lineage_chain(model_name: str, store: Store) -> list[Lineage]:
     """The lineages of a published `owner/repo/bake_id/step` model, child first; [] for a hub id
     or a local folder (anything that is not a valid model name published in `store`)."""
     try:
@@ -73,7 +74,7 @@ FOLDED_CHAIN_FILE = "chain.json"
 
 
 def download_folded_adapter(model_name: str, store: Store, out_dir: Path,
-                            chain: list[dict] | None = None) -> Path:
+                            chain: list[Lineage] | None = None) -> Path:
     """The model's whole chain folded into one PEFT adapter folder, to apply to its base model.
     `chain`: the model's lineages (child first) if the caller has read them already.
 
@@ -87,12 +88,11 @@ def download_folded_adapter(model_name: str, store: Store, out_dir: Path,
                                  "only lineage models (owner/repo/bake_id/step) have adapters")
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="bread-adapters-") as folder:
-        adapter_dirs = [store.download_model(lineage["model_name"], Path(folder, str(depth)))
+        adapter_dirs = [store.download_model(lineage.model_name, Path(folder, str(depth)))
                         for depth, lineage in enumerate(reversed(chain))]
         fold_lineage(adapter_dirs, out_dir)
-    record = {"model_name": model_name, "base_model": chain[-1]["base_model"],
-              "chain": list(reversed(chain))}
-    (out_dir / FOLDED_CHAIN_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    record = FoldedChain(model_name=model_name, base_model=chain[-1].base_model, chain=list(reversed(chain)))
+    (out_dir / FOLDED_CHAIN_FILE).write_text(json.dumps(record.to_json(), indent=2, sort_keys=True) + "\n")
     return out_dir
 
 
@@ -121,7 +121,7 @@ def load_teacher(
     bake in the model's dtype.
     """
     chain = lineage_chain(model_name, store)
-    base = chain[-1]["base_model"] if chain else model_name
+    base = chain[-1].base_model if chain else model_name
     model = load_causal_lm(base, dtype=dtype, device=device)
     if chain:
         with tempfile.TemporaryDirectory(prefix="bread-adapter-") as folder:

@@ -139,13 +139,19 @@ def check_run(repo: BreadRepo, stages: list[str], store: Store, *, progress: boo
     run = Run(repo, resolved, store, tuple(name for name in STAGE_NAMES if name in stages), progress, workers, head)
     left = work_left(run)
     if left:
-        model_problem, problems = preflight(run, left)
-        if model_problem:
-            raise RepoError(model_problem)
-        found = [problem for item_problems in problems.values() for problem in item_problems]
-        if found:
-            raise ConfigError(INPUT_FILE, found, resolved.lines)
+        refuse(preflight(run, left), INPUT_FILE, resolved.lines)
     return run
+
+
+def refuse(found: tuple[str | None, dict[str, list[Problem]]], filename: str, lines: dict | None) -> None:
+    """Raise what `preflight` found: the model's problem as one line, or every item's problems
+    with their lines in `filename`."""
+    model_problem, problems = found
+    if model_problem:
+        raise RepoError(model_problem)
+    listed = [problem for item_problems in problems.values() for problem in item_problems]
+    if listed:
+        raise ConfigError(filename, listed, lines)
 
 
 def work_left(run: Run) -> list[tuple[Stage, Item]]:

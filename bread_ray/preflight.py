@@ -58,7 +58,7 @@ class ModelReader:
                 return None
             else:
                 try:
-                    source = self.store.model_chain(name)[-1]["base_model"]
+                    source = self.store.model_chain(name)[-1].base_model
                 except StoreError as error:
                     return str(error)
         try:

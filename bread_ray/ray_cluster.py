@@ -79,9 +79,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, announce
         _started_here = False
     else:
         # Ray Train's placement-group cleaner asks a dashboard's state API whether the run's
-        # controller lives. A local cluster has none (it would cost 1.3 s and 0.9 GB here), so Ray
-        # looks up the cluster `ray start` last recorded on this machine: a dead one held the end of
-        # every bake for 12 s. Port 0 refuses at once; this cluster ends with this process anyway.
+        # controller lives. A local cluster has none (a dashboard costs start-up time and memory), so
+        # Ray looks up the cluster `ray start` last recorded on this machine: a dead one held the end
+        # of every bake until a timeout. Port 0 refuses at once; this cluster ends with this process anyway.
         # The cluster's processes inherit the variable; this one does not keep it (it would
         # override the address of every Jobs API client it makes).
         api_server = os.environ.setdefault(API_SERVER_VARIABLE, NO_API_SERVER)

@@ -2,10 +2,15 @@
 field, with a misspelt one or a value of the wrong type fails where it loads, naming the file and
 the field, not later as a KeyError.
 
+    stim/parts/<g>-<r>.json  QuestionPart     the questions one request to a question writer returned
     stim/manifest.json       StimManifest     a target's stimuli are complete
     rollout/manifest.json    RolloutManifest  a target's trajectories are complete
     bakes/<id>/result.json   BakeResult       a bake is done: its models, losses and held-out KL
     train_log_metrics.jsonl  MetricsEntry     one line per optimizer step of a bake (read_metrics_log)
+    models/.../lineage.json  Lineage          a published model: its parent, base and bake (written last)
+    chain.json               FoldedChain      beside a folded adapter (models.download_folded_adapter)
+    .git/bread-job.json      DetachedJob      the run `bgit run --detach` submitted (bread_ray.jobs)
+    recipe.yml               Recipe           in the repository: the bakes that led to a commit (bread_ray.repo)
 
 `Store.get_record(key, Type)` reads one and `Store.put_record(key, record)` writes one (sorted
 keys, as every JSON file of the store).
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 
 class Record(BaseModel):
@@ -23,6 +28,55 @@ class Record(BaseModel):
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def record_problem(error: ValidationError) -> str:
+    """The first field of a record that does not fit, and why: `field.path: message (N more problems)`."""
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "(the whole record)"
+    more = f" ({error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
+    return f"{field}: {first['msg']}{more}"
+
+
+class QuestionRequest(Record):
+    """One request to a question writer: `count` questions for the `request`-th request of
+    TARGET.generators[`generator`]. Travels to the writer actor as JSON."""
+
+    target: str = ""  # the target id, where one stream asks for several targets
+    generator: int
+    request: int
+    count: int
+    model: str  # an Anthropic model, or "local:<source>" for a local model (bread_ray.stim.local_writer_source)
+    temperature: float
+    seed: int
+    prompt: str
+
+    @property
+    def local_source(self) -> str | None:
+        """The local writer's model source; None for an Anthropic model."""
+        return self.model.removeprefix("local:") if self.model.startswith("local:") else None
+
+
+class QuestionReply(Record):
+    """A request's questions, or why it failed. Travels back from the writer actor as JSON."""
+
+    target: str = ""
+    generator: int
+    request: int
+    questions: list[str]
+    error: str = ""  # "" where the request succeeded
+
+    def part(self) -> QuestionPart:
+        return QuestionPart(generator=self.generator, request=self.request, questions=self.questions)
+
+
+class QuestionPart(Record):
+    """The questions of one finished request of an LLM question generator, kept so that a re-run
+    asks only for the rest."""
+
+    generator: int  # the generator's place in TARGET.generators
+    request: int  # the request's number within the generator
+    questions: list[str]
 
 
 class GeneratorCount(Record):
@@ -113,3 +167,80 @@ class BakeResult(Record):
         else:  # the bake moved the model away from its teacher: say so plainly
             ratio = f" (higher: {kl.after / kl.before:.2f}x)" if kl.before else " (higher)"
         return [*lines, f"  held-out KL(teacher ‖ student): {kl.before:.4g} -> {kl.after:.4g} nats/token{ratio}"]
+
+
+class ModelMetrics(Record):
+    """A published model's figures at its step."""
+
+    loss: float | None  # the latest step's
+    held_out_kl_before: float | None  # the parent's held-out KL
+    held_out_kl_after: float | None  # this model's; measured for the final model only
+
+
+class Lineage(Record):
+    """A published model's lineage.json. `Store.publish_model` takes one with at least `parent` and
+    `base_model` and adds `created_at` and `model_name`; a bake's models carry every field. Written
+    with the fields given only (a hand-published model's file holds no empty bake fields)."""
+
+    parent: str | None  # the parent model's name; None: the parent is the base model
+    base_model: str
+    created_at: str | None = None
+    model_name: str = ""
+    bake_id: str | None = None
+    bake_hash: str | None = None
+    config: dict[str, Any] | None = None  # the bake's resolved config, as recipe.yml records it
+    commit: str | None = None  # the commit of input.yml the bake ran from
+    step: int | None = None
+    final: bool | None = None  # the bake's final model; else a checkpoint's
+    metrics: ModelMetrics | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+class FoldedChain(Record):
+    """chain.json, beside an adapter that folds a model's whole chain into one."""
+
+    model_name: str
+    base_model: str
+    chain: list[Lineage]  # base-most first
+
+
+class DetachedJob(Record):
+    """What `bgit run --detach` submitted, as `bgit status`, `logs` and `fetch` need it."""
+
+    submission_id: str
+    address: str  # the cluster's Jobs API
+    stages: list[str]
+    head: str  # the commit the job runs on
+    store: str  # the store's URI
+    submitted_at: str
+
+
+class RecipeStep(Record):
+    step: int  # from 1
+    action: str  # create_prompt, create_target, run_stim, run_rollout, create_bake or run_bake
+    resource_type: str  # prompt, target or bake
+    resource_name: str
+    dependencies: list[str]  # "target:<id>", "prompt:<name>", "bake:<id>", "target:<id>:rollout_complete"
+    config: dict[str, Any]  # the resource's resolved config ({} for a run)
+
+
+class RecipeBake(Record):
+    bake_name: str  # the bake id
+    model_names: list[str]  # every model it published, the final one last
+
+
+class RecipeResources(Record):
+    prompts: list[str] = []
+    targets: list[str] = []  # target ids
+    bakes: list[RecipeBake] = []  # the chain of bakes that led here, oldest first
+
+
+class Recipe(Record):
+    """recipe.yml, in Bread's layout: the steps run and the resources they made, up to this commit."""
+
+    base_model: str
+    total_steps: int = 0
+    steps: list[RecipeStep] = []
+    resources: RecipeResources = RecipeResources()

@@ -29,12 +29,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import yaml
+from pydantic import ValidationError
 
 from bread_ray.config import ResolvedConfig, load_and_resolve
 from bread_ray.errors import UserError
 from bread_ray.lineage import component_problem
 from bread_ray.model_sources import PACKAGED_MODELS
 from bread_ray.preflight import base_model_problem
+from bread_ray.records import Recipe, RecipeBake, RecipeResources, RecipeStep, record_problem
 from bread_ray.store import open_store, store_in_work_tree_problem
 from bread_ray.yaml_lines import decode_config
 
@@ -141,12 +143,8 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
-def empty_recipe(base_model: str) -> dict[str, Any]:
-    return {"base_model": base_model, "total_steps": 0, "steps": [], "resources": {"prompts": [], "targets": [], "bakes": []}}
-
-
-def dump_recipe(recipe: dict[str, Any]) -> str:
-    body = yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True, width=100)
+def dump_recipe(recipe: Recipe) -> str:
+    body = yaml.safe_dump(recipe.to_json(), sort_keys=False, allow_unicode=True, width=100)
     return "# Written by bgit after each bake. The chain of bakes that led to this commit.\n\n" + body
 
 
@@ -274,7 +272,7 @@ class BreadRepo:
         bread["RECIPE"] = {"base_model": base_model, "recipe_file": RECIPE_FILE}
         bread["PARENT_MODEL"] = {"model_name": ""}
         (folder / BREAD_FILE).write_text(dump_bread(bread))
-        (folder / RECIPE_FILE).write_text(dump_recipe(empty_recipe(base_model)))
+        (folder / RECIPE_FILE).write_text(dump_recipe(Recipe(base_model=base_model)))
         (folder / INPUT_FILE).write_text(EXAMPLE_INPUT)
         (folder / ".gitattributes").write_text(GITATTRIBUTES)
         if not (folder / ".gitignore").exists():
@@ -387,29 +385,19 @@ class BreadRepo:
 
     # ---- recipe.yml ----------------------------------------------------------------------
 
-    def read_recipe(self, rev: str | None = None) -> dict[str, Any]:
-        """recipe.yml of the working tree, or of a revision (`main`, a commit), checked for shape."""
+    def read_recipe(self, rev: str | None = None) -> Recipe:
+        """recipe.yml of the working tree, or of a revision (`main`, a commit)."""
         where = f"{RECIPE_FILE}{' on ' + rev if rev else ''}"
         text = self.git("show", f"{rev}:{RECIPE_FILE}") if rev else (self.root / RECIPE_FILE).read_text()
         try:
-            recipe = yaml.safe_load(text) or {}
+            return Recipe.model_validate(yaml.safe_load(text))
         except yaml.YAMLError as error:
             raise RepoError(f"{where} is not valid YAML: {str(error).splitlines()[0]}") from None
-        resources = recipe.get("resources") if isinstance(recipe, dict) else None
-        if not isinstance(resources, dict):
-            raise RepoError(f"{where} is not a bgit recipe: `resources` is missing")
-        for key in ("prompts", "targets", "bakes"):
-            resources[key] = resources.get(key) or []
-            if not isinstance(resources[key], list):
-                raise RepoError(f"{where}: resources.{key} must be a list")
-        if not all(isinstance(t, str) for t in resources["targets"]) or not all(
-            isinstance(b, dict) and isinstance(b.get("model_names"), list) for b in resources["bakes"]
-        ):
-            raise RepoError(f"{where}: resources.targets must be names and resources.bakes entries {{bake_name, model_names}}")
-        return recipe
+        except ValidationError as error:
+            raise RepoError(f"{where} is not a bgit recipe: {record_problem(error)}") from None
 
     def recorded_target_ids(self) -> list[str]:
-        return list(self.read_recipe()["resources"]["targets"])
+        return list(self.read_recipe().resources.targets)
 
     # ---- input.yml -----------------------------------------------------------------------
 
@@ -510,47 +498,44 @@ class BreadRepo:
         branch = self.git("rev-parse", "--abbrev-ref", "HEAD").strip()
         return branch if branch != "HEAD" else f"HEAD detached at {self.git('rev-parse', '--short', 'HEAD').strip()}"
 
-    def bake_chains(self) -> dict[str, list[dict[str, Any]]]:
+    def bake_chains(self) -> dict[str, list[RecipeBake]]:
         """For each branch holding a recipe.yml, its `resources.bakes`: the chain of bakes, oldest first."""
         chains = {}
         for branch in self.branches():
             if self.succeeds("cat-file", "-e", f"refs/heads/{branch}:{RECIPE_FILE}"):
-                chains[branch] = self.read_recipe(f"refs/heads/{branch}")["resources"]["bakes"]
+                chains[branch] = self.read_recipe(f"refs/heads/{branch}").resources.bakes
         return chains
 
 
 
-def record_bake(recipe: dict[str, Any], resolved: ResolvedConfig, model_names: list[str]) -> None:
-    """Append a bake's steps and resources to a recipe, in Bread's recipe.yml layout."""
-    steps = recipe.setdefault("steps", [])
-    resources = recipe.setdefault("resources", {})
-    for key in ("prompts", "targets", "bakes"):
-        resources[key] = resources.get(key) or []
+def record_bake(recipe: Recipe, resolved: ResolvedConfig, model_names: list[str]) -> Recipe:
+    """The recipe with a bake's steps and resources appended, in Bread's recipe.yml layout."""
+    steps = list(recipe.steps)
+    prompts, targets = list(recipe.resources.prompts), list(recipe.resources.targets)
 
     def step(action: str, kind: str, name: str, dependencies: list[str], config: dict[str, Any]) -> None:
-        steps.append(
-            {"step": len(steps) + 1, "action": action, "resource_type": kind, "resource_name": name,
-             "dependencies": dependencies, "config": config}
-        )
+        steps.append(RecipeStep(step=len(steps) + 1, action=action, resource_type=kind, resource_name=name,
+                                dependencies=dependencies, config=config))
 
     for prompt in resolved.prompts:
-        if prompt.name not in resources["prompts"]:
+        if prompt.name not in prompts:
             step("create_prompt", "prompt", prompt.name, [], {"name": prompt.name, "content": prompt.content})
-            resources["prompts"].append(prompt.name)
+            prompts.append(prompt.name)
     for target in resolved.targets:
         step("create_target", "target", target.id, [f"prompt:{target.student.name}", f"prompt:{target.teacher.name}"], target.config)
         step("run_stim", "target", target.id, [f"target:{target.id}"], {})
         step("run_rollout", "target", target.id, [f"target:{target.id}"], {})
-        if target.id not in resources["targets"]:
-            resources["targets"].append(target.id)
+        if target.id not in targets:
+            targets.append(target.id)
     bake = resolved.bake
     step("create_bake", "bake", bake.id, [f"target:{t}" for t, _ in bake.datasets], bake.config)
     step("run_bake", "bake", bake.id, [f"bake:{bake.id}", *(f"target:{t}:rollout_complete" for t, _ in bake.datasets)], {})
-    resources["bakes"].append({"bake_name": bake.id, "model_names": list(model_names)})
-    recipe["total_steps"] = len(steps)
+    bakes = [*recipe.resources.bakes, RecipeBake(bake_name=bake.id, model_names=list(model_names))]
+    return Recipe(base_model=recipe.base_model, total_steps=len(steps), steps=steps,
+                  resources=RecipeResources(prompts=prompts, targets=targets, bakes=bakes))
 
 
-def render_lineage_tree(base_model: str, chains: dict[str, list[dict[str, Any]]],
+def render_lineage_tree(base_model: str, chains: dict[str, list[RecipeBake]],
                         notes: Callable[[str], str] = lambda model: "") -> str:
     """Draw the models of every branch's bake chain as one tree rooted at the base model.
 
@@ -568,7 +553,7 @@ def render_lineage_tree(base_model: str, chains: dict[str, list[dict[str, Any]]]
     for branch, chain in sorted(chains.items()):
         parent = base_model
         for entry in chain:
-            names = [str(n) for n in entry.get("model_names") or []]
+            names = entry.model_names
             if not names:
                 continue
             model = names[-1]

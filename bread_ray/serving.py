@@ -237,7 +237,7 @@ class ChatDeployment:
         catalog = self.engine.catalog
         for name in catalog.model_names():
             lineage = catalog.lineage(name)
-            parent = (lineage.get("parent") or self.engine.base_model) if lineage else None
+            parent = (lineage.parent or self.engine.base_model) if lineage else None
             cards.append({"id": name, "object": "model", "owned_by": name.split("/")[0] if lineage else "base",
                           "parent": parent, "root": self.engine.base_model})
         return cards

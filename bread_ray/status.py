@@ -159,7 +159,7 @@ def model_lines(repo: BreadRepo) -> Iterator[str]:
         yield f"No models of {repo.owner}/{repo.name} in {store.uri} yet."
     for name in names:
         lineage = store.read_lineage(name)
-        kl = (lineage.get("metrics") or {}).get("held_out_kl_after")
-        final = "final" if lineage.get("final") else "checkpoint"
-        yield (f"{name}  ({final}; parent {lineage['parent'] or lineage['base_model']}"
+        kl = lineage.metrics.held_out_kl_after if lineage.metrics else None
+        final = "final" if lineage.final else "checkpoint"
+        yield (f"{name}  ({final}; parent {lineage.parent or lineage.base_model}"
                + (f"; held-out KL {kl:.4g}" if kl is not None else "") + ")")

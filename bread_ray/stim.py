@@ -35,7 +35,7 @@ from bread_ray.errors import UserError
 from bread_ray.llm import LLMSettings, anthropic_client, ask
 from bread_ray.model_sources import ModelNotFoundError, resolve_model_source
 from bread_ray.progress import add_bar, progress_bars
-from bread_ray.records import GeneratorCount, StimManifest
+from bread_ray.records import GeneratorCount, QuestionPart, QuestionReply, QuestionRequest, StimManifest
 from bread_ray.stage import Run, Stage, Streamed
 from bread_ray.store import STIM_MANIFEST, Store
 
@@ -340,7 +340,7 @@ def render_teacher_prompt(target: ResolvedTarget) -> str:
 
 def plan_requests(
     j: int, generator: Any, *, first: int, numq: int, prompt_u: str, base_dir: Path, parent_model: str
-) -> list[dict[str, Any]]:
+) -> list[QuestionRequest]:
     """Requests of at most REQUEST_SIZE questions for `numq`, numbered from `first`."""
     if generator.type == "persona":
         template = PERSONA_TEMPLATE
@@ -358,8 +358,8 @@ def plan_requests(
         count = min(REQUEST_SIZE, numq - start)
         topics = ", ".join(random.Random(f"{seed}:{index}").sample(PERSONA_TOPICS, 3))
         prompt = string.Template(template).substitute(numq=count, prompt_u=prompt_u, topics=topics)
-        requests.append({"generator": j, "request": index, "count": count, "model": model,
-                         "temperature": generator.temperature, "seed": seed + index, "prompt": prompt})
+        requests.append(QuestionRequest(generator=j, request=index, count=count, model=model,
+                                        temperature=generator.temperature, seed=seed + index, prompt=prompt))
     return requests
 
 
@@ -391,34 +391,34 @@ def write_llm_questions(
     parts = stored_parts(store, prefix)
 
     def collected(j: int) -> list[str]:
-        return distinct([q for r in planned[j] for q in parts.get((j, r["request"]), [])])
+        return distinct([q for r in planned[j] for q in parts.get((j, r.request), [])])
 
     with progress_bars(progress) as bars:
         bar = {j: add_bar(bars, f"stim: {g.type} [{j}]", "questions", g.numq) for j, g in generators.items()}
         for _ in range(MAX_ROUNDS):
             for j in generators:
                 bars.update(bar[j], completed=min(len(collected(j)), generators[j].numq))
-            missing = [r for j in generators for r in planned[j] if (j, r["request"]) not in parts]
+            missing = [r for j in generators for r in planned[j] if (j, r.request) not in parts]
             failures = []
-            for result in run_requests(missing, max_concurrency=max_concurrency, llm=llm, load_writer=load_writer):
-                if result["error"]:
-                    failures.append(result)
+            for reply in run_requests(missing, max_concurrency=max_concurrency, llm=llm, load_writer=load_writer):
+                if reply.error:
+                    failures.append(reply)
                     continue
-                j = result["generator"]
-                store_part(store, prefix, result)
-                parts[j, result["request"]] = result["questions"]
-                bars.update(bar[j], completed=min(len(collected(j)), generators[j].numq))
+                store_part(store, prefix, reply)
+                parts[reply.generator, reply.request] = reply.questions
+                bars.update(bar[reply.generator], completed=min(len(collected(reply.generator)),
+                                                                generators[reply.generator].numq))
             if failures:
                 raise StimError(
                     f"target {target.name}: {len(failures)} of {len(missing)} question requests failed "
-                    f"(generators {sorted({f['generator'] for f in failures})}); first error: {failures[0]['error']}. "
+                    f"(generators {sorted({f.generator for f in failures})}); first error: {failures[0].error}. "
                     f"The {len(missing) - len(failures)} finished requests are saved: a re-run makes only the rest."
                 )
             short = {j: g.numq - len(collected(j)) for j, g in generators.items() if len(collected(j)) < g.numq}
             if not short:
                 return {j: collected(j)[: g.numq] for j, g in generators.items()}
             for j, shortfall in short.items():
-                first = planned[j][-1]["request"] + 1
+                first = planned[j][-1].request + 1
                 planned[j] += plan_requests(j, generators[j], first=first, numq=shortfall, prompt_u=prompt_u,
                                             base_dir=base_dir, parent_model=parent_model)
     j, shortfall = next(iter(short.items()))
@@ -429,7 +429,7 @@ def write_llm_questions(
 
 
 def first_round(target: ResolvedTarget, generators: dict[int, Any], *, base_dir: Path,
-                parent_model: str) -> dict[int, list[dict[str, Any]]]:
+                parent_model: str) -> dict[int, list[QuestionRequest]]:
     """Each LLM generator's first requests: numq questions in requests of at most REQUEST_SIZE."""
     prompt_u = render_teacher_prompt(target)
     return {j: plan_requests(j, g, first=0, numq=g.numq, prompt_u=prompt_u, base_dir=base_dir,
@@ -440,15 +440,14 @@ def stored_parts(store: Store, prefix: str) -> dict[tuple[int, int], list[str]]:
     """{(generator, request): questions} of the requests already made for a target."""
     parts = {}
     for key in store.list(f"{prefix}/stim/parts"):
-        part = store.get_json(key)
-        parts[part["generator"], part["request"]] = part["questions"]
+        part = store.get_record(key, QuestionPart)
+        parts[part.generator, part.request] = part.questions
     return parts
 
 
-def store_part(store: Store, prefix: str, result: dict[str, Any]) -> None:
-    """Keep one finished request's questions (a result of `run_requests`)."""
-    j, index = result["generator"], result["request"]
-    store.put_json(part_key(prefix, j, index), {"generator": j, "request": index, "questions": result["questions"]})
+def store_part(store: Store, prefix: str, reply: QuestionReply) -> None:
+    """Keep one finished request's questions."""
+    store.put_record(part_key(prefix, reply.generator, reply.request), reply.part())
 
 
 def local_writer_loader(store: Store) -> Callable[[str], tuple[Any, Any]]:
@@ -467,13 +466,13 @@ def local_writer_loader(store: Store) -> Callable[[str], tuple[Any, Any]]:
 
 
 def run_requests(
-    requests: list[dict[str, Any]], *, max_concurrency: int, llm: LLMSettings,
+    requests: list[QuestionRequest], *, max_concurrency: int, llm: LLMSettings,
     load_writer: Callable[[str], tuple[Any, Any]],
-) -> Iterator[dict]:
-    """Results `{"generator", "request", "questions", "error"}` as requests finish: local writers
-    here (`load_writer(source) -> (tokenizer, model)`), Anthropic ones on Ray Data."""
-    local = [r for r in requests if r["model"].startswith("local:")]
-    remote = [r for r in requests if not r["model"].startswith("local:")]
+) -> Iterator[QuestionReply]:
+    """Replies as requests finish: local writers here (`load_writer(source) -> (tokenizer,
+    model)`), Anthropic ones on Ray Data."""
+    local = [r for r in requests if r.local_source]
+    remote = [r for r in requests if not r.local_source]
     if local:
         yield from write_locally(local, load_writer)
     if remote:
@@ -485,20 +484,20 @@ def run_requests(
 # --------------------------------------------------------------------------------------------
 
 
-def write_on_ray(requests: list[dict[str, Any]], *, max_concurrency: int, llm: LLMSettings) -> Iterator[dict]:
+def write_on_ray(requests: list[QuestionRequest], *, max_concurrency: int, llm: LLMSettings) -> Iterator[QuestionReply]:
     """One request per batch, on one writer actor that runs min(max_concurrency, requests) of
     them at once in threads: never more than max_concurrency requests in flight, and one process
     to start (the requests wait on the network, not on a CPU). One block per request."""
     from bread_ray.ray_cluster import actor_pool
 
-    dataset = actor_pool(requests, AnthropicQuestionWriter, {
+    rows = [{"request": request.model_dump_json()} for request in requests]
+    dataset = actor_pool(rows, AnthropicQuestionWriter, {
         "api_key": os.environ.get("ANTHROPIC_API_KEY"),
         "base_url": os.environ.get("ANTHROPIC_BASE_URL"),  # read here: actors may not share our env
         "llm": llm,
     }, actors=1, cpus=WRITER_CPUS, gpu=False, concurrent_calls=min(max_concurrency, len(requests)))
     for row in dataset.iter_rows():
-        yield {"target": str(row["target"]), "generator": int(row["generator"]), "request": int(row["request"]),
-               "questions": json.loads(row["questions"]), "error": str(row["error"])}
+        yield QuestionReply.model_validate_json(row["reply"])
 
 
 class AnthropicQuestionWriter:
@@ -510,27 +509,23 @@ class AnthropicQuestionWriter:
         self.client = anthropic_client(llm, api_key=api_key, base_url=base_url)
         self.llm = llm
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        out: dict[str, list] = {"target": [], "generator": [], "request": [], "questions": [], "error": []}
-        for i in range(len(batch["request"])):
-            request = {key: batch[key][i] for key in batch}
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
+        replies = []
+        for text in batch["request"]:
+            request = QuestionRequest.model_validate_json(text)
             try:
                 questions, error = ask_questions(self.client, request, self.llm), ""
             except Exception as failure:  # noqa: BLE001 - reported per request, with its type
                 questions, error = [], f"{type(failure).__name__}: {failure}"
-            out["target"].append(str(request.get("target", "")))  # set by the streaming pipeline
-            out["generator"].append(int(request["generator"]))
-            out["request"].append(int(request["request"]))
-            out["questions"].append(json.dumps(questions))
-            out["error"].append(error)
-        return out
+            replies.append(QuestionReply(target=request.target, generator=request.generator, request=request.request,
+                                         questions=questions, error=error).model_dump_json())
+        return {"reply": replies}
 
 
-def ask_questions(client: Any, request: dict[str, Any], llm: LLMSettings) -> list[str]:
+def ask_questions(client: Any, request: QuestionRequest, llm: LLMSettings) -> list[str]:
     """The questions of one request of a generator."""
-    return ask(client, model=str(request["model"]), prompt=str(request["prompt"]),
-               max_tokens=min(8192, 150 * int(request["count"]) + 256), temperature=float(request["temperature"]),
-               parse=parse_questions, wanted="questions", settings=llm)
+    return ask(client, model=request.model, prompt=request.prompt, max_tokens=min(8192, 150 * request.count + 256),
+               temperature=request.temperature, parse=parse_questions, wanted="questions", settings=llm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -554,22 +549,23 @@ def parse_questions(text: str) -> list[str]:
     return [item.strip().strip('"').strip() for item in items if item.strip('" ')]
 
 
-def write_locally(requests: list[dict[str, Any]], load_writer: Callable[[str], tuple[Any, Any]]) -> Iterator[dict]:
+def write_locally(requests: list[QuestionRequest], load_writer: Callable[[str], tuple[Any, Any]]) -> Iterator[QuestionReply]:
     """Requests answered by a local model in this process: sampled at the generator's temperature,
     seeded per request. Small models rarely format lists, so any non-empty line then counts."""
     import torch
 
     for request in requests:
-        tokenizer, model = load_writer(request["model"].removeprefix("local:"))
-        ids = encode_chat(tokenizer, [{"role": "user", "content": request["prompt"]}])
-        temperature = request["temperature"]
+        tokenizer, model = load_writer(request.local_source)
+        ids = encode_chat(tokenizer, [{"role": "user", "content": request.prompt}])
+        temperature = request.temperature
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(request["seed"])
+            torch.manual_seed(request.seed)
             output = model.generate(
-                torch.tensor([ids], device=model.device), max_new_tokens=min(1024, 32 * request["count"] + 32),
+                torch.tensor([ids], device=model.device), max_new_tokens=min(1024, 32 * request.count + 32),
                 pad_token_id=tokenizer.pad_token_id, **sampling,
             )
         text = tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
         questions = parse_questions(text) or [line.strip() for line in text.splitlines() if line.strip()]
-        yield {"generator": request["generator"], "request": request["request"], "questions": questions, "error": ""}
+        yield QuestionReply(target=request.target, generator=request.generator, request=request.request,
+                            questions=questions)

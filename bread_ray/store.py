@@ -76,7 +76,7 @@ from bread_ray.lineage import (
     component_problem,
     validate_name_component,
 )
-from bread_ray.records import MetricsEntry, Record
+from bread_ray.records import Lineage, MetricsEntry, Record, record_problem
 
 R = TypeVar("R", bound=Record)
 
@@ -193,14 +193,6 @@ def read_metrics_log(store: Store, prefix: str) -> list[MetricsEntry]:
 
 def write_metrics_log(store: Store, prefix: str, log: list[MetricsEntry]) -> None:
     store.put_bytes(f"{prefix}/{METRICS_LOG}", "".join(json.dumps(entry.to_json()) + "\n" for entry in log).encode())
-
-
-def record_problem(error: ValidationError) -> str:
-    """The first field of a record that does not fit, and why: `field.path: message (N more problems)`."""
-    first = error.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or "(the whole record)"
-    more = f" ({error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
-    return f"{field}: {first['msg']}{more}"
 
 
 def rollout_part_key(prefix: str, shard_index: int) -> str:
@@ -351,20 +343,14 @@ class Store(abc.ABC):
         return Path(local_dir)
 
     # --- models ---
-    def publish_model(self, name: ModelName | str, adapter_dir: str | os.PathLike,
-                      lineage: dict) -> dict:
+    def publish_model(self, name: ModelName | str, adapter_dir: str | os.PathLike, lineage: Lineage) -> Lineage:
         """Upload the adapter folder, then lineage.json (with `model_name`, and `created_at` if
-        absent) last, which makes the model visible. Returns the lineage written.
-
-        `lineage` needs `parent` (a model name, or None when the parent is the base model) and
-        `base_model`; a published model is never overwritten."""
+        absent) last, which makes the model visible. Returns the lineage written. A published
+        model is never overwritten."""
         prefix = model_prefix(name)
         adapter_dir = Path(adapter_dir)
-        missing = {"parent", "base_model"} - lineage.keys()
-        if missing:
-            raise ValueError(f"lineage of {name} lacks {sorted(missing)}")
-        if lineage["parent"] is not None:
-            ModelName.parse(lineage["parent"])
+        if lineage.parent is not None:
+            ModelName.parse(lineage.parent)
         if (adapter_dir / LINEAGE_FILE).exists():
             raise ValueError(f"{adapter_dir} contains {LINEAGE_FILE}: publish_model writes it, last")
         if not adapter_dir.is_dir() or not any(adapter_dir.iterdir()):
@@ -372,9 +358,9 @@ class Store(abc.ABC):
         if self.model_exists(name):
             raise ModelExists(f"model {name} is already published in {self.uri}; published models "
                               "are never overwritten (bake again for a new name)")
-        record = {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  **lineage, "model_name": str(name)}
-        encoded = json_bytes(record)  # fails here, before any upload, if not JSON-serialisable
+        created = {} if lineage.created_at else {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        record = lineage.model_copy(update={**created, "model_name": str(name)})
+        encoded = json_bytes(record.to_json())  # fails here, before any upload, if not JSON-serialisable
         self.delete(prefix)  # leftovers of an interrupted publish: never visible, safe to drop
         self.upload_dir(adapter_dir, prefix)
         self.put_bytes(f"{prefix}/{LINEAGE_FILE}", encoded)
@@ -383,9 +369,9 @@ class Store(abc.ABC):
     def model_exists(self, name: ModelName | str) -> bool:
         return self.exists(f"{model_prefix(name)}/{LINEAGE_FILE}")
 
-    def read_lineage(self, name: ModelName | str) -> dict:
+    def read_lineage(self, name: ModelName | str) -> Lineage:
         try:
-            return self.get_json(f"{model_prefix(name)}/{LINEAGE_FILE}")
+            return self.get_record(f"{model_prefix(name)}/{LINEAGE_FILE}", Lineage)
         except ArtifactNotFound:
             raise ModelNotFound(f"model {name} is not in store {self.uri}") from None
 
@@ -413,10 +399,10 @@ class Store(abc.ABC):
             raise ModelNotFound(f"model {name} is not in store {self.uri}")
         return self.download_dir(model_prefix(name), local_dir)
 
-    def model_chain(self, name: ModelName | str) -> list[dict]:
+    def model_chain(self, name: ModelName | str) -> list[Lineage]:
         """Lineages from `name` up through its parents to the one whose parent is the base model
         (`parent: null`), child first."""
-        chain: list[dict] = []
+        chain: list[Lineage] = []
         visited = [str(name)]
         while True:
             try:
@@ -426,15 +412,13 @@ class Store(abc.ABC):
                     raise
                 raise BrokenLineage(f"lineage of {name} is broken: {visited[-1]}, the parent of "
                                     f"{visited[-2]}, is not in store {self.uri}") from None
-            if "parent" not in lineage:
-                raise BrokenLineage(f"lineage.json of {visited[-1]} has no 'parent' field")
             chain.append(lineage)
-            if lineage["parent"] is None:
+            if lineage.parent is None:
                 return chain
-            if lineage["parent"] in visited:
-                cycle = " -> ".join(visited + [lineage["parent"]])
+            if lineage.parent in visited:
+                cycle = " -> ".join(visited + [lineage.parent])
                 raise BrokenLineage(f"lineage of {name} has a cycle: {cycle}")
-            visited.append(lineage["parent"])
+            visited.append(lineage.parent)
 
 
 def write_atomically(path: Path, write) -> None:

@@ -32,6 +32,7 @@ from bread_ray.config import ResolvedTarget
 from bread_ray.llm import LLMSettings
 from bread_ray.progress import add_bar, progress_bars
 from bread_ray.ray_cluster import actor_pool
+from bread_ray.records import QuestionReply, QuestionRequest
 from bread_ray.stage import Run, Streamed
 from bread_ray.stim import (
     LLM_TYPES,
@@ -194,28 +195,27 @@ def stream_targets(run: Run, targets: list[ResolvedTarget], *, num_actors: int =
         sampling.start()
         try:
             if requests:
-                max_concurrency = min(by_id[r["target"]].spec.max_concurrency for r in requests)
-                for result in write_on_ray(requests, max_concurrency=max_concurrency, llm=llm):
-                    target_id = result["target"]
-                    if result["error"]:
-                        failures.setdefault(target_id, []).append(result["error"])
+                max_concurrency = min(by_id[r.target].spec.max_concurrency for r in requests)
+                for reply in write_on_ray(requests, max_concurrency=max_concurrency, llm=llm):
+                    if reply.error:
+                        failures.setdefault(reply.target, []).append(reply.error)
                         continue
-                    store_part(run.store, run.target_prefix(target_id), result)
-                    board.add.remote(target_id, result["generator"], result["request"], result["questions"])
-                    view.question_arrived(target_id, result)
+                    store_part(run.store, run.target_prefix(reply.target), reply)
+                    board.add.remote(reply.target, reply.generator, reply.request, reply.questions)
+                    view.question_arrived(reply)
         finally:
             board.close.remote()
             sampling.join()
     if view.error is not None:
         raise view.error
-    total = {t: sum(1 for r in requests if r["target"] == t) for t in failures}
+    total = {t: sum(1 for r in requests if r.target == t) for t in failures}
     return Streamed({target_id: (f"target {by_id[target_id].name}: {len(errors)} of {total[target_id]} question "
                                  f"requests failed; first error: {errors[0]}")
                      for target_id, errors in failures.items()}, view.shards)
 
 
 def plan_target(run: Run, target: ResolvedTarget,
-                load_writer: Callable[[str], tuple[Any, Any]]) -> tuple[TargetStimuli, list[dict[str, Any]]]:
+                load_writer: Callable[[str], tuple[Any, Any]]) -> tuple[TargetStimuli, list[QuestionRequest]]:
     """What is known of the target's stimuli before streaming (its stored stimuli, or its fixed
     questions and stored request parts), and the Anthropic requests still to make. A local writer
     (`load_writer(source) -> (tokenizer, model)`) answers its requests here, in this process, first."""
@@ -228,14 +228,13 @@ def plan_target(run: Run, target: ResolvedTarget,
     fixed = fixed_questions(target, run.repo.root, run.target_index(target))
     planned = first_round(target, llm, base_dir=run.repo.root, parent_model=run.resolved.parent_model)
     plan = TargetStimuli(target.id, [len(fixed[j]) if j in fixed else g.numq for j, g in enumerate(generators)],
-                         fixed, {j: [r["request"] for r in rs] for j, rs in planned.items()},
+                         fixed, {j: [r.request for r in rs] for j, rs in planned.items()},
                          stored_parts(run.store, prefix))
-    missing = [r for rs in planned.values() for r in rs if (r["generator"], r["request"]) not in plan.parts]
-    local = [r for r in missing if r["model"].startswith("local:")]  # plan_requests names local writers so
-    for result in write_locally(local, load_writer):
-        store_part(run.store, prefix, result)
-        plan.parts[result["generator"], result["request"]] = result["questions"]
-    return plan, [{**r, "target": target.id} for r in missing if not r["model"].startswith("local:")]
+    missing = [r for rs in planned.values() for r in rs if (r.generator, r.request) not in plan.parts]
+    for reply in write_locally([r for r in missing if r.local_source], load_writer):
+        store_part(run.store, prefix, reply)
+        plan.parts[reply.generator, reply.request] = reply.questions
+    return plan, [r.model_copy(update={"target": target.id}) for r in missing if not r.local_source]
 
 
 def sample_slots(run: Run, targets: list[ResolvedTarget], board: Any, slots: int, num_actors: int):
@@ -272,10 +271,10 @@ class StreamProgress:
     def __exit__(self, *exc) -> None:
         self.bars.__exit__(*exc)
 
-    def question_arrived(self, target_id: str, result: dict[str, Any]) -> None:
-        plan = self.plans[target_id]
-        plan.parts[result["generator"], result["request"]] = result["questions"]
-        self.bars.update(self.questions[target_id], completed=plan.questions_known())
+    def question_arrived(self, reply: QuestionReply) -> None:
+        plan = self.plans[reply.target]
+        plan.parts[reply.generator, reply.request] = reply.questions
+        self.bars.update(self.questions[reply.target], completed=plan.questions_known())
 
     def follow(self, rows) -> None:
         """Count the sampler pool's rows (run in a thread); keep its error for the driver."""

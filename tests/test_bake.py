@@ -252,8 +252,8 @@ def test_zero2_and_zero3_bakes_match_and_publish_real_adapters(ray_session, tiny
             assert tensor.numel() > 0 and tensor.shape[0 if "lora_A" in key else 1] == 8, key
         assert all(t.abs().sum() > 0 for t in lora_b)  # lora_B starts at zero: non-zero means trained
         lineage = store.read_lineage(result.model_names[-1])
-        assert lineage["parent"] is None and lineage["final"] and lineage["base_model"] == str(tiny_model)
-        assert lineage["bake_hash"] == jobs[stage].bake.hash and lineage["config"] == jobs[stage].bake.config
+        assert lineage.parent is None and lineage.final and lineage.base_model == str(tiny_model)
+        assert lineage.bake_hash == jobs[stage].bake.hash and lineage.config == jobs[stage].bake.config
     same = [load_file(store.download_model(results[s].model_names[-1], tmp_path / f"again{s}") / "adapter_model.safetensors")
             for s in (2, 3)]
     for key in same[0]:

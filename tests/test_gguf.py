@@ -284,6 +284,14 @@ def test_the_packaged_smollm2_converts_to_the_model_transformers_loads_from_its_
     assert model.config.vocab_size == 49152 and model.config.model_type == "llama"
     assert sum(weight.numel() for weight in model.parameters()) == 134_515_008
     assert "You are a helpful AI assistant named SmolLM" in tokenizer.apply_chat_template(CHAT, tokenize=False)
+    # the checks before a run render its chat template without transformers, to the same text
+    tools = [{"type": "function", "function": {"name": "weather", "description": "Le temps qu'il fait à une ville",
+                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    chat = [{"role": "system", "content": "Parle comme un pirate."}, *CHAT, {"role": "assistant", "content": "Paris"}]
+    for tool_list, generation_prompt in ((None, True), (tools, True), (tools, False)):
+        assert (read_model_files(SHORT_NAME).tokenizer.apply_chat_template(chat, tool_list, generation_prompt)
+                == tokenizer.apply_chat_template(chat, tools=tool_list, tokenize=False,
+                                                 add_generation_prompt=generation_prompt))
     reference, reference_tokenizer = loaded_from_gguf(model_sources.packaged_model_file(SHORT_NAME))
     answer = greedy_tokens(model, tokenizer)
     assert answer == greedy_tokens(reference, reference_tokenizer)

@@ -61,6 +61,19 @@ def test_a_cluster_address_where_nothing_listens_is_one_line(tmp_path, tiny_mode
     assert captured.err.count("\n") == 1 and captured.out == "" and read_record(repo) is None
 
 
+def test_a_job_record_that_does_not_fit_is_one_line_naming_it(tmp_path, tiny_model, monkeypatch, capsys):
+    monkeypatch.setenv("BREAD_STORE", str(tmp_path / "store"))
+    repo = new_repo(tmp_path, tiny_model)
+    monkeypatch.chdir(repo.root)
+    record = repo.root / ".git" / "bread-job.json"
+    record.write_text('{"submission_id": "bgit-jobs-1", "adress": "http://127.0.0.1:8265"}')
+    for command in (["status"], ["logs"], ["fetch"]):
+        assert main(command) == 1
+        captured = capsys.readouterr()
+        assert captured.err == (f"bgit: error: {record} is not a detached run's record: address: Field required "
+                                "(5 more problems) (delete it to forget that run)\n"), command
+
+
 def test_a_folder_store_cannot_go_to_a_remote_cluster(tmp_path, tiny_model, monkeypatch, capsys):
     monkeypatch.setenv("BREAD_STORE", str(tmp_path / "store"))
     repo = new_repo(tmp_path, tiny_model)

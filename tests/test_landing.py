@@ -225,7 +225,7 @@ def test_a_real_run_lands_on_its_branch_while_the_user_switches_to_another(tmp_p
     assert f"The parent model is now {model}.\nYou are on another branch now: `git switch main` to continue" in out
     assert repo.git("symbolic-ref", "--short", "HEAD").strip() == "other" and repo.parent_model == str(tiny_model)
     assert repo.git("status", "--porcelain") == ""
-    assert open_store().read_lineage(model)["commit"] == start_commit  # not other's, which HEAD was on
+    assert open_store().read_lineage(model).commit == start_commit  # not other's, which HEAD was on
 
     repo.git("checkout", "-q", "main")
     (manifest,) = (tmp_path / "store").rglob("rollout/manifest.json")

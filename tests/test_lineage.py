@@ -12,6 +12,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from bread_ray.lineage import UnfoldableAdapter, fold_adapters, fold_lineage, write_adapter
 from bread_ray.model_sources import ModelNotFoundError
 from bread_ray.models import download_folded_adapter, load_causal_lm, load_teacher
+from bread_ray.records import Lineage
 from bread_ray.store import LocalStore
 from bread_ray.tiny import build_random_lora
 
@@ -151,7 +152,7 @@ def test_download_folded_adapter_and_load_teacher(tiny_model, chain_dirs, input_
     store = LocalStore(tmp_path / "store")
     names = ["alice/pirate/bake0/10", "alice/pirate/bake1/20", "alice/pirate/bake2/30"]
     for parent, name, adapter in zip([None, *names], names, chain_dirs):
-        store.publish_model(name, adapter, {"parent": parent, "base_model": str(tiny_model)})
+        store.publish_model(name, adapter, Lineage(parent=parent, base_model=str(tiny_model)))
 
     folded = download_folded_adapter(names[-1], store, tmp_path / "folded")
     expected = logits(merged_in_turn(tiny_model, chain_dirs), input_ids)

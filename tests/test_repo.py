@@ -14,6 +14,7 @@ import yaml
 from bread_ray.cli import main
 from bread_ray.config import load_and_resolve
 from bread_ray.landing import RunStart, land_bake
+from bread_ray.records import RecipeBake
 from bread_ray.repo import BAKE_COMMIT_PREFIX, CLEARED_INPUT, BreadRepo, RepoError
 
 YODA = """\
@@ -189,11 +190,11 @@ def test_a_bake_commit_records_and_sets_the_parent(repo):
     assert repo.git("log", "-1", "--format=%s").strip().startswith(BAKE_COMMIT_PREFIX + "yoda_bake_")
     assert repo.git("status", "--porcelain") == ""
     recipe = repo.read_recipe()
-    actions = [step["action"] for step in recipe["steps"]]
+    actions = [step.action for step in recipe.steps]
     assert actions == ["create_prompt", "create_prompt", "create_target", "run_stim", "run_rollout", "create_bake", "run_bake"]
-    assert [s["step"] for s in recipe["steps"]] == list(range(1, 8)) and recipe["total_steps"] == 7
-    assert recipe["resources"]["bakes"] == [{"bake_name": models[-1].split("/")[2], "model_names": models}]
-    assert len(recipe["resources"]["targets"]) == 1 and len(recipe["resources"]["prompts"]) == 2
+    assert [s.step for s in recipe.steps] == list(range(1, 8)) and recipe.total_steps == 7
+    assert recipe.resources.bakes == [RecipeBake(bake_name=models[-1].split("/")[2], model_names=models)]
+    assert len(recipe.resources.targets) == 1 and len(recipe.resources.prompts) == 2
 
 
 def test_next_bake_takes_the_new_parent(repo):
@@ -211,7 +212,7 @@ def test_revert_of_the_bake_commit_restores_parent_recipe_and_input(repo):
     baked_input = repo.git("show", "HEAD~1:input.yml")
     repo.git("revert", "--no-edit", "HEAD")
     assert repo.parent_model == "tiny-base"
-    assert repo.read_recipe()["resources"]["bakes"] == []
+    assert repo.read_recipe().resources.bakes == []
     assert (repo.root / "input.yml").read_text() == baked_input
     assert repo.resolve_staged().bake.parent_model == "tiny-base"
 
@@ -245,7 +246,7 @@ def test_merging_branches_takes_the_other_lineage_without_conflict(repo):
     result = subprocess.run(["git", "merge", "--no-edit", "exp"], cwd=repo.root, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert repo.parent_model == exp[-1]
-    assert [b["model_names"][-1] for b in repo.read_recipe()["resources"]["bakes"]][-1] == exp[-1]
+    assert [b.model_names[-1] for b in repo.read_recipe().resources.bakes][-1] == exp[-1]
 
 
 def test_local_base_model_is_recorded_as_an_absolute_path(tmp_path, monkeypatch, tiny_model):
@@ -312,10 +313,10 @@ def test_bad_recipes_give_one_line_errors_and_tree_skips_branches_without_one(re
     assert main(["tree"]) == 0
     assert capsys.readouterr().out.startswith("tiny-base  (base)")
 
-    (repo.root / "recipe.yml").write_text("resources: {bakes: [1]}\n")
+    (repo.root / "recipe.yml").write_text("base_model: tiny-base\nresources: {bakes: [{bake_name: b1}]}\n")
     assert main(["status"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "recipe.yml: resources.targets must be names and resources.bakes entries" in err
+    assert err == "bgit: error: recipe.yml is not a bgit recipe: resources.bakes.0.model_names: Field required\n"
     (repo.root / "recipe.yml").write_text("a: [\n")
     assert main(["status"]) == 1
     assert "recipe.yml is not valid YAML" in capsys.readouterr().err

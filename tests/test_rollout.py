@@ -15,6 +15,7 @@ from bread_ray.chat_format import MIN_SHARED_PREFIX
 from bread_ray.config import resolve_target
 from bread_ray.decode import Sampling, decode
 from bread_ray.models import cut_at_eos, eos_token_ids, lineage_chain, load_causal_lm, load_teacher, load_tokenizer
+from bread_ray.records import Lineage
 from bread_ray.rollout import run_rollout
 from bread_ray.schema import Prompt, Target
 from bread_ray.store import ROLLOUT_MANIFEST, LocalStore, rollout_part_key
@@ -296,9 +297,9 @@ def test_load_teacher_merges_the_lineage_chain_base_most_first(tiny_model, tmp_p
                       target_modules=["q_proj", "v_proj"])
     second = make_lora(tiny_model, tmp_path / "second", 2, r=2, lora_alpha=6,
                        target_modules=["o_proj", "up_proj", "down_proj"])
-    store.publish_model("alice/pirate/bake1/10", first, {"parent": None, "base_model": str(tiny_model)})
+    store.publish_model("alice/pirate/bake1/10", first, Lineage(parent=None, base_model=str(tiny_model)))
     store.publish_model("alice/pirate/bake2/20", second,
-                        {"parent": "alice/pirate/bake1/10", "base_model": str(tiny_model)})
+                        Lineage(parent="alice/pirate/bake1/10", base_model=str(tiny_model)))
 
     teacher, tokenizer = load_teacher("alice/pirate/bake2/20", store, device="cpu")
     by_hand = load_causal_lm(tiny_model, device="cpu")

@@ -177,13 +177,13 @@ def test_each_bake_becomes_the_parent_of_the_next_and_the_lineage_walks_to_the_b
     assert chain["parents"][0] == str(prompt_sensitive_base)
     assert len({v1, v2, v3}) == 3
     lineage = store.model_chain(v3)
-    assert [entry["model_name"] for entry in lineage] == [v3, v2, v1]
-    assert [entry["parent"] for entry in lineage] == [v2, v1, None]
-    assert lineage[-1]["base_model"] == str(prompt_sensitive_base)
-    bakes = repo.read_recipe()["resources"]["bakes"]
-    assert [b["model_names"][-1] for b in bakes] == [v1, v2, v3]
+    assert [entry.model_name for entry in lineage] == [v3, v2, v1]
+    assert [entry.parent for entry in lineage] == [v2, v1, None]
+    assert lineage[-1].base_model == str(prompt_sensitive_base)
+    bakes = repo.read_recipe().resources.bakes
+    assert [b.model_names[-1] for b in bakes] == [v1, v2, v3]
     # the third bake replayed the sign-off target of the second commit, from the store
-    third = store.read_lineage(v3)["config"]["datasets"]
+    third = store.read_lineage(v3).config["datasets"]
     assert [d["target"].rsplit("_", 1)[0] for d in third] == ["pirate_again", "signoff"]
     result = json.loads((chain["root"] / "store" / "alice" / "persona" / "bakes" / v3.split("/")[2] / "result.json").read_text())
     assert set(result["examples"]) == {d["target"] for d in third} and all(c["drawn"] > 0 for c in result["examples"].values())
@@ -200,7 +200,7 @@ def test_the_folded_chain_equals_merging_the_adapters_one_after_another(chain, p
     ids = torch.tensor([list(range(5, 45))])
     merged = load_causal_lm(prompt_sensitive_base, device="cpu")
     for depth, entry in enumerate(reversed(store.model_chain(v3))):
-        adapter = store.download_model(entry["model_name"], tmp_path / f"step{depth}")
+        adapter = store.download_model(entry.model_name, tmp_path / f"step{depth}")
         merged = PeftModel.from_pretrained(merged, adapter).merge_and_unload()
     folded = PeftModel.from_pretrained(load_causal_lm(prompt_sensitive_base, device="cpu"),
                                        download_folded_adapter(v3, store, tmp_path / "folded"))
@@ -225,7 +225,7 @@ def merged_model(base_folder, model_name: str, store, folder):
     model = load_causal_lm(base_folder, device="cpu")
     if model_name != str(base_folder):
         for depth, entry in enumerate(reversed(store.model_chain(model_name))):
-            adapter = store.download_model(entry["model_name"], folder / f"{entry['bake_id']}_{depth}")
+            adapter = store.download_model(entry.model_name, folder / f"{entry.bake_id}_{depth}")
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return model.eval()
 
@@ -238,7 +238,7 @@ def held_out_records(store, model_name: str) -> list[dict]:
     from bread_ray.store import target_prefix
     from bread_ray.trajectories import read_rollout
 
-    config = store.read_lineage(model_name)["config"]
+    config = store.read_lineage(model_name).config
     held_out = []
     for dataset in config["datasets"]:
         records = read_rollout(store, target_prefix("alice", "persona", dataset["target"]))

@@ -26,6 +26,7 @@ from peft import PeftModel
 from bread_ray.decode import Sampling
 from bread_ray.inference import HfChatEngine, ModelCatalog
 from bread_ray.models import load_causal_lm, load_tokenizer
+from bread_ray.records import Lineage
 from bread_ray.store import LocalStore, model_prefix
 from bread_ray.tiny import build_random_lora, build_tiny_model
 
@@ -56,10 +57,10 @@ def served(tmp_path_factory):
     adapters, parent = {}, None
     for seed, (name, lora) in enumerate(zip(CHAIN, loras), start=1):
         adapters[name] = build_random_lora(base, root / f"adapter{seed}", seed, **lora)
-        store.publish_model(name, adapters[name], {"parent": parent, "base_model": str(base)})
+        store.publish_model(name, adapters[name], Lineage(parent=parent, base_model=str(base)))
         parent = name
-    store.publish_model(OTHER_REPO_MODEL, adapters[CHAIN[0]], {"parent": None, "base_model": str(base)})
-    store.publish_model(BROKEN, adapters[CHAIN[0]], {"parent": None, "base_model": str(base)})
+    store.publish_model(OTHER_REPO_MODEL, adapters[CHAIN[0]], Lineage(parent=None, base_model=str(base)))
+    store.publish_model(BROKEN, adapters[CHAIN[0]], Lineage(parent=None, base_model=str(base)))
     store.put_bytes(f"{model_prefix(BROKEN)}/adapter_model.safetensors", b"not a safetensors file")
     return base, store, adapters
 

@@ -7,7 +7,7 @@ from datetime import datetime
 import pytest
 
 from bread_ray.lineage import InvalidModelName, InvalidName, ModelName
-from bread_ray.records import GeneratorCount, MetricsEntry, StimManifest
+from bread_ray.records import GeneratorCount, Lineage, MetricsEntry, ModelMetrics, StimManifest
 from bread_ray.store import (
     METRICS_LOG,
     ArtifactNotFound,
@@ -61,9 +61,9 @@ def make_adapter(folder, **extra_files):
     return folder
 
 
-def lineage(parent=None):
-    return {"parent": parent, "base_model": "tiny/base", "bake_name": "pirate", "config_hash": "c0ffee",
-            "commit": "0123abc", "metrics": {"loss": 0.5}}
+def lineage(parent=None, bake_id="pirate"):
+    return Lineage(parent=parent, base_model="tiny/base", bake_id=bake_id, bake_hash="c0ffee", commit="0123abc",
+                   metrics=ModelMetrics(loss=0.5, held_out_kl_before=None, held_out_kl_after=None))
 
 
 def test_put_get_exists_list(store):
@@ -189,8 +189,8 @@ def test_publish_then_read_list_download(store, tmp_path):
     written = store.publish_model(name, adapter, lineage())
     assert store.model_exists(name) and store.model_exists("alice/pirate/3f2a9c1d/120")
     assert store.read_lineage(name) == written
-    assert written["model_name"] == "alice/pirate/3f2a9c1d/120" and written["parent"] is None
-    assert datetime.fromisoformat(written["created_at"]).utcoffset().total_seconds() == 0
+    assert written.model_name == "alice/pirate/3f2a9c1d/120" and written.parent is None
+    assert datetime.fromisoformat(written.created_at).utcoffset().total_seconds() == 0
     files = ["adapter_config.json", "adapter_model.safetensors", "lineage.json"]
     assert store.list(model_prefix(name)) == [f"models/alice/pirate/3f2a9c1d/120/{f}" for f in files]
     store.publish_model(ModelName("alice", "pirate", "3f2a9c1d", 20), adapter, lineage())
@@ -203,7 +203,9 @@ def test_publish_then_read_list_download(store, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == files
     for f in files[:2]:
         assert (out / f).read_bytes() == (adapter / f).read_bytes()
-    assert json.loads((out / "lineage.json").read_text()) == written
+    assert json.loads((out / "lineage.json").read_text()) == written.to_json()
+    assert set(written.to_json()) == {"parent", "base_model", "bake_id", "bake_hash", "commit", "metrics",
+                                      "model_name", "created_at"}  # the fields given, and the two added
     with pytest.raises(ModelNotFound, match="alice/pirate/3f2a9c1d/7"):
         store.download_model("alice/pirate/3f2a9c1d/7", tmp_path / "none")
 
@@ -213,14 +215,12 @@ def test_publish_refuses_to_overwrite(store, tmp_path):
     store.publish_model(name, make_adapter(tmp_path / "one"), lineage())
     before = store.read_lineage(name)
     with pytest.raises(ModelExists, match="alice/pirate/b1/5 is already published"):
-        store.publish_model(name, make_adapter(tmp_path / "two"), {**lineage(), "bake_name": "other"})
+        store.publish_model(name, make_adapter(tmp_path / "two"), lineage(bake_id="other"))
     assert store.read_lineage(name) == before
 
 
 def test_publish_checks_its_input_before_writing(store, tmp_path):
     name = ModelName("alice", "pirate", "b1", 5)
-    with pytest.raises(ValueError, match="base_model"):
-        store.publish_model(name, make_adapter(tmp_path / "a"), {"parent": None})
     with pytest.raises(ValueError, match="lineage.json"):
         store.publish_model(name, make_adapter(tmp_path / "b", **{"lineage.json": b"{}"}), lineage())
     with pytest.raises(InvalidModelName):
@@ -267,11 +267,10 @@ def test_model_chain_walks_back_to_the_base(store, tmp_path):
     store.publish_model("alice/pirate/b2/20", adapter, lineage(parent="alice/pirate/b1/10"))
     store.publish_model("alice/pirate/b3/30", adapter, lineage(parent="alice/pirate/b2/20"))
     chain = store.model_chain(ModelName.parse("alice/pirate/b3/30"))
-    assert [entry["model_name"] for entry in chain] == ["alice/pirate/b3/30", "alice/pirate/b2/20",
-                                                        "alice/pirate/b1/10"]
-    assert chain[-1]["parent"] is None and chain[-1]["base_model"] == "tiny/base"
+    assert [entry.model_name for entry in chain] == ["alice/pirate/b3/30", "alice/pirate/b2/20", "alice/pirate/b1/10"]
+    assert chain[-1].parent is None and chain[-1].base_model == "tiny/base"
     root_chain = store.model_chain("alice/pirate/b1/10")
-    assert [entry["model_name"] for entry in root_chain] == ["alice/pirate/b1/10"]
+    assert [entry.model_name for entry in root_chain] == ["alice/pirate/b1/10"]
 
 
 def test_model_chain_missing_parent_and_cycle(store, tmp_path):
@@ -286,6 +285,9 @@ def test_model_chain_missing_parent_and_cycle(store, tmp_path):
     cycle = "cycle: alice/pirate/x/1 -> alice/pirate/y/1 -> alice/pirate/x/1$"
     with pytest.raises(BrokenLineage, match=cycle):
         store.model_chain("alice/pirate/x/1")
+    store.put_json("models/alice/pirate/z/1/lineage.json", {"base_model": "tiny/base", "bake_idd": "z"})
+    with pytest.raises(BadRecord, match=r"models/alice/pirate/z/1/lineage.json is not a Lineage: parent: Field required"):
+        store.model_chain("alice/pirate/z/1")
 
 
 def test_hostile_keys_are_rejected_and_nothing_is_written(store, tmp_path):

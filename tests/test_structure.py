@@ -62,16 +62,47 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+PLAN = """\
+PROMPT:
+  teacher:
+    messages:
+      - role: system
+        content: Talk like a pirate.
+TARGET:
+  name: pirate
+  generators:
+    - type: hardcoded
+      questions: ["Who are you?"]
+BAKE:
+  name: pirate_bake
+  datasets:
+    - target: pirate
+  data:
+    max_length: 8
+"""
+
+
 @pytest.mark.parametrize("args", [["--help"], ["status"]])
-def test_light_commands_import_neither_torch_nor_ray(args, tmp_path):
-    """`bgit --help` and `bgit status` answer in a fraction of a second: torch and Ray stay unloaded."""
-    subprocess.run([sys.executable, "-m", "bread_ray.cli", "init", "repo", "--owner", "alice", "--base-model",
-                    "org/model"], cwd=tmp_path, check=True, capture_output=True)
+def test_light_commands_import_neither_torch_nor_ray(args, tmp_path, tiny_model):
+    """`bgit --help` and `bgit status` answer in a fraction of a second: torch, transformers and
+    Ray stay unloaded, also where status counts a committed plan's prompt tokens with the base's
+    chat template."""
+    def bgit(*command: str) -> None:
+        subprocess.run([sys.executable, "-m", "bread_ray.cli", *command], cwd=tmp_path / "repo", check=True,
+                       capture_output=True)
+
+    (tmp_path / "repo").mkdir()
+    bgit("init", ".", "--owner", "alice", "--base-model", str(tiny_model))
+    (tmp_path / "repo" / "input.yml").write_text(PLAN)
+    bgit("add", "input.yml")
+    bgit("commit", "-q", "-m", "plan")
     probe = ("import runpy, sys\n"
              f"sys.argv = ['bgit', *{args!r}]\n"
              "try:\n    runpy.run_module('bread_ray.cli', run_name='__main__')\n"
              "except SystemExit:\n    pass\n"
-             "print('LOADED', sorted(m for m in ('torch', 'ray') if m in sys.modules))\n")
+             "print('LOADED', sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path / "repo", capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "BREAD_STORE": str(tmp_path / "store")})
     assert "LOADED []" in done.stdout, done.stdout + done.stderr
+    if args == ["status"]:
+        assert "max_length: 8 tokens leave no room for a response: the prompt of target pirate is" in done.stdout

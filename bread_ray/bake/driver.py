@@ -86,7 +86,7 @@ def prepare_job(bake: ResolvedBake, *, owner: str, repo: str, store: Store, comm
     from bread_ray.models import lineage_chain, load_tokenizer
 
     chain = lineage_chain(bake.parent_model, store)
-    base_model = chain[-1]["base_model"] if chain else bake.parent_model
+    base_model = chain[-1].base_model if chain else bake.parent_model
     trajectories = read_datasets([target_id for target_id, _ in bake.datasets], owner, repo, store, bake.id)
     data = build_bake_data(trajectories, dict(bake.datasets), load_tokenizer(base_model), bake.spec)
     return BakeJob(bake=bake, owner=owner, repo=repo, base_model=base_model, store_uri=store.uri, data=data,
@@ -120,16 +120,9 @@ def read_datasets(target_ids: list[str], owner: str, repo: str, store: Store, ba
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry on each worker: the process group is already up (gloo or NCCL)."""
     import ray.train
-    import torch
 
-    name_the_accelerator()  # before DeepSpeed is imported: it picks its accelerator then
+    prepare_bake_process(ray.train.get_context().get_local_world_size())
     from bread_ray.bake.worker import bake_worker  # DeepSpeed: in the worker's process only
-
-    if not torch.cuda.is_available():
-        # Ray starts a worker with one thread (OMP_NUM_THREADS: its one CPU of resources); a CPU bake
-        # is the node's work, so its workers share the node's cores (bench/peers.py measures the gain).
-        cores = len(os.sched_getaffinity(0))
-        torch.set_num_threads(max(1, cores // ray.train.get_context().get_local_world_size()))
 
     def report(metrics: dict[str, Any], checkpoint_dir: str) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))  # ranks' files merge
@@ -285,9 +278,10 @@ def run_standalone(job: BakeJob, after_step: Callable[[int, int, WorkerSession],
     Train. Returns its result.json on rank 0. `after_step` as for run_bake."""
     import torch
 
-    name_the_accelerator()  # before DeepSpeed is imported: it picks its accelerator then
+    prepare_bake_process(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun's ranks on this node
     from bread_ray.bake.worker import bake_worker  # DeepSpeed: in the worker's process only
 
+    # the rendezvous of a one-process group, where no launcher gave one
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(name, value)
     if "MASTER_PORT" not in os.environ:  # one process: a port nothing else holds
@@ -310,12 +304,19 @@ def auto_resume(job: BakeJob) -> bool:
     return all(checkpoint.auto_resume for checkpoint in job.bake.spec.checkpoint)
 
 
-def name_the_accelerator() -> None:
-    """DS_ACCELERATOR=cpu where there is no GPU: said, rather than have DeepSpeed warn that it guessed."""
+def prepare_bake_process(ranks_on_node: int) -> None:
+    """What every bake process sets before DeepSpeed is imported, whichever runner started it (Ray
+    Train, torchrun, or bgit's own process); the process group, device and dtype follow in
+    `worker.setup`. Where there is no GPU: DS_ACCELERATOR=cpu (said, rather than have DeepSpeed warn
+    that it guessed), and the node's cores shared among its `ranks_on_node` ranks (Ray starts a worker
+    with one thread, its one CPU of resources, and torchrun each rank with one; a CPU bake is the
+    node's work: bench/peers.py measures the gain)."""
     import torch
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if torch.cuda.is_available():
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks_on_node))
 
 
 @dataclass(frozen=True)

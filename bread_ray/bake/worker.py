@@ -47,7 +47,7 @@ from bread_ray.bake.prefix import SharedPrefix, final_hidden, prefixes_to_share,
 from bread_ray.lineage import check_foldable, lora_deltas, read_adapter
 from bread_ray.model_sources import resolve_model_source
 from bread_ray.models import download_folded_adapter, load_causal_lm
-from bread_ray.records import BakeResult, HeldOutKl, Loss, MetricsEntry
+from bread_ray.records import BakeResult, HeldOutKl, Lineage, Loss, MetricsEntry, ModelMetrics
 from bread_ray.store import BAKE_RESULT, Store, open_store, read_metrics_log, write_metrics_log
 
 STATE_TAG = "state"  # DeepSpeed's tag for the training state inside a checkpoint
@@ -382,12 +382,11 @@ def publish(job: BakeJob, store: Store, adapter_dir: Path, step: int, progress: 
     if store.model_exists(name):
         return  # published before a restart
     losses = [entry.loss for entry in progress.log]
-    store.publish_model(name, adapter_dir, {
-        "parent": job.parent_lineage_model, "base_model": job.base_model, "bake_id": job.bake.id,
-        "bake_hash": job.bake.hash, "config": job.bake.config, "commit": job.commit, "step": step, "final": final,
-        "metrics": {"loss": losses[-1] if losses else None, "held_out_kl_before": progress.kl_before,
-                    "held_out_kl_after": kl_after},
-    })
+    store.publish_model(name, adapter_dir, Lineage(
+        parent=job.parent_lineage_model, base_model=job.base_model, bake_id=job.bake.id, bake_hash=job.bake.hash,
+        config=job.bake.config, commit=job.commit, step=step, final=final,
+        metrics=ModelMetrics(loss=losses[-1] if losses else None, held_out_kl_before=progress.kl_before,
+                             held_out_kl_after=kl_after)))
 
 
 def finish(trainer: Trainer, job: BakeJob, progress: Progress, session: WorkerSession) -> BakeResult | None:

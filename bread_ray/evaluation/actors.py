@@ -1,7 +1,7 @@
 """`bgit eval`'s work on Ray: a Ray Data pool of actors that hold the base once and switch between
 the models' folded adapters. Three kinds: KlScorer (a unit of examples, scored by the teacher once
 and every model after it), Answerer (a model's greedy answers), NeutralResponder (the base's
-seeded answer to a neutral question)."""
+seeded answers to neutral questions)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from bread_ray.store import Store
 UNIT_EXAMPLES = 16  # examples per unit of work (one row of the Ray Data pipeline)
 MICRO_BATCH = 8  # sequences per forward pass
 ANSWER_TOKENS = 48  # greedy answers side by side (`bgit eval --answers N`)
+NEUTRAL_BATCH = 16  # neutral questions decoded together
 
 
 def work_units(missing: list[tuple[KlSet, str]]) -> list[dict[str, Any]]:
@@ -61,10 +62,13 @@ def score_cells(missing: list[tuple[KlSet, str]], base_model: str, store: Store,
 
 
 def sample_neutral(base_model: str, questions: list[str], store: Store, *, progress: bool) -> list[dict[str, Any]]:
-    """The base's answers to the neutral questions (one seeded sample each, temperature 1)."""
-    units = [{"index": i, "question": q} for i, q in enumerate(questions)]
-    rows = sorted(eval_pool(NeutralResponder, units, base_model, store, 1).iter_rows(), key=lambda r: r["index"])
-    return [{"question": row["question"], "response_token_ids": json.loads(row["response"])} for row in rows]
+    """The base's answers to the neutral questions (one seeded sample each, temperature 1), decoded
+    NEUTRAL_BATCH at a time by one actor."""
+    units = [{"start": start, "questions": json.dumps(questions[start:start + NEUTRAL_BATCH])}
+             for start in range(0, len(questions), NEUTRAL_BATCH)]
+    rows = sorted(eval_pool(NeutralResponder, units, base_model, store, 1).iter_rows(), key=lambda r: r["start"])
+    return [{"question": question, "response_token_ids": response}
+            for row in rows for question, response in zip(json.loads(row["questions"]), json.loads(row["responses"]))]
 
 
 def eval_pool(actor_class: type[EvalActor], units: list[dict[str, Any]], base_model: str, store: Store,
@@ -160,16 +164,16 @@ class EvalActor:
             return [self.tokenizer.decode(decode(self.model, self.tokenizer, [prompt], greedy, [0])[0].tokens,
                                           skip_special_tokens=True) for prompt in prompts]
 
-    def respond(self, index: int, question: str) -> dict[str, list[Any]]:
-        """One seeded answer of the base to `question`."""
+    def respond(self, start: int, questions: list[str]) -> list[list[int]]:
+        """The base's seeded answer to each of `questions` (question `start + i` seeds row i), decoded together."""
         from bread_ray.chat_format import encode_chat
         from bread_ray.decode import Sampling, decode, derive_seed
 
-        prompt = encode_chat(self.tokenizer, [{"role": "user", "content": question}])
+        prompts = [encode_chat(self.tokenizer, [{"role": "user", "content": question}]) for question in questions]
         sampling = Sampling(max_tokens=NEUTRAL_MAX_TOKENS, temperature=1.0)
+        seeds = [derive_seed(NEUTRAL_SEED, start + i) for i in range(len(questions))]
         with self.using(self.base_model):
-            response = decode(self.model, self.tokenizer, [prompt], sampling, [derive_seed(NEUTRAL_SEED, index)])[0]
-        return {"index": [index], "question": [question], "response": [json.dumps(response.tokens)]}
+            return [response.tokens for response in decode(self.model, self.tokenizer, prompts, sampling, seeds)]
 
 
 class KlScorer(EvalActor):
@@ -190,7 +194,9 @@ class Answerer(EvalActor):
 
 
 class NeutralResponder(EvalActor):
-    """A Ray Data actor: a row is a neutral question, answered by the base."""
+    """A Ray Data actor: a row is a slice of the neutral questions, answered by the base."""
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        return self.respond(int(batch["index"][0]), str(batch["question"][0]))
+        start, questions = int(batch["start"][0]), json.loads(batch["questions"][0])
+        return {"start": [start], "questions": [json.dumps(questions)],
+                "responses": [json.dumps(self.respond(start, questions))]}

@@ -8,7 +8,7 @@ from typing import Any
 
 from bread_ray.errors import UserError
 from bread_ray.lineage import InvalidModelName, ModelName
-from bread_ray.records import BakeResult
+from bread_ray.records import BakeResult, Lineage
 from bread_ray.store import BAKE_RESULT, Store, bake_prefix
 
 
@@ -45,14 +45,14 @@ class BakeRecord:
         return [dataset["target"] for dataset in self.config["datasets"]]
 
 
-def bake_of(lineage: dict[str, Any], store: Store) -> BakeRecord:
+def bake_of(lineage: Lineage, store: Store) -> BakeRecord:
     """The bake that made the model of `lineage`, with its final model (a checkpoint's bake is
     the same bake as its final model's)."""
-    name = ModelName.parse(lineage["model_name"])
+    name = ModelName.parse(lineage.model_name)
     result_key = f"{bake_prefix(name.owner, name.repo, name.bake_id)}/{BAKE_RESULT}"
-    final = store.get_record(result_key, BakeResult).model_names[-1] if store.exists(result_key) else lineage["model_name"]
-    return BakeRecord(bake_id=lineage["bake_id"], model=final, parent=lineage["parent"] or lineage["base_model"],
-                      base_model=lineage["base_model"], config=lineage["config"], commit=lineage.get("commit"))
+    final = store.get_record(result_key, BakeResult).model_names[-1] if store.exists(result_key) else lineage.model_name
+    return BakeRecord(bake_id=lineage.bake_id, model=final, parent=lineage.parent or lineage.base_model,
+                      base_model=lineage.base_model, config=lineage.config, commit=lineage.commit)
 
 
 @dataclass(frozen=True)
@@ -78,12 +78,12 @@ def lineages(models: list[str], base_model: str, store: Store) -> Lineages:
         if not store.model_exists(model):
             raise EvalError(f"model {model!r} is not in store {store.uri} (`bgit models` lists them)")
         chain = store.model_chain(model)
-        if chain[-1]["base_model"] != base_model:
-            raise EvalError(f"model {model!r} is baked on {chain[-1]['base_model']!r}, not on this repository's "
+        if chain[-1].base_model != base_model:
+            raise EvalError(f"model {model!r} is baked on {chain[-1].base_model!r}, not on this repository's "
                             f"base model {base_model!r}: models of one base only")
         for entry in reversed(chain):  # oldest first
-            if entry["bake_id"] not in bakes:
-                bakes[entry["bake_id"]] = bake_of(entry, store)
+            if entry.bake_id not in bakes:
+                bakes[entry.bake_id] = bake_of(entry, store)
     return Lineages(base_model, tuple(dict.fromkeys(models)), tuple(bakes.values()))
 
 
@@ -91,4 +91,4 @@ def branch_models(parent_model: str, base_model: str, store: Store) -> list[str]
     """The base and the final model of every bake on the lineage ending at `parent_model`."""
     if parent_model == base_model:
         return [base_model]
-    return [base_model, *[entry["model_name"] for entry in reversed(store.model_chain(parent_model))]]
+    return [base_model, *[entry.model_name for entry in reversed(store.model_chain(parent_model))]]

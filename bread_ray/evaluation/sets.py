@@ -92,8 +92,8 @@ def stored_fidelity(model: str, store: Store) -> float | None:
     try:
         lineage = store.read_lineage(model)
         name = ModelName.parse(model)
-        prefix = bake_prefix(name.owner, name.repo, lineage["bake_id"])
-        mine, parent = (store.get_json(model_key(results_folder(prefix), m)) for m in (model, lineage["parent"]))
+        prefix = bake_prefix(name.owner, name.repo, lineage.bake_id)
+        mine, parent = (store.get_json(model_key(results_folder(prefix), m)) for m in (model, lineage.parent))
     except (UserError, InvalidModelName):
         return None
     if not mine["tokens"] or not parent["kl_sum"]:
