@@ -280,10 +280,10 @@ class BreadRepo:
         if repo.foreign_hook():
             raise RepoError(f"{repo.hook_path()} exists: bgit needs its own pre-commit hook (move yours aside first)")
         repo.install_hooks()
+        repo.refresh_bread(repo.resolve_input(EXAMPLE_INPUT))  # as the hook would: bgit wrote the files
         files = [BREAD_FILE, RECIPE_FILE, INPUT_FILE, ".gitattributes", ".gitignore"]
         git(folder, "add", *files)
-        git(folder, "commit", "-q", "-m", f"bgit init {name} (base model {base_model})", "--", *files)
-        git(folder, "add", BREAD_FILE)  # the hook's .bread went through git's temporary index
+        git(folder, "commit", "-q", "--no-verify", "-m", f"bgit init {name} (base model {base_model})", "--", *files)
         return repo
 
     @contextmanager
