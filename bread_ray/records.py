@@ -7,6 +7,7 @@ the field, not later as a KeyError.
     rollout/manifest.json    RolloutManifest  a target's trajectories are complete
     bakes/<id>/result.json   BakeResult       a bake is done: its models, losses and held-out KL
     train_log_metrics.jsonl  MetricsEntry     one line per optimizer step of a bake (read_metrics_log)
+    .../eval/v1/<model>.json KlCell           KL(teacher ‖ model) summed over a set of examples (bgit eval)
     models/.../lineage.json  Lineage          a published model: its parent, base and bake (written last)
     chain.json               FoldedChain      beside a folded adapter (models.download_folded_adapter)
     .git/bread-job.json      DetachedJob      the run `bgit run --detach` submitted (bread_ray.jobs)
@@ -111,6 +112,18 @@ class RolloutManifest(Record):
     model: str  # the teacher
     sampling: RolloutSampling
     seconds: float
+
+
+class KlCell(Record):
+    """KL(teacher ‖ model) over a set of examples: a cell of `bgit eval`'s matrix."""
+
+    kl_sum: float  # summed over the response tokens, nats
+    tokens: int
+
+    @property
+    def kl(self) -> float | None:
+        """Per response token; None over no tokens."""
+        return self.kl_sum / self.tokens if self.tokens else None
 
 
 class Loss(Record):

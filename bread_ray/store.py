@@ -27,6 +27,8 @@ The layout, relative to the store root (documented here only; the keys are built
         train_log_metrics.jsonl            one line per optimizer step: iter, loss, lr, epoch, grad_norm, seconds, tokens_per_s
         checkpoints/                       Ray Train's run folder: DeepSpeed state + adapter every N steps
         result.json                        the models, losses and held-out KL; written last: the bake is done
+        eval/v<EVAL_VERSION>/<model>.json  KL(teacher ‖ model) over the bake's held-out set (`bgit eval`; the
+                                           bake writes its parent's and its final model's), and the answers
     models/<owner>/<repo>/<bake_id>/<step>/
         adapter_config.json, adapter_model.safetensors, lineage.json (written last: the model exists)
 
@@ -166,6 +168,18 @@ def bake_prefix(owner: str, repo: str, bake_id: str) -> str:
 # A bake's files, under its prefix. The result is written last: its presence means done.
 METRICS_LOG = "train_log_metrics.jsonl"
 BAKE_RESULT = "result.json"
+
+EVAL_VERSION = 1  # part of every stored eval result's key: bump it when the measurement changes
+
+
+def eval_folder(set_prefix: str) -> str:
+    """Where `bgit eval` keeps its results on a set of examples: a bake's held-out set, or a neutral set."""
+    return f"{set_prefix}/eval/v{EVAL_VERSION}"
+
+
+def eval_key(folder: str, model: str | None) -> str:
+    """A model's (None: the base's) result in `folder`."""
+    return f"{folder}/{model or 'base'}.json"
 
 
 # A target's stages, under its prefix. Each manifest is written last: its presence means done.

@@ -17,8 +17,8 @@ DEMO_TEST = "test_the_main_demo_bakes_smollm2_into_a_pirate_then_brief"
 
 
 def pytest_collection_modifyitems(config, items):
-    """Where the session holds the demo's test, the demo starts now, in the background at the
-    lowest CPU priority, and its test runs last (see tests/test_demo.py)."""
+    """Where the session holds the demo's test, the demo starts now, in the background at a low
+    CPU priority, and its test runs last (see tests/test_demo.py)."""
     demo = [item for item in items if item.name == DEMO_TEST]
     if demo:
         items[:] = [item for item in items if item.name != DEMO_TEST] + demo

@@ -7,6 +7,19 @@ from pathlib import Path
 
 from bread_ray.repo import BreadRepo
 
+# The smallest whole input.yml: a prompt, a target of one fixed question, a bake of it.
+YODA_INPUT = """\
+PROMPT:
+  teacher:
+    messages: [{role: system, content: "You are Yoda."}]
+TARGET:
+  name: main_target
+  generators: [{type: hardcoded, questions: ["What is the Force?"]}]
+BAKE:
+  name: yoda_bake
+  datasets: [{target: main_target}]
+"""
+
 
 def committed_repo(folder: Path, base_model: Path | str, input_yml: str, message: str = "a pirate",
                    owner: str = "alice") -> BreadRepo:

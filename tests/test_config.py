@@ -15,20 +15,12 @@ from bread_ray.config import load_and_resolve, load_config
 from bread_ray.config_errors import ConfigError
 from bread_ray.schema import InputConfig
 
+from repos import YODA_INPUT
+
 FULL = (Path(__file__).parent / "inputs" / "full.yml").read_text()
 PARENT = "Qwen/Qwen3-32B"
 
-MINIMAL = """
-PROMPT:
-  teacher:
-    messages: [{role: system, content: "You are Yoda."}]
-TARGET:
-  name: main_target
-  generators: [{type: hardcoded, questions: ["What is the Force?"]}]
-BAKE:
-  name: yoda_bake
-  datasets: [{target: main_target}]
-"""
+MINIMAL = YODA_INPUT
 
 
 def names(text: str, parent: str = PARENT) -> dict[str, str]:

@@ -17,17 +17,9 @@ from bread_ray.landing import RunStart, land_bake
 from bread_ray.records import RecipeBake
 from bread_ray.repo import BAKE_COMMIT_PREFIX, CLEARED_INPUT, BreadRepo, RepoError
 
-YODA = """\
-PROMPT:
-  teacher:
-    messages: [{role: system, content: "You are Yoda."}]
-TARGET:
-  name: main_target
-  generators: [{type: hardcoded, questions: ["What is the Force?"]}]
-BAKE:
-  name: {bake}
-  datasets: [{target: main_target}]
-"""
+from repos import YODA_INPUT
+
+YODA = YODA_INPUT.replace("name: yoda_bake", "name: {bake}")
 
 
 def bread(repo: BreadRepo) -> configparser.ConfigParser:

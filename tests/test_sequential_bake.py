@@ -157,6 +157,8 @@ def test_the_first_bake_works_measured_by_independent_code(chain, prompt_sensiti
     print(f"\nheld-out KL(prompted parent ‖ model without prompt), independent code: unbaked {unbaked:.4f}, "
           f"baked {after:.4f} nats/token ({unbaked / after:.0f}x lower)")
     check("v1 KL / unbaked KL", after / unbaked, "<", 0.1)
+    # the eval after the bake read the two cells the bake wrote (its parent's and its model's held-out KL)
+    assert "(0 results computed, 2 from the store" in chain["outputs"][0]
 
     plain = greedy_answers(base, tokenizer, EVAL_QUESTIONS)
     styled = greedy_answers(baked, tokenizer, EVAL_QUESTIONS)
@@ -335,7 +337,8 @@ def test_the_eval_matrix_equals_an_independent_computation_and_is_computed_once(
     for model_name in (v1, v2, v3):
         expected_drift = kl_on_records(models[base], models[model_name], tokenizer, neutral_records, same_prompt=True)
         assert report["drift"][model_name] == pytest.approx(expected_drift, rel=2e-3)
-    # the bake's own held-out measurement (DeepSpeed, in the worker) agrees on its parent and its model
+    # each bake's parent and model cells are the bake's own held-out measurement (DeepSpeed, in the
+    # worker), checked against float64 above with the cells the eval computed on its actors
     result = json.loads((chain["root"] / "store" / "alice" / "persona" / "bakes" / pirate / "result.json").read_text())
     assert report["parent_kl"][pirate] == pytest.approx(result["held_out_kl"]["before"], rel=2e-3)
     assert kl[pirate][v1] == pytest.approx(result["held_out_kl"]["after"], rel=2e-3, abs=1e-5)

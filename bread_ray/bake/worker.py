@@ -47,8 +47,8 @@ from bread_ray.bake.prefix import SharedPrefix, final_hidden, prefixes_to_share,
 from bread_ray.lineage import check_foldable, lora_deltas, read_adapter
 from bread_ray.model_sources import resolve_model_source
 from bread_ray.models import download_folded_adapter, load_causal_lm
-from bread_ray.records import BakeResult, HeldOutKl, Lineage, Loss, MetricsEntry, ModelMetrics
-from bread_ray.store import BAKE_RESULT, Store, open_store, read_metrics_log, write_metrics_log
+from bread_ray.records import BakeResult, HeldOutKl, KlCell, Lineage, Loss, MetricsEntry, ModelMetrics
+from bread_ray.store import BAKE_RESULT, Store, eval_folder, eval_key, open_store, read_metrics_log, write_metrics_log
 
 STATE_TAG = "state"  # DeepSpeed's tag for the training state inside a checkpoint
 ADAPTER_FOLDER = "adapter"  # the gathered LoRA adapter inside a checkpoint
@@ -249,7 +249,8 @@ def start(trainer: Trainer, job: BakeJob, session: WorkerSession) -> Progress:
     """Where the loop starts: the restored checkpoint's step, or step 0 with the held-out KL
     before any training."""
     if session.restored is None:
-        return Progress(kl_before=evaluate(trainer, job))
+        before = evaluate(trainer, job)
+        return Progress(kl_before=before.kl if before else None)
     _, client_state = trainer.engine.load_checkpoint(str(session.restored), tag=STATE_TAG, load_module_strict=False)
     step = client_state["step"]
     return Progress(step=step, kl_before=client_state["kl_before"], models=client_state["models"], resumed_from=step,
@@ -319,8 +320,8 @@ def train_step(trainer: Trainer, job: BakeJob, step: int) -> dict[str, Any]:
                         seconds=round(seconds, 4), tokens_per_s=float(stats[1]) / seconds)
 
 
-def evaluate(trainer: Trainer, job: BakeJob) -> float | None:
-    """Mean KL(teacher ‖ student) per response token over the held-out examples, all ranks
+def evaluate(trainer: Trainer, job: BakeJob) -> KlCell | None:
+    """KL(teacher ‖ student) over the response tokens of the held-out examples, all ranks
     together. Every rank runs the same number of forward passes (ZeRO-3 gathers weights
     collectively): ranks short of examples repeat one with weight zero."""
     examples = job.data.eval
@@ -340,7 +341,7 @@ def evaluate(trainer: Trainer, job: BakeJob) -> float | None:
                                   dtype=torch.float64, device=trainer.device)
     engine.module.train()
     dist.all_reduce(total)
-    return float(total[0] / total[1])
+    return KlCell(kl_sum=float(total[0]), tokens=int(total[1]))
 
 
 # ---- checkpoints and publishing -----------------------------------------------------------------
@@ -391,12 +392,20 @@ def publish(job: BakeJob, store: Store, adapter_dir: Path, step: int, progress: 
 
 def finish(trainer: Trainer, job: BakeJob, progress: Progress, session: WorkerSession) -> BakeResult | None:
     """The held-out KL after training, the final adapter published, the bake's result written
-    last (its presence means the bake is done); returns it on rank 0."""
-    kl_after = evaluate(trainer, job)
+    last (its presence means the bake is done); returns it on rank 0. Over the full vocabulary
+    (no kl_top_k), the held-out KL of the parent and of the final model are also `bgit eval`'s
+    cells of the bake's held-out set: the eval after the bake reads them rather than measure them again."""
+    after = evaluate(trainer, job)
+    kl_after = after.kl if after else None
     with tempfile.TemporaryDirectory(prefix="bread-adapter-") as folder:
         gather_adapter(trainer, Path(folder))
         if trainer.rank == 0:
             publish(job, trainer.store, Path(folder), trainer.total_steps, progress, final=True, kl_after=kl_after)
+    if trainer.rank == 0 and after is not None and progress.kl_before is not None and not job.bake.spec.kl_top_k:
+        folder = eval_folder(job.prefix)
+        before = KlCell(kl_sum=progress.kl_before * after.tokens, tokens=after.tokens)  # the same examples
+        trainer.store.put_record(eval_key(folder, job.parent_lineage_model), before)
+        trainer.store.put_record(eval_key(folder, progress.models[-1]), after)
     nodes = [session.node] * trainer.world
     if trainer.world > 1:
         dist.all_gather_object(nodes, session.node)
@@ -429,7 +438,8 @@ def bake_worker(job: BakeJob, session: WorkerSession) -> BakeResult | None:
         if session.after_step:
             session.after_step(progress.step, trainer.rank, session)
         if eval_interval and progress.step % eval_interval == 0 and progress.step < trainer.total_steps:
-            entry = entry.model_copy(update={"eval_kl": evaluate(trainer, job)})
+            held_out = evaluate(trainer, job)
+            entry = entry.model_copy(update={"eval_kl": held_out.kl if held_out else None})
         progress.log.append(entry)
         if progress.step in checkpoint_steps and progress.step < trainer.total_steps:
             folder = checkpoint(trainer, job, progress)

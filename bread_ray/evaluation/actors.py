@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bread_ray.evaluation.sets import NEUTRAL_MAX_TOKENS, NEUTRAL_SEED, Cell, KlSet
+from bread_ray.evaluation.sets import NEUTRAL_MAX_TOKENS, NEUTRAL_SEED, KlSet
 from bread_ray.progress import add_bar, progress_bars
+from bread_ray.records import KlCell
 from bread_ray.store import Store
 
 UNIT_EXAMPLES = 16  # examples per unit of work (one row of the Ray Data pipeline)
@@ -37,13 +38,13 @@ def work_units(missing: list[tuple[KlSet, str]]) -> list[dict[str, Any]]:
 
 
 def score_cells(missing: list[tuple[KlSet, str]], base_model: str, store: Store, *, progress: bool,
-                num_actors: int) -> dict[tuple[str, str], Cell]:
+                num_actors: int) -> dict[tuple[str, str], KlCell]:
     """KL sums of the missing cells, on a Ray Data pool of EvalActors; summed over units in order,
     so the result does not depend on which actor ran which unit."""
-    cells = {(kl_set.id, model): Cell(0.0, 0) for kl_set, model in missing}
+    sums = {(kl_set.id, model): [0.0, 0] for kl_set, model in missing}  # kl_sum, tokens
     units = work_units(missing)
-    if not units:
-        return cells
+    if not units:  # sets without examples
+        return {key: KlCell(kl_sum=0.0, tokens=0) for key in sums}
     rows = []
     total = sum(len(json.loads(unit["examples"])) * len(json.loads(unit["models"])) for unit in units)
     with progress_bars(progress) as bar:
@@ -55,10 +56,9 @@ def score_cells(missing: list[tuple[KlSet, str]], base_model: str, store: Store,
             bar.update(task, advance=row["sequences"], rate=f"{tokens / (time.monotonic() - started):,.0f} tokens/s")
     for row in sorted(rows, key=lambda r: r["unit"]):
         for model, kl_sum, tokens in json.loads(row["cells"]):
-            cell = cells[(row["set_id"], model)]
-            cell.kl_sum += kl_sum
-            cell.tokens += tokens
-    return cells
+            sums[(row["set_id"], model)][0] += kl_sum
+            sums[(row["set_id"], model)][1] += tokens
+    return {key: KlCell(kl_sum=kl_sum, tokens=tokens) for key, (kl_sum, tokens) in sums.items()}
 
 
 def sample_neutral(base_model: str, questions: list[str], store: Store, *, progress: bool) -> list[dict[str, Any]]:

@@ -11,8 +11,8 @@ from bread_ray.config import content_hash
 from bread_ray.errors import UserError
 from bread_ray.evaluation.actors import Answerer, eval_pool
 from bread_ray.evaluation.lineages import Lineages
-from bread_ray.evaluation.sets import KlSet, model_key
-from bread_ray.store import Store
+from bread_ray.evaluation.sets import KlSet
+from bread_ray.store import Store, eval_key
 
 
 def greedy_answers(sets: list[KlSet], lineage: Lineages, store: Store, count: int, *, num_actors: int,
@@ -78,7 +78,7 @@ def judge_answers(sets: list[KlSet], answers: dict[str, list[tuple[str, dict[str
     asks = []
     for kl_set in sets:
         for model in dict.fromkeys(m for _, by_model in answers[kl_set.id] for m in by_model):
-            key = model_key(f"{kl_set.folder}/answers_{count}/{folder}", None if model == base_model else model)
+            key = eval_key(f"{kl_set.folder}/answers_{count}/{folder}", None if model == base_model else model)
             if store.exists(key):
                 scores[(kl_set.id, model)] = store.get_json(key)
                 continue

@@ -10,7 +10,8 @@ from bread_ray.evaluation.actors import sample_neutral, score_cells
 from bread_ray.evaluation.answers import JudgeError, greedy_answers, judge_answers
 from bread_ray.evaluation.lineages import Lineages
 from bread_ray.evaluation.report import EvalReport
-from bread_ray.evaluation.sets import Cell, KlSet, held_out_set, neutral_prefix, neutral_set
+from bread_ray.evaluation.sets import KlSet, held_out_set, neutral_prefix, neutral_set
+from bread_ray.records import KlCell
 from bread_ray.store import Store
 
 
@@ -46,7 +47,7 @@ def evaluate(lineage: Lineages, store: Store, *, owner: str, repo: str, neutral:
             store.put_json(responses_key, sample_neutral(base, list(neutral), store, progress=progress))
         drift_set = neutral_set(prefix, base, store.get_json(responses_key), tokenizer)
         wanted += [(drift_set, model) for model in lineage.models if model != base]
-    cells = {(s.id, m): Cell(**store.get_json(s.cell_key(m, base))) for s, m in wanted
+    cells = {(s.id, m): store.get_record(s.cell_key(m, base), KlCell) for s, m in wanted
              if store.exists(s.cell_key(m, base))}
     missing = [(s, m) for s, m in wanted if (s.id, m) not in cells]
     if missing:
@@ -54,11 +55,11 @@ def evaluate(lineage: Lineages, store: Store, *, owner: str, repo: str, neutral:
         computed = score_cells(missing, base, store, progress=progress, num_actors=num_actors)
         for kl_set, model in missing:
             cell = computed[(kl_set.id, model)]
-            store.put_json(kl_set.cell_key(model, base), {"kl_sum": cell.kl_sum, "tokens": cell.tokens})
+            store.put_record(kl_set.cell_key(model, base), cell)
             cells[(kl_set.id, model)] = cell
     drift = {}
     if drift_set is not None:
-        drift = {model: cells.get((drift_set.id, model), Cell(0.0, 1)) for model in lineage.models}  # base: 0
+        drift = {model: cells.get((drift_set.id, model), KlCell(kl_sum=0.0, tokens=1)) for model in lineage.models}  # base: 0
     matrix = {key: cell for key, cell in cells.items() if drift_set is None or key[0] != drift_set.id}
     report = EvalReport(lineage, matrix, drift, computed=len(missing), reused=len(wanted) - len(missing))
     if answers:

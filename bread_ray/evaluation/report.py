@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bread_ray.evaluation.lineages import BakeRecord, EvalError, Lineages
-from bread_ray.evaluation.sets import Cell
 from bread_ray.lineage import ModelName
+from bread_ray.records import KlCell
 
 # Warn when a bake brings back more than this fraction of an earlier bake's gap (its parent's KL).
 # On the prompt-sensitive model a forgetful bake brings back all of it and one that replays the
@@ -23,8 +23,8 @@ class EvalReport:
     """The matrix: KL per (bake, model), each bake's parent included; drift per model."""
 
     lineages: Lineages
-    cells: dict[tuple[str, str], Cell]  # (bake id, model) -> cell
-    drift: dict[str, Cell] = field(default_factory=dict)  # model -> KL(base ‖ model) on neutral questions
+    cells: dict[tuple[str, str], KlCell]  # (bake id, model) -> cell
+    drift: dict[str, KlCell] = field(default_factory=dict)  # model -> KL(base ‖ model) on neutral questions
     answers: dict[str, list[tuple[str, dict[str, str]]]] = field(default_factory=dict)  # by bake id
     judged: dict[tuple[str, str], float] = field(default_factory=dict)  # (bake id, model) -> mean judge score
     judge_model: str | None = None

@@ -12,9 +12,9 @@ from bread_ray.errors import UserError
 from bread_ray.evaluation.lineages import BakeRecord, EvalError
 from bread_ray.lineage import InvalidModelName, ModelName
 from bread_ray.model_sources import model_identity
-from bread_ray.store import Store, bake_prefix, repo_prefix
+from bread_ray.records import KlCell
+from bread_ray.store import Store, bake_prefix, eval_folder, eval_key, repo_prefix
 
-EVAL_VERSION = 1  # part of every stored cell's key: bump it when the measurement changes
 NEUTRAL_MAX_TOKENS = 48  # the base's answers to the neutral questions: one seeded sample each
 NEUTRAL_SEED = 0
 
@@ -67,23 +67,14 @@ class KlSet:
     @property
     def folder(self) -> str:
         """Where the set's results are stored: its cells, and answers_<count>/ (judge_<hash>/ below)."""
-        return results_folder(self.prefix)
+        return eval_folder(self.prefix)
 
     def cell_key(self, model: str, base_model: str) -> str:
-        return model_key(self.folder, None if model == base_model else model)
+        return eval_key(self.folder, None if model == base_model else model)
 
     def answers_key(self, model: str, base_model: str, count: int) -> str:
         """Where the model's greedy answers to the set's first `count` questions are stored."""
-        return model_key(f"{self.folder}/answers_{count}", None if model == base_model else model)
-
-
-def results_folder(set_prefix: str) -> str:
-    return f"{set_prefix}/eval/v{EVAL_VERSION}"
-
-
-def model_key(folder: str, model: str | None) -> str:
-    """A model's (None: the base's) result in `folder`."""
-    return f"{folder}/{model or 'base'}.json"
+        return eval_key(f"{self.folder}/answers_{count}", None if model == base_model else model)
 
 
 def stored_fidelity(model: str, store: Store) -> float | None:
@@ -93,12 +84,12 @@ def stored_fidelity(model: str, store: Store) -> float | None:
         lineage = store.read_lineage(model)
         name = ModelName.parse(model)
         prefix = bake_prefix(name.owner, name.repo, lineage.bake_id)
-        mine, parent = (store.get_json(model_key(results_folder(prefix), m)) for m in (model, lineage.parent))
+        mine, parent = (store.get_record(eval_key(eval_folder(prefix), m), KlCell) for m in (model, lineage.parent))
     except (UserError, InvalidModelName):
         return None
-    if not mine["tokens"] or not parent["kl_sum"]:
+    if mine.kl is None or not parent.kl:
         return None
-    return (mine["kl_sum"] / mine["tokens"]) / (parent["kl_sum"] / parent["tokens"])
+    return mine.kl / parent.kl
 
 
 def held_out_set(bake: BakeRecord, store: Store, tokenizer: Any) -> KlSet:
@@ -155,11 +146,3 @@ def neutral_set(prefix: str, base_model: str, responses: list[dict[str, Any]], t
     return KlSet(prefix.rsplit("/", 1)[1], "drift", base_model, examples, prefix)
 
 
-@dataclass
-class Cell:
-    kl_sum: float  # summed over response tokens, nats
-    tokens: int
-
-    @property
-    def kl(self) -> float | None:
-        return self.kl_sum / self.tokens if self.tokens else None
