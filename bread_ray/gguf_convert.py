@@ -100,6 +100,10 @@ def convert(path: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from bread_ray.accelerator import name_the_accelerator
+
+    name_the_accelerator()  # save_pretrained imports DeepSpeed, where it is installed
+
     try:  # the metadata alone, in seconds: a file that cannot be converted is refused before any work
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as error:  # transformers' errors for a bad GGUF are of many types

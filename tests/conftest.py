@@ -12,30 +12,6 @@ from bread_ray.store import S3Store
 
 from s3_server import swift_s3_server
 
-DEMO_RUN = pytest.StashKey()  # the demo's run, started in the background (tests/test_demo.py)
-DEMO_TEST = "test_the_main_demo_bakes_smollm2_into_a_pirate_then_brief"
-
-
-def pytest_collection_modifyitems(config, items):
-    """Where the session holds the demo's test, the demo starts now, in the background at a low
-    CPU priority, and its test runs last (see tests/test_demo.py)."""
-    demo = [item for item in items if item.name == DEMO_TEST]
-    if demo:
-        items[:] = [item for item in items if item.name != DEMO_TEST] + demo
-        from test_demo import start_demo
-
-        config.stash[DEMO_RUN] = start_demo()
-
-
-def pytest_sessionfinish(session):
-    if DEMO_RUN in session.config.stash:
-        session.config.stash[DEMO_RUN].stop()  # a session cut short leaves no demo running
-
-
-@pytest.fixture
-def demo_run(pytestconfig):
-    return pytestconfig.stash[DEMO_RUN]
-
 
 @pytest.fixture(scope="session")
 def s3_server():

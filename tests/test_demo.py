@@ -8,28 +8,16 @@ bakes v1 one epoch, not two; the README gives each figure's margin over seeds (b
 
 `--tiny` runs the same code on the prompt-sensitive tiny model with its own recipe, whose bakes
 tests/test_sequential_bake.py covers; here only that recipe is checked, cheaply.
-
-The demo takes minutes of CPU and waits on nothing, while the rest of the suite often leaves the
-cores idle (waiting on processes, servers and Ray). So the demo starts as soon as the session has
-collected its test, at a low CPU priority (DEMO_NICENESS), and its test runs last and checks what
-it printed (tests/conftest.py).
 """
 
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 
 SEED = int(os.environ.get("BREAD_TEST_SEED", "42"))  # the demo's seed; bench/margins.py runs others
-# nice 10: about a tenth of the CPU while the other tests keep both cores busy, the idle cores
-# otherwise. At 19 (about 1%) a busy suite can starve Ray's start-up past its fixed 30 s.
-DEMO_NICENESS = 10
 
 # Log records of Ray, Serve and DeepSpeed ("INFO 2026-...", "[WARNING] [real_accelerator.py...]",
 # "(raylet) ..."): they belong in Ray's log folder, which the demo names once.
@@ -43,48 +31,11 @@ def assert_no_library_logs(done: subprocess.CompletedProcess) -> None:
     assert done.stdout.count("Ray: started a local cluster; its logs are in ") == 1
 
 
-class DemoRun:
-    """`python -m bread_ray.demo ARGS` in a process of its own at a low CPU priority, in a new
-    folder; its output goes to files (a pipe that nobody reads until the end would fill and stall it)."""
-
-    def __init__(self, *args: str):
-        self.folder = Path(tempfile.mkdtemp(prefix="bread-demo-test-"))
-        self.out, self.err = self.folder / "stdout.txt", self.folder / "stderr.txt"
-        env = {key: value for key, value in os.environ.items() if key not in ("BREAD_STORE", "RAY_ADDRESS")}
-        env["RAY_worker_register_timeout_seconds"] = "600"  # Ray's workers start slowly on a busy machine
-        with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.process = subprocess.Popen(
-                ["nice", "-n", str(DEMO_NICENESS), sys.executable, "-m", "bread_ray.demo", *args, "--dir", str(self.folder / "demo")],
-                stdout=out, stderr=err, env=env,
-                # a process group of its own, for stop() to end its Ray too, in this session: a new
-                # session would be a scheduling group of its own (Linux's autogroups), where nice
-                # counts for nothing against the suite's processes
-                process_group=0)
-
-    def result(self, timeout: float) -> subprocess.CompletedProcess:
-        try:
-            self.process.wait(timeout)
-        finally:
-            self.stop()
-        return subprocess.CompletedProcess(self.process.args, self.process.returncode, self.out.read_text(),
-                                           self.err.read_text())
-
-    def stop(self) -> None:
-        """End the demo and the processes it started, if it still runs (a session cut short)."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-
-def start_demo() -> DemoRun:
-    """The run the demo's test checks (tests/conftest.py starts it when the session has collected
-    the test): v1 baked one epoch, v2 two."""
-    return DemoRun("--epochs", "1", "2", "--seed", str(SEED))
-
-
-def finished(run: DemoRun) -> subprocess.CompletedProcess:
-    done = run.result(timeout=3600)  # it shares the machine with the whole suite, on the idle cores
-    assert done.returncode == 0, f"{run.folder}: " + done.stdout[-4000:] + done.stderr[-4000:]
+def run_demo(folder, *args: str) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key not in ("BREAD_STORE", "RAY_ADDRESS")}
+    done = subprocess.run([sys.executable, "-m", "bread_ray.demo", *args, "--dir", str(folder)],
+                          capture_output=True, text=True, env=env, timeout=1500)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "Demo finished" in done.stdout
     assert_no_library_logs(done)
     return done
@@ -116,8 +67,8 @@ def eval_matrix(out: str) -> dict[str, list[float]]:
 
 
 @pytest.mark.slow
-def test_the_main_demo_bakes_smollm2_into_a_pirate_then_brief(demo_run, check):
-    out = finished(demo_run).stdout
+def test_the_main_demo_bakes_smollm2_into_a_pirate_then_brief(tmp_path, smollm2_folder, check):
+    out = run_demo(tmp_path / "demo", "--epochs", "1", "2", "--seed", str(SEED)).stdout
     kls = held_out_kls(out)
     check("v1's held-out KL over its parent's", kls[0][1] / kls[0][0], "<", 0.25)
     check("v2's held-out KL over its parent's", kls[1][1] / kls[1][0], "<", 0.5)
@@ -137,8 +88,7 @@ def test_the_main_demo_bakes_smollm2_into_a_pirate_then_brief(demo_run, check):
     assert matrix["v1"][1] == pytest.approx(kls[0][1] / kls[0][0], abs=0.011)
     assert matrix["v2"][3] == pytest.approx(kls[1][1] / kls[1][0], abs=0.011)
     check("the pirate gap v2 leaves (v2 keeps part of v1)", matrix["v2"][1], "<", 1.0)
-    assert matrix["v1"][4] > 0 and (demo_run.folder / "demo" / "eval.png").exists()
-    shutil.rmtree(demo_run.folder)  # kept where the test fails, for a look
+    assert matrix["v1"][4] > 0 and (tmp_path / "demo" / "eval.png").exists()
 
 
 def test_the_tiny_recipe_resolves_into_two_sequential_bakes():

@@ -313,10 +313,11 @@ def prepare_bake_process(ranks_on_node: int) -> None:
     node's work: bench/peers.py measures the gain)."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks_on_node))
+    from bread_ray.accelerator import name_the_accelerator
+
+    name_the_accelerator()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks_on_node))
 
 
 @dataclass(frozen=True)
