@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 from bread_ray.config import ResolvedConfig, load_and_resolve
 from bread_ray.config_errors import ConfigError
@@ -246,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--replicas", type=positive_int, default=1, metavar="N", help="Serve replicas (default 1)")
     serve.add_argument("--adapter-cache", type=positive_int, default=8, metavar="N",
                        help="folded adapters each replica keeps loaded (default 8)")
+    serve.add_argument("--max-batch", type=positive_int, default=16, metavar="N",
+                       help="answers each replica decodes together (default 16)")
+    serve.add_argument("--queue-limit", type=non_negative_int, default=32, metavar="N",
+                       help="requests each replica holds beyond its batch; more get 429 with Retry-After (default 32)")
     serve.add_argument("--max-tokens-limit", type=positive_int, default=4096, metavar="N",
                        help="refuse requests asking for more new tokens (default 4096)")
     serve.add_argument("--api-key", help="require this bearer key (default: BREAD_API_KEY, if set)")
@@ -301,6 +306,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
@@ -524,10 +536,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         settings = ServeSettings(base_model=base_model, store=os.environ.get("BREAD_STORE"),
                                  repositories=repositories, adapter_cache_size=args.adapter_cache,
+                                 max_batch=args.max_batch, queue_limit=args.queue_limit,
                                  max_tokens_limit=args.max_tokens_limit,
                                  api_key_sha256=api_key_digest(api_key) if api_key else None)
         run_server(settings, host=args.host, port=args.port, num_replicas=args.replicas)
-    except ValueError as error:  # pydantic's ValidationError is one: a bad setting
+    except ValidationError as error:  # a bad setting: the first, as the setting's own words say it
+        first = error.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        raise RepoError(f"{where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}") from None
+    except ValueError as error:
         raise RepoError(" ".join(str(error).split())) from None
     return 0
 

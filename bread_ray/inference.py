@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import math
 import tempfile
 import threading
+import time
 import uuid
 from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass, field
@@ -59,6 +61,15 @@ class InvalidRequest(ValueError):
 
 class AdapterLoadError(RuntimeError):
     """A lineage model whose adapters could not be fetched, folded or loaded (HTTP 500)."""
+
+
+class Overloaded(RuntimeError):
+    """The engine holds as many requests as it takes (HTTP 429); `retry_after`: seconds until a
+    place is likely free."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -199,12 +210,19 @@ class ChatEngine(abc.ABC):
         first byte rather than in the middle."""
 
     @abc.abstractmethod
+    def submit(self, name: str, prompt_ids: list[int], params: Sampling,
+               on_text: Callable[[str], None] | None = None,
+               cancelled: threading.Event | None = None) -> Callable[[], Completion]:
+        """Start sampling one answer of model `name`; returns the function that waits for it.
+        `on_text` receives the answer piece by piece as it is made, and setting `cancelled` stops
+        it. Raises UnknownModel, InvalidRequest, AdapterLoadError or Overloaded here, before any
+        token is sampled: a server can still answer with an error status."""
+
     def complete(self, name: str, prompt_ids: list[int], params: Sampling,
                  on_text: Callable[[str], None] | None = None,
                  cancelled: threading.Event | None = None) -> Completion:
-        """Sample one answer of model `name`; `on_text` receives it piece by piece as it is made,
-        and setting `cancelled` stops it. Raises UnknownModel, InvalidRequest or AdapterLoadError
-        before any token is sampled."""
+        """One answer of model `name` (`submit`, then wait)."""
+        return self.submit(name, prompt_ids, params, on_text, cancelled)()
 
     @abc.abstractmethod
     def cached_models(self) -> list[str]:
@@ -239,20 +257,23 @@ class HfChatEngine(ChatEngine):
     named PEFT adapters (LRU, `adapter_cache_size`), concurrent requests decoded together.
 
     One thread decodes (`_decode_loop`): requests join its batch (bread_ray.decode.DecodeBatch)
-    between steps, up to `max_batch` rows, and leave when they end; rows of different models share
-    each forward pass (PEFT's mixed adapter batches, the base as `__base__`). Each step holds the
-    model lock, so adapters are loaded only between steps, and one that a waiting or decoding
-    request needs is never evicted.
+    between steps, up to `max_batch` rows, first come first served, and leave when they end; rows
+    of different models share each forward pass (PEFT's mixed adapter batches, the base as
+    `__base__`). Beyond the batch, up to `queue_limit` requests wait (for a place, or for their
+    model's adapters); more are refused at once (Overloaded). Each step holds the model lock, so
+    adapters are loaded only between steps, and one that a waiting or decoding request needs is
+    never evicted.
     """
 
     def __init__(self, catalog: ModelCatalog, adapter_cache_size: int = 8, device: str | None = None,
-                 max_batch: int = 16):
+                 max_batch: int = 16, queue_limit: int = 32):
         if adapter_cache_size < 1:
             raise ValueError(f"adapter_cache_size must be at least 1, got {adapter_cache_size}")
         self.model: Any = load_causal_lm(catalog.base_model, device=device)
         super().__init__(catalog, self.model.config.max_position_embeddings)
         self.adapter_cache_size = adapter_cache_size
         self.max_batch = max_batch
+        self.queue_limit = queue_limit
         self._adapters = LoadedAdapters()
         self._in_use: Counter[str] = Counter()  # lineage models of the requests not yet answered
         self._model_lock = threading.Lock()
@@ -260,35 +281,59 @@ class HfChatEngine(ChatEngine):
         self._waiting: list[Pending] = []
         self._work = threading.Condition()
         self._batch = DecodeBatch(self.model, self.tokenizer, mixed_adapters=True)
+        self._step_seconds = 0.0  # the last decode step's
         threading.Thread(target=self._decode_loop, name="decode", daemon=True).start()
 
     # ---- answers -----------------------------------------------------------------------------
 
-    def complete(self, name: str, prompt_ids: list[int], params: Sampling,
-                 on_text: Callable[[str], None] | None = None,
-                 cancelled: threading.Event | None = None) -> Completion:
+    def held(self) -> int:
+        """Requests taken and not yet answered: decoding, or waiting for a place or adapters."""
+        return sum(self._in_use.values())
+
+    def submit(self, name: str, prompt_ids: list[int], params: Sampling,
+               on_text: Callable[[str], None] | None = None,
+               cancelled: threading.Event | None = None) -> Callable[[], Completion]:
         self.catalog.check(name)
         self.check_length(len(prompt_ids), params.max_tokens)
         request = Pending(name, prompt_ids, params, ResponseText(self.tokenizer, params.stop), on_text, cancelled)
         with self._work:
+            if self.held() >= self.max_batch + self.queue_limit:
+                raise Overloaded(f"this server is busy: {self.max_batch} answers are decoding and {self.queue_limit} "
+                                 f"requests wait for a place; retry later", self.seconds_until_room())
             self._in_use[name] += 1  # from here until answered: its adapter stays loaded
         try:
             if name != self.base_model:
                 self._ensure_loaded(name)
-            with self._work:
-                self._waiting.append(request)
-                self._work.notify()
-            request.done.wait()
-        finally:
-            with self._work:
-                self._in_use[name] -= 1
+        except BaseException:
+            self._answered(request)
+            raise
+        with self._work:
+            self._waiting.append(request)
+            self._work.notify()
+        return lambda: self._wait(request)
+
+    def _wait(self, request: Pending) -> Completion:
+        request.done.wait()
         if request.error is not None:
             raise request.error
         rest = request.text.flush()
-        if rest and on_text:
-            on_text(rest)
+        if rest and request.on_text:
+            request.on_text(rest)
         return Completion(text=request.text.text, finish_reason=request.row.decoded.finish_reason,
-                          prompt_tokens=len(prompt_ids), completion_tokens=len(request.row.decoded.tokens))
+                          prompt_tokens=len(request.prompt_ids), completion_tokens=len(request.row.decoded.tokens))
+
+    def _answered(self, request: Pending, error: Exception | None = None) -> None:
+        """The request leaves the engine: its place is free, its waiter wakes."""
+        request.error = error
+        with self._work:
+            self._in_use[request.name] -= 1
+        request.done.set()
+
+    def seconds_until_room(self) -> int:
+        """When a place is likely to free up: once the decoding row nearest its max_tokens ends, at
+        the last step's pace (it may end sooner, at a stop)."""
+        steps = min((row.sampling.max_tokens - len(row.decoded.tokens) for row in list(self._batch.rows)), default=1)
+        return max(1, math.ceil(steps * self._step_seconds))
 
     def _decode_loop(self) -> None:
         """The decode thread: admit waiting requests, run a step, answer the rows that ended."""
@@ -299,6 +344,7 @@ class HfChatEngine(ChatEngine):
                     self._work.wait()
                 room = self.max_batch - len(self._batch.rows) if self._batch.can_join else 0
                 joining, self._waiting = self._waiting[:room], self._waiting[room:]
+            failed: list[tuple[Pending, Exception]] = []
             with self._model_lock, torch.inference_mode():
                 self._batch.model = self.model  # a PEFT wrapper once the first adapter loaded
                 for request in joining:
@@ -308,18 +354,21 @@ class HfChatEngine(ChatEngine):
                     try:
                         self._batch.join(request.row)
                     except Exception as err:  # noqa: BLE001 - this request fails; the others go on
-                        request.error = err
-                        request.done.set()
+                        failed.append((request, err))
                         continue
                     decoding[id(request.row)] = request
+                started = time.monotonic()
                 try:
                     ended = self._batch.step()
                 except Exception as err:  # noqa: BLE001 - every decoding request fails with it
                     ended, self._batch = self._batch.rows, DecodeBatch(self.model, self.tokenizer, mixed_adapters=True)
-                    for row in ended:
-                        decoding[id(row)].error = err
+                    failed += [(decoding.pop(id(row)), err) for row in ended]
+                    ended = []
+                self._step_seconds = time.monotonic() - started
+            for request, err in failed:
+                self._answered(request, err)
             for row in ended:
-                decoding.pop(id(row)).done.set()
+                self._answered(decoding.pop(id(row)))
 
     def prepare(self, name: str) -> None:
         self.catalog.check(name)
@@ -412,13 +461,14 @@ class VllmChatEngine(ChatEngine):
                                        f"max_lora_rank {self.max_lora_rank}: raise max_lora_rank")
             self.lora_requests[name] = LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=str(folder))
 
-    def complete(self, name: str, prompt_ids: list[int], params: Sampling,
-                 on_text: Callable[[str], None] | None = None,
-                 cancelled: threading.Event | None = None) -> Completion:
+    def submit(self, name: str, prompt_ids: list[int], params: Sampling,
+               on_text: Callable[[str], None] | None = None,
+               cancelled: threading.Event | None = None) -> Callable[[], Completion]:
+        """vLLM's scheduler queues what it cannot run yet: nothing is refused as Overloaded."""
         self.prepare(name)
         self.check_length(len(prompt_ids), params.max_tokens)
-        answer = self._complete(name, prompt_ids, params, on_text, cancelled)
-        return asyncio.run_coroutine_threadsafe(answer, self.loop).result()
+        answer = asyncio.run_coroutine_threadsafe(self._complete(name, prompt_ids, params, on_text, cancelled), self.loop)
+        return answer.result
 
     async def _complete(self, name: str, prompt_ids: list[int], params: Sampling,
                         on_text: Callable[[str], None] | None, cancelled: threading.Event | None) -> Completion:
@@ -444,8 +494,8 @@ class VllmChatEngine(ChatEngine):
 
 
 def open_engine(catalog: ModelCatalog, engine: str = "auto", adapter_cache_size: int = 8,
-                max_lora_rank: int = 64) -> ChatEngine:
+                max_lora_rank: int = 64, max_batch: int = 16, queue_limit: int = 32) -> ChatEngine:
     """vLLM where it is installed and a GPU exists (or `engine="vllm"`), Hugging Face otherwise."""
     if engine == "vllm" or (engine == "auto" and vllm_available()):
         return VllmChatEngine(catalog, adapter_cache_size, max_lora_rank)
-    return HfChatEngine(catalog, adapter_cache_size)
+    return HfChatEngine(catalog, adapter_cache_size, max_batch=max_batch, queue_limit=queue_limit)

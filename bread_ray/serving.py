@@ -8,8 +8,9 @@
 Each replica runs one `inference.ChatEngine`: the base model loaded once, lineage models as
 folded adapters in an LRU cache. Errors use OpenAI's shape, `{"error": {"message", "type",
 "param", "code"}}`: 400 for a request that cannot be served as asked (naming the field), 401
-without the API key, 404 for an unknown model, 500 when a model's adapters fail to load (that
-request alone: the replica keeps serving).
+without the API key, 404 for an unknown model, 429 with `Retry-After` when the replica already
+holds as many requests as it takes (`max_batch` decoding, `queue_limit` waiting), 500 when a
+model's adapters fail to load (that request alone: the replica keeps serving).
 
 Run it with `bgit serve` (in a bgit repository: that repository's models and its base), or
 `serve run serve/config.yaml` / `serve deploy serve/config.yaml` on a cluster; the config's
@@ -34,7 +35,7 @@ import torch
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 
 from bread_ray import ray_cluster
@@ -42,8 +43,10 @@ from bread_ray.decode import Sampling
 from bread_ray.inference import (
     AdapterLoadError,
     Completion,
+    HfChatEngine,
     InvalidRequest,
     ModelCatalog,
+    Overloaded,
     UnknownModel,
     open_engine,
 )
@@ -51,6 +54,7 @@ from bread_ray.preflight import base_model_problem
 from bread_ray.store import open_store
 
 APP_NAME = "bread"  # the Serve application, as serve/config.yaml names it
+MAX_ONGOING_REQUESTS = 256  # per replica, held or refused by the engine; beyond it, requests wait in Ray Serve
 
 
 class ServeSettings(BaseModel):
@@ -69,6 +73,10 @@ class ServeSettings(BaseModel):
     engine: Literal["auto", "hf", "vllm"] = Field("auto", description="vLLM (multi-LoRA, batched) where it is "
                                                   "installed and a GPU exists; Hugging Face otherwise.")
     adapter_cache_size: int = Field(8, ge=1, description="Folded adapters kept loaded per replica (LRU).")
+    max_batch: int = Field(16, ge=1, description="Hugging Face engine: answers a replica decodes together.")
+    queue_limit: int = Field(32, ge=0, description="Hugging Face engine: requests a replica holds beyond its "
+                                                   "batch (waiting for a place or for their model's adapters); "
+                                                   "more are refused at once with 429 and Retry-After.")
     max_lora_rank: int = Field(64, ge=1, description="vLLM only: the largest folded rank (the sum of a "
                                                      "chain's ranks) it can serve.")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens of a request that gives none.")
@@ -76,6 +84,13 @@ class ServeSettings(BaseModel):
     api_key_sha256: str | None = Field(None, description="SHA-256 (hex) of the bearer key clients must "
                                                          "send; none: no key needed. The key itself never "
                                                          "travels in the config.")
+
+    @model_validator(mode="after")
+    def _requests_fit_the_replica(self) -> "ServeSettings":
+        if self.max_batch + self.queue_limit >= MAX_ONGOING_REQUESTS:
+            raise ValueError(f"max_batch + queue_limit must be under {MAX_ONGOING_REQUESTS}, the requests a "
+                             f"replica takes from Ray Serve at once")
+        return self
 
 
 def api_key_digest(key: str) -> str:
@@ -126,11 +141,13 @@ class ChatRequest(BaseModel):
 # ---- errors in OpenAI's shape -------------------------------------------------------------------
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
+def error_response(status: int, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+            429: "rate_limit_error"}
     body = {"error": {"message": message, "type": kind.get(status, "server_error"), "param": param,
                       "code": status}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class HTTPError(Exception):
@@ -173,6 +190,12 @@ async def _adapter_failed(_: Request, err: AdapterLoadError) -> JSONResponse:
     return error_response(500, str(err), "model")
 
 
+@api.exception_handler(Overloaded)
+async def _overloaded(_: Request, err: Overloaded) -> JSONResponse:
+    """429 with Retry-After, which OpenAI's clients wait for before they retry."""
+    return error_response(429, str(err), headers={"Retry-After": str(err.retry_after)})
+
+
 # ---- the deployment -----------------------------------------------------------------------------
 
 
@@ -190,9 +213,6 @@ def usage(completion: Completion) -> dict[str, int]:
             "total_tokens": completion.prompt_tokens + completion.completion_tokens}
 
 
-MAX_ONGOING_REQUESTS = 64  # per replica; each waits for its answer on a thread of its own
-
-
 @serve.deployment(max_ongoing_requests=MAX_ONGOING_REQUESTS)
 @serve.ingress(api)
 class ChatDeployment:
@@ -203,15 +223,14 @@ class ChatDeployment:
         # one thread per CPU given to the replica (Ray's OMP_NUM_THREADS may come after torch's import)
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         catalog = ModelCatalog(settings.base_model, open_store(settings.store), settings.repositories)
-        self.engine = open_engine(catalog, settings.engine, settings.adapter_cache_size, settings.max_lora_rank)
-        # asyncio's default pool has a few threads: requests waiting beyond those would never join
-        # the engine's batch
-        self.answer_threads = ThreadPoolExecutor(MAX_ONGOING_REQUESTS, thread_name_prefix="answer")
+        self.engine = open_engine(catalog, settings.engine, settings.adapter_cache_size, settings.max_lora_rank,
+                                  settings.max_batch, settings.queue_limit)
+        # each request waits for its adapters and its answer on a thread: asyncio's default pool has
+        # a few, and requests waiting beyond those would never reach the engine to be held or refused
+        self.request_threads = ThreadPoolExecutor(MAX_ONGOING_REQUESTS, thread_name_prefix="request")
 
-    def answering(self, *args: Any) -> asyncio.Future:
-        """The engine's answer (`ChatEngine.complete(*args)`), awaited while a thread of the
-        replica's own waits for it."""
-        return asyncio.get_running_loop().run_in_executor(self.answer_threads, self.engine.complete, *args)
+    def in_thread(self, function: Callable[..., Any], *args: Any) -> asyncio.Future:
+        return asyncio.get_running_loop().run_in_executor(self.request_threads, function, *args)
 
     def authorize(self, authorization: str | None) -> None:
         expected = self.settings.api_key_sha256
@@ -223,8 +242,9 @@ class ChatDeployment:
 
     @api.get("/health")
     def health(self) -> dict[str, Any]:
+        held = self.engine.held() if isinstance(self.engine, HfChatEngine) else None
         return {"status": "ok", "base_model": self.engine.base_model,
-                "cached_models": self.engine.cached_models()}
+                "cached_models": self.engine.cached_models(), "requests_held": held}
 
     @api.get("/v1/models")
     async def models(self, authorization: str | None = Header(None)) -> dict[str, Any]:
@@ -244,13 +264,29 @@ class ChatDeployment:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: ChatRequest, authorization: str | None = Header(None)):
+        """Everything that can refuse the request (the model, the prompt, the limits, a full
+        engine) happens before the first byte, so a refusal has its own status even when streamed."""
         self.authorize(authorization)
-        prompt_ids, params = await asyncio.to_thread(self.prepare, request)
+        prompt_ids, params = await self.in_thread(self.prepare, request)
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        cancelled = threading.Event()  # set when the client goes away: its row leaves the batch
+
+        def on_text(piece: str) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+        wait = await self.in_thread(self.engine.submit, request.model, prompt_ids, params,
+                                    on_text if request.stream else None, cancelled)
+        answer = self.in_thread(wait)
         if request.stream:
+            answer.add_done_callback(lambda _: pieces.put_nowait(None))
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return StreamingResponse(self.stream(request.model, prompt_ids, params, include_usage),
+            return StreamingResponse(self.stream(request.model, answer, pieces, cancelled, include_usage),
                                      media_type="text/event-stream")
-        completion = await self.answering(request.model, prompt_ids, params)
+        try:
+            completion = await asyncio.shield(answer)  # a client gone cancels this wait, not the answer's
+        finally:
+            cancelled.set()
         return {
             "id": completion_id(), "object": "chat.completion", "created": int(time.time()),
             "model": request.model,
@@ -260,8 +296,7 @@ class ChatDeployment:
         }
 
     def prepare(self, request: ChatRequest) -> tuple[list[int], Sampling]:
-        """Everything that can refuse the request, before any token: the model (its adapters
-        loaded), the prompt, the limits."""
+        """The model (its adapters loaded), the prompt and the limits, checked."""
         max_tokens = request.max_completion_tokens or request.max_tokens or self.settings.default_max_tokens
         if max_tokens > self.settings.max_tokens_limit:
             raise InvalidRequest(f"max_tokens {max_tokens} is over this server's limit of "
@@ -277,19 +312,9 @@ class ChatDeployment:
             stop=tuple(request.stop), seed=request.seed)
         return prompt_ids, params
 
-    async def stream(self, model: str, prompt_ids: list[int], params: Sampling,
-                     include_usage: bool) -> AsyncIterator[str]:
-        """The answer as chat.completion.chunk events while the engine samples it in a thread."""
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        cancelled = threading.Event()  # set when the client goes away: sampling stops
-
-        def on_text(piece: str) -> None:
-            loop.call_soon_threadsafe(pieces.put_nowait, piece)
-
-        sampling = asyncio.ensure_future(
-            self.answering(model, prompt_ids, params, on_text, cancelled))
-        sampling.add_done_callback(lambda _: pieces.put_nowait(None))
+    async def stream(self, model: str, answer: asyncio.Future, pieces: asyncio.Queue[str | None],
+                     cancelled: threading.Event, include_usage: bool) -> AsyncIterator[str]:
+        """The answer as chat.completion.chunk events while the engine samples it."""
         header = {"id": completion_id(), "object": "chat.completion.chunk", "created": int(time.time()),
                   "model": model}
 
@@ -301,7 +326,7 @@ class ChatDeployment:
             while (piece := await pieces.get()) is not None:
                 yield chunk({"content": piece})
             try:
-                completion = sampling.result()
+                completion = answer.result()
             except Exception as err:  # after the first byte the status is sent: report in the stream
                 yield sse({"error": {"message": str(err), "type": "server_error", "param": None, "code": 500}})
                 return

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from peft import PeftModel
 
 from bread_ray.decode import Sampling
-from bread_ray.inference import HfChatEngine, ModelCatalog
+from bread_ray.inference import HfChatEngine, ModelCatalog, Overloaded
 from bread_ray.models import load_causal_lm, load_tokenizer
 from bread_ray.records import Lineage
 from bread_ray.store import LocalStore, model_prefix
@@ -189,6 +190,86 @@ def test_concurrent_requests_of_different_models_decode_together_as_each_would_a
     assert max(map(len, passes)) > 4 and max(len(set(rows)) for rows in passes) == 4  # base + 3 adapters at once
 
 
+def test_beyond_its_batch_and_queue_the_engine_refuses_at_once_and_answers_every_request_it_took(served, expected):
+    """max_batch 2, queue_limit 3: of 8 requests arriving while the engine is busy, 5 are taken and 3
+    refused (Overloaded, with a delay to retry after), before any token; the 5 are answered as
+    each would be alone, and then there is room again."""
+    base, store, _ = served
+    engine = HfChatEngine(ModelCatalog(str(base), store, [OWNER_REPO]), adapter_cache_size=4, max_batch=2,
+                          queue_limit=3)
+    models = [str(base), *CHAIN]
+    for model in models:
+        engine.prepare(model)
+    params = Sampling(max_tokens=MAX_TOKENS, temperature=0)
+    jobs = [(models[i % 4], QUESTIONS[i % 2]) for i in range(8)]
+    taken, refused = [], []
+    engine._model_lock.acquire()  # the decode thread cannot step: every request taken stays held
+    for model, question in jobs:
+        try:
+            taken.append(((model, question), engine.submit(model, engine.encode(chat(question), {}), params)))
+        except Overloaded as err:
+            refused.append(err)
+    assert engine.held() == 5 and len(refused) == 3
+    assert all(err.retry_after >= 1 and "busy" in str(err) for err in refused)
+    engine._model_lock.release()
+    with ThreadPoolExecutor(max_workers=len(taken)) as pool:
+        answers = list(pool.map(lambda job_and_wait: job_and_wait[1]().text, taken))
+    assert answers == [expected[job] for job, _ in taken]
+    assert engine.held() == 0
+    again = engine.complete(CHAIN[2], engine.encode(chat(QUESTIONS[3]), {}), params)
+    assert again.text == expected[CHAIN[2], QUESTIONS[3]]
+
+
+def test_a_request_cancelled_mid_answer_leaves_the_batch_at_once_and_frees_its_place(served):
+    """As when a streaming client disconnects: the row ends at the token where it was cancelled."""
+    base, store, _ = served
+    engine = HfChatEngine(ModelCatalog(str(base), store, [OWNER_REPO]), max_batch=1, queue_limit=0)
+    cancelled, pieces = threading.Event(), []
+
+    def on_text(piece: str) -> None:
+        pieces.append(piece)
+        cancelled.set()
+
+    params = Sampling(max_tokens=60, temperature=1.0, seed=3)
+    prompt = engine.encode(chat(QUESTIONS[2]), {})
+    whole = engine.complete(CHAIN[0], prompt, params)
+    assert whole.completion_tokens > 10  # uncancelled, the answer runs on
+    cut = engine.complete(CHAIN[0], prompt, params, on_text, cancelled)
+    assert cut.finish_reason == "stop" and cut.completion_tokens < whole.completion_tokens
+    assert whole.text.startswith(pieces[0]) and engine.held() == 0
+    assert engine.complete(CHAIN[0], prompt, params).text == whole.text  # its one place is free
+
+
+def test_64_clients_at_once_are_answered_or_told_when_to_retry_and_the_service_keeps_serving(server, served,
+                                                                                               expected):
+    """The service holds 16 decoding and 32 waiting: every request is answered (its model's
+    answer) or refused with 429 and Retry-After; each refusal means 48 were held, all answered."""
+    models = [str(served[0]), *CHAIN]
+    jobs = [(models[i % 4], QUESTIONS[(i // 4) % 4]) for i in range(64)]
+    start = threading.Barrier(len(jobs))
+
+    def ask(job):
+        model, question = job
+        start.wait()
+        return post(server, {**GOOD, "model": model, "messages": chat(question), "max_tokens": MAX_TOKENS})
+
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        responses = list(pool.map(ask, jobs))
+    answered = [(job, r.json()["choices"][0]["message"]["content"]) for job, r in zip(jobs, responses)
+                if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    assert len(answered) + len(refused) == len(jobs), [r.text for r in responses if r.status_code not in (200, 429)]
+    assert [answer for _, answer in answered] == [expected[job] for job, _ in answered]
+    if refused:
+        assert len(answered) >= 16 + 32
+    for response in refused:
+        assert int(response.headers["Retry-After"]) >= 1
+        assert response.json()["error"]["type"] == "rate_limit_error"
+    health = httpx.get(f"{server}/health").json()
+    assert health["status"] == "ok" and health["requests_held"] == 0
+    assert post(server, GOOD).status_code == 200
+
+
 def test_a_seed_fixes_a_sampled_answer(client):
     def sample(seed):
         return client.chat.completions.create(model=CHAIN[2], messages=chat(QUESTIONS[2]), max_tokens=16,
@@ -351,6 +432,15 @@ def test_bgit_models_also_lists_the_server(server, served, tmp_path):
 def test_bgit_serve_beyond_loopback_needs_a_key(tmp_path):
     done = bgit("serve", "--host", "0.0.0.0", "--base-model", "unused", env={"BREAD_API_KEY": ""}, cwd=tmp_path)
     assert done.returncode == 1 and "needs an API key" in done.stderr
+
+
+def test_bgit_serve_with_more_requests_than_a_replica_takes_is_one_line(tmp_path, monkeypatch, capsys):
+    from bread_ray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "--base-model", "unused", "--max-batch", "200", "--queue-limit", "100"]) == 1
+    assert capsys.readouterr().err == ("bgit: error: max_batch + queue_limit must be under 256, the requests a "
+                                       "replica takes from Ray Serve at once\n")
 
 
 def test_bgit_serve_on_a_port_in_use_is_one_line(tmp_path):
