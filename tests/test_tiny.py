@@ -256,13 +256,11 @@ def test_held_out_questions_are_new_distinct_and_seeded():
     assert held_out_questions(seed=1, n=50) != questions
 
 
-def test_quick_prompt_sensitive_build_is_seeded_and_leaves_the_global_rng_alone(tmp_path):
-    rng_state = torch.random.get_rng_state()
+def test_another_seed_builds_another_prompt_sensitive_model(tmp_path):
+    """(The same seed building the same bytes is the next test's.)"""
     first = build_prompt_sensitive_model(tmp_path / "a", seed=0, steps=2)
-    again = build_prompt_sensitive_model(tmp_path / "b", seed=0, steps=2)
     other = build_prompt_sensitive_model(tmp_path / "c", seed=1, steps=2)
-    assert torch.equal(torch.random.get_rng_state(), rng_state)
-    assert _files(first) == _files(again)
+    assert _files(first).keys() == _files(other).keys()
     assert (first / "model.safetensors").read_bytes() != (other / "model.safetensors").read_bytes()
 
 
