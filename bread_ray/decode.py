@@ -153,7 +153,14 @@ class DecodeBatch:
         """The logits of the last position, [rows, vocab] (float32)."""
         options = {kv_cache_argument(self.model): cache, "use_cache": True, "logits_to_keep": 1}
         if self.mixed_adapters and isinstance(self.model, PeftModel):
-            options["adapter_names"] = [row.adapter or "__base__" for row in rows]
+            adapters = {row.adapter for row in rows}
+            if len(adapters) == 1 and None not in adapters:
+                # one adapter: PEFT's plain path, the same sums at a fifth less per step than a
+                # mixed batch's (whose hooks walk every module on every call)
+                if self.model.active_adapter != rows[0].adapter:
+                    self.model.set_adapter(rows[0].adapter)
+            else:
+                options["adapter_names"] = [row.adapter or "__base__" for row in rows]
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           **options).logits[:, -1].float()
 
