@@ -4,7 +4,8 @@ Two sequential bakes on SmolLM2-135M-Instruct (a pirate, then brevity on top), t
 then the chat service asked the same held-out questions by the base, v1 and v2. Checked from what
 a person reads: each bake's held-out KL falls, the matrix shows each bake baked in and what v2
 kept of v1, and without any prompt the base answers plainly while v1 and v2 talk like pirates. It
-bakes v1 one epoch, not two; the README gives each figure's margin over seeds (bench/margins.py).
+bakes each version one epoch, not two; the README gives each figure's margin over seeds
+(bench/margins.py).
 
 `--tiny` runs the same code on the prompt-sensitive tiny model with its own recipe, whose bakes
 tests/test_sequential_bake.py covers; here only that recipe is checked, cheaply.
@@ -68,7 +69,7 @@ def eval_matrix(out: str) -> dict[str, list[float]]:
 
 @pytest.mark.slow
 def test_the_main_demo_bakes_smollm2_into_a_pirate_then_brief(tmp_path, smollm2_folder, check):
-    out = run_demo(tmp_path / "demo", "--epochs", "1", "2", "--seed", str(SEED)).stdout
+    out = run_demo(tmp_path / "demo", "--epochs", "1", "1", "--seed", str(SEED)).stdout
     kls = held_out_kls(out)
     check("v1's held-out KL over its parent's", kls[0][1] / kls[0][0], "<", 0.25)
     check("v2's held-out KL over its parent's", kls[1][1] / kls[1][0], "<", 0.5)
