@@ -288,7 +288,8 @@ class HfChatEngine(ChatEngine):
 
     def held(self) -> int:
         """Requests taken and not yet answered: decoding, or waiting for a place or adapters."""
-        return sum(self._in_use.values())
+        with self._work:  # a reentrant lock: submit holds it when it asks
+            return sum(self._in_use.values())
 
     def submit(self, name: str, prompt_ids: list[int], params: Sampling,
                on_text: Callable[[str], None] | None = None,
