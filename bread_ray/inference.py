@@ -299,8 +299,9 @@ class HfChatEngine(ChatEngine):
         request = Pending(name, prompt_ids, params, ResponseText(self.tokenizer, params.stop), on_text, cancelled)
         with self._work:
             if self.held() >= self.max_batch + self.queue_limit:
+                retry_after = self.seconds_until_room()
                 raise Overloaded(f"this server is busy: {self.max_batch} answers are decoding and {self.queue_limit} "
-                                 f"requests wait for a place; retry later", self.seconds_until_room())
+                                 f"requests wait for a place; retry in {retry_after} s", retry_after)
             self._in_use[name] += 1  # from here until answered: its adapter stays loaded
         try:
             if name != self.base_model:

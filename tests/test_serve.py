@@ -210,7 +210,8 @@ def test_beyond_its_batch_and_queue_the_engine_refuses_at_once_and_answers_every
         except Overloaded as err:
             refused.append(err)
     assert engine.held() == 5 and len(refused) == 3
-    assert all(err.retry_after >= 1 and "busy" in str(err) for err in refused)
+    assert all(err.retry_after >= 1 and f"busy: 2 answers are decoding and 3 requests wait for a place; retry in "
+               f"{err.retry_after} s" in str(err) for err in refused)
     engine._model_lock.release()
     with ThreadPoolExecutor(max_workers=len(taken)) as pool:
         answers = list(pool.map(lambda job_and_wait: job_and_wait[1]().text, taken))
