@@ -263,10 +263,12 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_a_bake_stops_it_at_a_step_end_in_one_line_and_the_next_run_resumes(tmp_path, tiny_model):
+def test_ctrl_c_during_a_bake_stops_it_at_a_step_end_in_one_line_and_the_next_run_resumes(tmp_path, tiny_model,
+                                                                                          ray_session, monkeypatch):
     """SIGINT to `bgit run bake` while it trains in bgit's own process: exit 130 with bgit's lines
     only (the process used to abort now and then, exit 134, as the interpreter exited under a
-    running torch op); then the same command finishes the bake."""
+    running torch op); then the same command finishes the bake. (Stim and rollout run first, here
+    on the session's Ray.)"""
     distributed = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")  # an earlier bake's, here
     env = {key: value for key, value in os.environ.items() if key not in (*distributed, "RAY_ADDRESS")}
     env["BREAD_STORE"] = str(tmp_path / "store")
@@ -283,7 +285,9 @@ def test_ctrl_c_during_a_bake_stops_it_at_a_step_end_in_one_line_and_the_next_ru
                                 cwd=repo.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
-    assert bgit("run", "stim", "rollout").wait(timeout=300) == 0
+    monkeypatch.setenv("BREAD_STORE", env["BREAD_STORE"])
+    monkeypatch.chdir(repo.root)
+    assert main(["run", "stim", "rollout", "--no-progress"]) == 0
     baking = bgit("run", "bake", slow=True)
     deadline = time.monotonic() + 600
     while not any((tmp_path / "store").rglob("train_log_metrics.jsonl")):  # until the bake has logged a step
