@@ -12,9 +12,13 @@ adapters (random weights) in a local store, all in one run:
    - engine in process: the service's engine (the chain as one unmerged PEFT adapter, the
      sampling loop, detokenizing), no HTTP;
    - served, one client: the chat service (Ray Serve, one replica) with one request at a time;
-   - served, `--concurrency` clients at once.
+   - served, `--concurrency` clients at once, all asking the chain's last model;
+   - served, `--concurrency` clients at once spread over the four versions of the lineage (the
+     base and each model of the chain: rows of different adapters in one batch).
+   Served requests stream, as a chat does: each one's time to its first token is measured too.
    Greedy answers are the same tokens either way (tests/test_serve.py checks it), so the work per
-   request is equal. Printed: requests/s, p50/p95 latency and their ratios to direct.
+   request is equal (for one model; the versions differ by their adapters). Printed: requests/s, p50/p95 latency, p95 time to first token and the ratios
+   to direct.
 2. Cold against cached: the first request to each of several fresh models (downloads the chain,
    folds it, loads the adapter) against a second request to the same model (cached).
 """
@@ -98,20 +102,25 @@ def engine_in_process(base: Path, store: LocalStore, model: str, questions: list
     return latencies
 
 
-def served(url: str, model: str, questions: list[str], max_tokens: int, concurrency: int) -> tuple[list[float], float]:
-    """Latency of each request and the wall time of all, `concurrency` at a time."""
-    def one(question: str) -> float:
-        started = time.perf_counter()
-        response = httpx.post(f"{url}/v1/chat/completions", timeout=600, json={
-            "model": model, "messages": [{"role": "user", "content": question}],
-            "max_tokens": max_tokens, "temperature": 0})
-        response.raise_for_status()
-        return time.perf_counter() - started
+def served(url: str, models: list[str], questions: list[str], max_tokens: int,
+           concurrency: int) -> tuple[list[float], list[float], float]:
+    """Each streamed request's latency and time to its first token, and the wall time of all,
+    `concurrency` at a time; request i asks models[i % len(models)]."""
+    def one(i: int) -> tuple[float, float]:
+        started, first = time.perf_counter(), None
+        body = {"model": models[i % len(models)], "messages": [{"role": "user", "content": questions[i]}],
+                "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if first is None and '"content": "' in line and '"content": ""' not in line:
+                    first = time.perf_counter() - started
+        return time.perf_counter() - started, first if first is not None else time.perf_counter() - started
 
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        latencies = list(pool.map(one, questions))
-    return latencies, time.perf_counter() - started
+        latencies, first_tokens = zip(*pool.map(one, range(len(questions))))
+    return list(latencies), list(first_tokens), time.perf_counter() - started
 
 
 def main() -> int:
@@ -138,28 +147,34 @@ def main() -> int:
     settings = ServeSettings(base_model=str(base), store=store.uri, adapter_cache_size=COLD_MODELS + 1)
     serve.run(chat_app(settings), name="bread", route_prefix="/")
     url = "http://127.0.0.1:8765"
-    served(url, model, questions[:2], args.max_tokens, 1)  # warm-up: the adapter loaded, the paths hot
+    # the base and each model of the chain: four versions of one lineage
+    versions = [str(base), *(f"bench/serve/hot-{depth}/1" for depth in range(len(LORAS)))]
+    served(url, versions, questions[:len(versions)], args.max_tokens, len(versions))  # warm-up: adapters loaded
 
     direct = direct_generate(base, folders, questions, args.max_tokens)
     engine = engine_in_process(base, store, model, questions, args.max_tokens)
-    one_client, one_wall = served(url, model, questions, args.max_tokens, 1)
-    many_clients, many_wall = served(url, model, questions, args.max_tokens, args.concurrency)
+    one_client = served(url, [model], questions, args.max_tokens, 1)
+    many_clients = served(url, [model], questions, args.max_tokens, args.concurrency)
+    many_versions = served(url, versions, questions, args.max_tokens, args.concurrency)
 
     cold, cached = [], []
     for name in cold_models:
-        cold += served(url, name, questions[:1], args.max_tokens, 1)[0]
-        cached += served(url, name, questions[:1], args.max_tokens, 1)[0]
+        cold += served(url, [name], questions[:1], args.max_tokens, 1)[0]
+        cached += served(url, [name], questions[:1], args.max_tokens, 1)[0]
     serve.shutdown()
 
     direct_rate = len(direct) / sum(direct)
     print(f"{args.requests} greedy requests of up to {args.max_tokens} tokens, model {model} (a chain of 3) "
-          f"on {base.name}")
-    print(f"{'':28}{'requests/s':>12}{'p50 s':>10}{'p95 s':>10}{'rate vs direct':>16}{'p50 vs direct':>15}")
-    rows = [("direct generate", direct, sum(direct)), ("engine in process", engine, sum(engine)), ("served, 1 client", one_client, one_wall),
-            (f"served, {args.concurrency} clients", many_clients, many_wall)]
-    for label, latencies, wall in rows:
+          f"on {base.name}; served requests stream (TTFT: time to the first token)")
+    print(f"{'':32}{'requests/s':>12}{'p50 s':>10}{'p95 s':>10}{'p95 TTFT s':>12}{'rate vs direct':>16}"
+          f"{'p50 vs direct':>15}")
+    rows = [("direct generate", direct, None, sum(direct)), ("engine in process", engine, None, sum(engine)),
+            ("served, 1 client", *one_client), (f"served, {args.concurrency} clients", *many_clients),
+            (f"served, {args.concurrency} clients, {len(versions)} versions", *many_versions)]
+    for label, latencies, first_tokens, wall in rows:
         rate = len(latencies) / wall
-        print(f"{label:28}{rate:12.2f}{percentile(latencies, 0.5):10.3f}{percentile(latencies, 0.95):10.3f}"
+        ttft = f"{percentile(first_tokens, 0.95):12.3f}" if first_tokens else f"{'':12}"
+        print(f"{label:32}{rate:12.2f}{percentile(latencies, 0.5):10.3f}{percentile(latencies, 0.95):10.3f}{ttft}"
               f"{rate / direct_rate:15.2f}x{percentile(latencies, 0.5) / percentile(direct, 0.5):14.2f}x")
     cold_p50, cached_p50 = statistics.median(cold), statistics.median(cached)
     print(f"adapter cold load (download + fold 3 + load) vs cached, median of {COLD_MODELS} models: "
