@@ -17,8 +17,8 @@ adapters (random weights) in a local store, all in one run:
      base and each model of the chain: rows of different adapters in one batch).
    Served requests stream, as a chat does: each one's time to its first token is measured too.
    Greedy answers are the same tokens either way (tests/test_serve.py checks it), so the work per
-   request is equal (for one model; the versions differ by their adapters). Printed: requests/s, p50/p95 latency, p95 time to first token and the ratios
-   to direct.
+   request is equal (for one model; the versions differ by their adapters). Printed: requests/s,
+   p50/p95 latency, p95 time to first token and the ratios to direct.
 2. Cold against cached: the first request to each of several fresh models (downloads the chain,
    folds it, loads the adapter) against a second request to the same model (cached).
 """
@@ -115,7 +115,8 @@ def served(url: str, models: list[str], questions: list[str], max_tokens: int,
             for line in response.iter_lines():
                 if first is None and '"content": "' in line and '"content": ""' not in line:
                     first = time.perf_counter() - started
-        return time.perf_counter() - started, first if first is not None else time.perf_counter() - started
+        total = time.perf_counter() - started
+        return total, total if first is None else first
 
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
