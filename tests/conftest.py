@@ -1,16 +1,35 @@
 import json
+import os
 import shutil
 import socket
+import tempfile
 import threading
 import uuid
 from pathlib import Path
 
 import pytest
 
+# `make test` runs the tests in two pytest-xdist workers. Ray keeps what it records on the machine
+# (the cluster `ray start` last started, which tests start, crash and restore) under $RAY_TMPDIR/ray:
+# each worker gets its own, set before Ray is imported, which this process and every one it starts see.
+if "PYTEST_XDIST_WORKER" in os.environ and "RAY_TMPDIR" not in os.environ:
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=f"bread-{os.environ['PYTEST_XDIST_WORKER']}-")
+
 from bread_ray.model_sources import resolve_model_source
 from bread_ray.store import S3Store
 
 from s3_server import swift_s3_server
+
+# `make test` hands whole files to its two workers in collection order (`--dist loadfile
+# --no-loadscope-reorder`): the files that take longest (pytest --durations) go first, so that none
+# of them is left running alone at the end while the other worker idles.
+LONGEST_FILES_FIRST = ("test_demo.py", "test_bake.py", "test_jobs.py", "test_sequential_bake.py", "test_tiny.py",
+                       "test_ray_cluster.py", "test_stream.py", "test_landing.py", "test_serve.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: position for position, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray._common.utils import get_default_ray_temp_dir
 
 from bread_ray.jobs import JOB_RECORD, JOBS_API_TIMEOUT_S
 from bread_ray.repo import BreadRepo
@@ -24,7 +25,8 @@ from bread_ray.repo import BreadRepo
 from ray_heads import ensure_auth_token, start_head, user_env
 from repos import bgit, committed_repo
 
-RAY_RECORD = Path("/tmp/ray/ray_current_cluster")  # where `ray start` records its head on this machine
+RAY_TEMP = Path(get_default_ray_temp_dir())  # /tmp/ray, or under $RAY_TMPDIR (conftest: one per test worker)
+RAY_RECORD = RAY_TEMP / "ray_current_cluster"  # where `ray start` records its head on this machine
 INPUT = yaml.safe_dump({
     "PROMPT": {"teacher": {"messages": [{"role": "system", "content": "Talk like a pirate."}]}},
     "TARGET": {"name": "pirate", "generators": [{"type": "hardcoded", "questions": [
@@ -71,7 +73,7 @@ def test_a_crashed_head_on_the_machine_neither_hangs_a_run_nor_is_joined_silentl
 
     done = bgit("run", "stim", cwd=repo.root, env=env)  # a new local cluster, as the help says
     assert done.returncode == 0 and done.stderr == "", done.stderr  # Ray's own logs stay in its folder
-    assert "Ray: started a local cluster; its logs are in /tmp/ray/session_" in done.stdout
+    assert f"Ray: started a local cluster; its logs are in {RAY_TEMP}/session_" in done.stdout
 
     address = recorded.replace(recorded.rsplit(":", 1)[0], "127.0.0.1")
     for args, extra in ((("run", "rollout"), {"RAY_ADDRESS": address}),
