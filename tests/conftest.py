@@ -9,11 +9,16 @@ from pathlib import Path
 
 import pytest
 
+# Set before torch or Ray is imported; this process and every one it starts see them.
 # `make test` runs the tests in two pytest-xdist workers. Ray keeps what it records on the machine
 # (the cluster `ray start` last started, which tests start, crash and restore) under $RAY_TMPDIR/ray:
-# each worker gets its own, set before Ray is imported, which this process and every one it starts see.
+# each worker gets its own.
 if "PYTEST_XDIST_WORKER" in os.environ and "RAY_TMPDIR" not in os.environ:
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=f"bread-{os.environ['PYTEST_XDIST_WORKER']}-")
+# The tests' processes share the cores (two workers, each with its Ray cluster and subprocesses): an
+# OpenMP thread that waits sleeps rather than spins on a core another process needs (bench/threads.py
+# measures two torch processes at once, and one alone, both ways).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from bread_ray.model_sources import resolve_model_source
 from bread_ray.store import S3Store
