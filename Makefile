@@ -10,9 +10,9 @@ demo:            ## install into .venv, then run the main job (the demo) on the 
 	bash scripts/setup.sh
 	$(VENV_PATH) .venv/bin/python -m bread_ray.demo
 
-# Two pytest-xdist workers, one per core of the 2-core machines this runs on: alone, the tests leave
-# a quarter of the cores idle (waiting on processes, servers, Ray). Each worker takes whole files
-# (module fixtures are built once), longest first (tests/conftest.py).
+# Two pytest-xdist workers, one per core of the 2-core machines this runs on: in one process the
+# tests leave the cores idle while they wait on processes, servers and Ray (the README's figures).
+# Each worker takes whole files (module fixtures are built once), longest first (tests/conftest.py).
 PYTEST = $(VENV_PATH) .venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test:            ## install into .venv with the test tools and the S3-compatible server, lint, run every test
