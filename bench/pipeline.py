@@ -1,15 +1,23 @@
 """`bgit run stim rollout` over three targets: the streaming pipeline against the stage by stage path.
 
-    python bench/pipeline.py                 # SmolLM2-135M-Instruct, questions 1-3 s per request
+    python bench/pipeline.py                 # SmolLM2-135M-Instruct, both shapes of question writing
     python bench/pipeline.py --quick         # the tiny model, shorter answers
+    python bench/pipeline.py --shape rounds  # one shape
 
 Each target's questions come from a loopback server speaking Anthropic's Messages API through the
-real client (tests/fake_anthropic.py), each request taking 1 to 3 s as a real API does; its
-replies depend on the prompt alone, so both paths get the same questions. The stage by stage
-path runs, as bgit did before streaming, each target's stim and then each target's rollout, each
+real client (tests/fake_anthropic.py); its replies depend on the prompt alone, so both paths get
+the same questions. Two shapes:
+
+    parallel  24 persona questions per target, requests 1-3 s as a real API's, several at once;
+              one trajectory of <= 32 tokens (8 with --quick) per question
+    rounds    18 questions per target, one request at a time (max_concurrency 1), each taking
+              10 s and holding 8 questions of which 2 repeat: stim asks for 18, then 12, then 6,
+              one round after another; one 529 on the way; 3 trajectories of <= 24 tokens each
+
+The stage by stage path runs, as bgit did before streaming, each target's stim and then each target's rollout, each
 with its own Ray Data pool; the streaming path runs one pool of question writers and one of
-teacher samplers for all targets (bread_ray.stream). Both write the same bytes (checked here)
-and share one Ray cluster, started before either is timed.
+teacher samplers for all targets (bread_ray.stream). Both write the same bytes (checked here), each
+in a store of its own, and share one Ray cluster, started before either is timed.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -37,14 +46,34 @@ TARGETS = {"pirate": "You are a pirate captain.", "poet": "You answer in rhyme."
            "chef": "You are a French chef who relates everything to food."}
 
 
-def input_yml(numq: int, max_tokens: int) -> str:
-    return yaml.safe_dump({
-        "PROMPT": {"teacher": {"messages": [{"role": "system", "content": "Be helpful."}]}},
-        "TARGET": [{"name": name, "generators": [{"type": "persona", "numq": numq}], "max_tokens": max_tokens,
-                    "num_traj_per_stimulus": 1,
-                    "prompt": {"teacher": {"messages": [{"role": "system", "content": prompt}]}}}
-                   for name, prompt in TARGETS.items()],
-    }, sort_keys=False)
+@dataclass(frozen=True)
+class Shape:
+    """How the questions of each target are written, and what is sampled of them."""
+
+    generator: dict  # each target's one generator
+    max_tokens: int
+    trajectories: int  # per question
+    latency: tuple[float, float]  # seconds per question request, drawn uniformly
+    reply_size: tuple[int, int] | None = None  # FakeAnthropic's: questions per reply, repeats among them
+    faults: tuple[str, ...] = ()  # FakeAnthropic's scripted behaviours, one per request from the first
+    max_concurrency: int = 10  # question requests in flight (input.yml's default)
+
+    def input_yml(self) -> str:
+        return yaml.safe_dump({
+            "PROMPT": {"teacher": {"messages": [{"role": "system", "content": "Be helpful."}]}},
+            "TARGET": [{"name": name, "generators": [dict(self.generator)], "max_tokens": self.max_tokens,
+                        "num_traj_per_stimulus": self.trajectories, "max_concurrency": self.max_concurrency,
+                        "prompt": {"teacher": {"messages": [{"role": "system", "content": prompt}]}}}
+                       for name, prompt in TARGETS.items()],
+        }, sort_keys=False)
+
+
+def shapes(quick: bool) -> dict[str, Shape]:
+    return {
+        "parallel": Shape({"type": "persona", "numq": 24}, 8 if quick else 32, 1, (1.0, 3.0)),
+        "rounds": Shape({"type": "oneshot_qs", "numq": 18}, 24, 3, (10.0, 10.0), reply_size=(8, 2),
+                        faults=("529",), max_concurrency=1),
+    }
 
 
 def stage_by_stage(repo: BreadRepo, store: LocalStore) -> None:
@@ -63,40 +92,45 @@ def stored_bytes(store: LocalStore) -> dict[str, bytes]:
             if p.is_file() and "manifest" not in p.name}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the tiny model and 8-token answers")
-    parser.add_argument("--numq", type=int, default=24, help="questions per target (requests of at most 20)")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--latency", type=float, nargs=2, default=(1.0, 3.0), metavar=("LOW", "HIGH"),
-                        help="seconds per question request, drawn uniformly")
-    args = parser.parse_args(argv)
-
-    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    model = build_tiny_model(work / "tiny") if args.quick else Path(resolve_model_source("smollm2-135m-instruct"))
+def compare(shape: Shape, model: Path, work: Path) -> dict[str, float]:
+    """Wall seconds of both paths on `shape`, each into a store of its own (the same bytes, checked)."""
     repo = BreadRepo.init(work / "crew", base_model=str(model), owner="bench")
-    (repo.root / "input.yml").write_text(input_yml(args.numq, 8 if args.quick else args.max_tokens))
+    (repo.root / "input.yml").write_text(shape.input_yml())
     repo.git("add", "input.yml")
     repo.git("commit", "-q", "-m", "three targets")
-    ray_cluster.connect("local")
-
     seconds, outputs = {}, {}
-    with FakeAnthropic(delay_s=tuple(args.latency), deterministic=True) as server:
+    with FakeAnthropic(delay_s=shape.latency, deterministic=True, reply_size=shape.reply_size) as server:
         os.environ.update(ANTHROPIC_BASE_URL=server.url, ANTHROPIC_API_KEY="bench")
         for name, way in (("stage by stage", stage_by_stage), ("streaming", streaming)):
             store = LocalStore(work / name.replace(" ", "-"))
+            server.script(*shape.faults)
             started = time.monotonic()
             way(repo, store)
             seconds[name] = time.monotonic() - started
             outputs[name] = stored_bytes(store)
     assert outputs["streaming"] == outputs["stage by stage"], "the two paths wrote different bytes"
+    return seconds
 
-    print(f"\n{len(TARGETS)} targets x {args.numq} questions (requests {args.latency[0]:g}-{args.latency[1]:g} s), "
-          f"1 trajectory of <= {8 if args.quick else args.max_tokens} tokens each, teacher {model.name}")
-    print(f"{'':16}{'wall s':>8}{'ratio':>8}")
-    for name, value in seconds.items():
-        print(f"{name:16}{value:8.1f}{value / seconds['stage by stage']:8.2f}x")
-    print(f"same bytes in both stores: {len(outputs['streaming'])} files")
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the tiny model (and 8-token answers in `parallel`)")
+    parser.add_argument("--shape", choices=("parallel", "rounds", "both"), default="both")
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    model = build_tiny_model(work / "tiny") if args.quick else Path(resolve_model_source("smollm2-135m-instruct"))
+    ray_cluster.connect("local")
+    chosen = {name: shape for name, shape in shapes(args.quick).items() if args.shape in (name, "both")}
+    seconds = {name: compare(shape, model, work / name) for name, shape in chosen.items()}
+
+    teacher = "the tiny model" if args.quick else "smollm2-135m-instruct"
+    print(f"\n{len(TARGETS)} targets, teacher {teacher}; wall seconds of `bgit run stim rollout`")
+    print(f"{'shape':10}{'stage by stage':>16}{'streaming':>11}{'ratio':>8}")
+    for name, pair in seconds.items():
+        print(f"{name:10}{pair['stage by stage']:16.1f}{pair['streaming']:11.1f}"
+              f"{pair['streaming'] / pair['stage by stage']:8.2f}x")
+    print("both paths wrote the same bytes in every shape")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ and more requests are made while a generator is short.
 A local writer (`model: local:<path or hub id>` or `model: parent`) generates in this process.
 Each finished request's questions are stored as it finishes, so a re-run after a failure makes
 only the missing requests; the manifest is written last (the layout: bread_ray.store). When the
-run also does the rollout, bread_ray.stream makes the first requests of every target at once and
-rolls out each question as it arrives; this stage then only writes what they made.
+run also does the rollout, bread_ray.stream makes the requests of every target at once, round by
+round, and rolls out each question as it arrives; this stage then only writes what they made.
 """
 
 from __future__ import annotations
@@ -414,18 +414,28 @@ def write_llm_questions(
                     f"(generators {sorted({f.generator for f in failures})}); first error: {failures[0].error}. "
                     f"The {len(missing) - len(failures)} finished requests are saved: a re-run makes only the rest."
                 )
-            short = {j: g.numq - len(collected(j)) for j, g in generators.items() if len(collected(j)) < g.numq}
-            if not short:
+            more = {j: more_requests(j, g, planned[j], len(collected(j)), prompt_u=prompt_u, base_dir=base_dir,
+                                     parent_model=parent_model) for j, g in generators.items()}
+            if not any(more.values()):
                 return {j: collected(j)[: g.numq] for j, g in generators.items()}
-            for j, shortfall in short.items():
-                first = planned[j][-1].request + 1
-                planned[j] += plan_requests(j, generators[j], first=first, numq=shortfall, prompt_u=prompt_u,
-                                            base_dir=base_dir, parent_model=parent_model)
-    j, shortfall = next(iter(short.items()))
+            for j, requests in more.items():
+                planned[j] += requests
+    j = next(j for j, g in generators.items() if len(collected(j)) < g.numq)
     raise StimError(
-        f"target {target.name}: generator {j} ({generators[j].type}) has only {generators[j].numq - shortfall} "
+        f"target {target.name}: generator {j} ({generators[j].type}) has only {len(collected(j))} "
         f"distinct questions of {generators[j].numq} after {MAX_ROUNDS} rounds of requests"
     )
+
+
+def more_requests(j: int, generator: Any, planned: list[QuestionRequest], have: int, *, prompt_u: str,
+                  base_dir: Path, parent_model: str) -> list[QuestionRequest]:
+    """Generator j's next round, once its `planned` requests have arrived with `have` distinct
+    questions: requests for the numq - have it still lacks, numbered after the last; none when
+    it has numq."""
+    if have >= generator.numq:
+        return []
+    return plan_requests(j, generator, first=planned[-1].request + 1, numq=generator.numq - have, prompt_u=prompt_u,
+                         base_dir=base_dir, parent_model=parent_model)
 
 
 def first_round(target: ResolvedTarget, generators: dict[int, Any], *, base_dir: Path,

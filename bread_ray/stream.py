@@ -7,16 +7,18 @@ A target's stimuli are its generators' questions in order, and generator j holds
 in advance (numq, or the hardcoded list), so where each question will sit is known before any
 question is. A rollout shard (shard_size stimuli by index, bread_ray.rollout) is ready as soon as
 each of its stimuli is known: hardcoded and dataset questions at once; an LLM generator's once the
-requests before them have arrived (duplicates dropped in request order, as stim does). The board
-hands ready shards to the sampler pool as they come, of any target, so the teacher answers the
-first questions while an LLM API still writes the rest; one pool serves every target, and each
-teacher model is loaded once per actor.
+requests before them have arrived (duplicates dropped in request order, as stim does). Requests
+come in stim's rounds: a generator left short by duplicates asks again for what it lacks, here in
+the stream, so its first shards are answered while the later rounds are written. The board hands
+ready shards to the sampler pool as they come, of any target, so the teacher answers the first
+questions while an LLM API still writes the rest; one pool serves every target, and each teacher
+model is loaded once per actor.
 
 Everything goes to the store as it is made, in the layout and with the seeds of the stage by stage
 path (`bgit run stim`, then `bgit run rollout`): question parts as requests finish, rollout parts
 as shards finish. That path then completes each target (bread_ray.pipeline): it writes the stimuli
-and the manifests, asks again for a generator left short by duplicates, and rolls out any shard
-left. So the stored stimuli and trajectories are byte for byte the stage by stage path's, a re-run
+and the manifests, and makes whatever the stream could not (a generator still short after stim's
+rounds, a shard left). So the stored stimuli and trajectories are byte for byte the stage by stage path's, a re-run
 does only what is missing, and a failed target keeps every finished part of every target.
 """
 
@@ -26,25 +28,28 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
 from bread_ray.config import ResolvedTarget
 from bread_ray.llm import LLMSettings
 from bread_ray.progress import add_bar, progress_bars
 from bread_ray.ray_cluster import actor_pool
-from bread_ray.records import QuestionReply, QuestionRequest
+from bread_ray.records import QuestionRequest
 from bread_ray.stage import Run, Streamed
 from bread_ray.stim import (
     LLM_TYPES,
+    MAX_ROUNDS,
     distinct,
     first_round,
     fixed_questions,
     local_writer_loader,
+    more_requests,
     read_stimuli,
+    render_teacher_prompt,
+    run_requests,
     store_part,
     stored_parts,
-    write_locally,
-    write_on_ray,
 )
 from bread_ray.store import STIM_MANIFEST, finished_shards
 
@@ -131,6 +136,12 @@ class ShardBoard:
         async with self.changed:
             self.changed.notify_all()
 
+    async def plan(self, requests: list[tuple[str, int, int]]) -> None:
+        """A next round's (target, generator, request)s, told before any of them arrives: a
+        generator's questions are known only up to its first missing request."""
+        for target_id, generator, request in requests:
+            self.targets[target_id].requests[generator].append(request)
+
     async def close(self) -> None:
         async with self.changed:
             self.closed = True
@@ -173,68 +184,103 @@ def stream_targets(run: Run, targets: list[ResolvedTarget], *, num_actors: int =
     """Stim and rollout of `targets` at once; returns why the questions of each target that
     failed failed, and the rollout shards sampled of each.
 
-    Leaves in the store every question part and rollout part it could make; the stage by stage
-    path (bread_ray.pipeline) completes each target that did not fail.
+    The questions come in rounds, as stim makes them: each round's requests of every target at
+    once, then the next round for each generator still short of its count (duplicates dropped),
+    while the samplers answer every shard whose questions are known. Leaves in the store every
+    question part and rollout part it could make; the stage by stage path (bread_ray.pipeline)
+    completes each target that did not fail.
     """
     import ray
 
-    plans, requests = [], []
-    load_writer = local_writer_loader(run.store)  # each local question writer loaded once for all targets
-    for target in targets:
-        plan, pending = plan_target(run, target, load_writer)
-        plans.append(plan)
-        requests += pending
+    questions = [TargetQuestions.plan(run, target) for target in targets]
+    plans = [target.stimuli for target in questions]
+    known = {plan.target_id: plan for plan in plans}
+    by_id = {t.id: t for t in targets}
     finished = {t.id: finished_shards(run.store, run.target_prefix(t.id)) for t in targets}
     slots = sum(plan.num_shards - len(finished[plan.target_id]) for plan in plans)
     board = ray.remote(num_cpus=0)(ShardBoard).remote(plans, finished)
+    load_writer = local_writer_loader(run.store)  # each local question writer loaded once for all targets
     failures: dict[str, list[str]] = {}
-    by_id = {t.id: t for t in targets}
+    made: dict[str, int] = {}  # requests made, by target
     with StreamProgress(run.progress, targets, plans, finished) as view:
         sampling = threading.Thread(target=view.follow, args=(lambda: sample_slots(
             run, targets, board, slots, num_actors),), daemon=True)
         sampling.start()
         try:
-            if requests:
-                max_concurrency = min(by_id[r.target].spec.max_concurrency for r in requests)
-                for reply in write_on_ray(requests, max_concurrency=max_concurrency, llm=llm):
+            requests = [r for target in questions for r in target.first_round()]
+            for _ in range(MAX_ROUNDS):
+                missing = [r for r in requests if (r.generator, r.request) not in known[r.target].parts]
+                max_concurrency = min((by_id[r.target].spec.max_concurrency for r in missing), default=1)
+                for reply in run_requests(missing, max_concurrency=max_concurrency, llm=llm, load_writer=load_writer):
+                    made[reply.target] = made.get(reply.target, 0) + 1
                     if reply.error:
                         failures.setdefault(reply.target, []).append(reply.error)
                         continue
                     store_part(run.store, run.target_prefix(reply.target), reply)
                     board.add.remote(reply.target, reply.generator, reply.request, reply.questions)
-                    view.question_arrived(reply)
+                    known[reply.target].parts[reply.generator, reply.request] = reply.questions
+                    view.question_arrived(reply.target)
+                requests = [r for target in questions if target.target.id not in failures for r in target.next_round()]
+                if not requests:
+                    break
+                ray.get(board.plan.remote([(r.target, r.generator, r.request) for r in requests]))
         finally:
             board.close.remote()
             sampling.join()
     if view.error is not None:
         raise view.error
-    total = {t: sum(1 for r in requests if r.target == t) for t in failures}
-    return Streamed({target_id: (f"target {by_id[target_id].name}: {len(errors)} of {total[target_id]} question "
+    return Streamed({target_id: (f"target {by_id[target_id].name}: {len(errors)} of {made[target_id]} question "
                                  f"requests failed; first error: {errors[0]}")
                      for target_id, errors in failures.items()}, view.shards)
 
 
-def plan_target(run: Run, target: ResolvedTarget,
-                load_writer: Callable[[str], tuple[Any, Any]]) -> tuple[TargetStimuli, list[QuestionRequest]]:
-    """What is known of the target's stimuli before streaming (its stored stimuli, or its fixed
-    questions and stored request parts), and the Anthropic requests still to make. A local writer
-    (`load_writer(source) -> (tokenizer, model)`) answers its requests here, in this process, first."""
-    prefix = run.target_prefix(target.id)
-    if run.store.exists(f"{prefix}/{STIM_MANIFEST}"):
-        questions = [record["question"] for record in read_stimuli(run.store, prefix)]
-        return TargetStimuli(target.id, [len(questions)], {0: questions}), []
-    generators = target.spec.generators
-    llm = {j: g for j, g in enumerate(generators) if g.type in LLM_TYPES}
-    fixed = fixed_questions(target, run.repo.root, run.target_index(target))
-    planned = first_round(target, llm, base_dir=run.repo.root, parent_model=run.resolved.parent_model)
-    plan = TargetStimuli(target.id, [len(fixed[j]) if j in fixed else g.numq for j, g in enumerate(generators)],
-                         fixed, {j: [r.request for r in rs] for j, rs in planned.items()},
-                         stored_parts(run.store, prefix))
-    missing = [r for rs in planned.values() for r in rs if (r.generator, r.request) not in plan.parts]
-    for reply in write_locally([r for r in missing if r.local_source], load_writer):
-        store_part(run.store, prefix, reply)
-        plan.parts[reply.generator, reply.request] = reply.questions
-    return plan, [r.model_copy(update={"target": target.id}) for r in missing if not r.local_source]
+@dataclass
+class TargetQuestions:
+    """One target's question requests in the stream, round by round, planned as stim plans them
+    (bread_ray.stim.write_llm_questions), so both paths make the same requests."""
+
+    target: ResolvedTarget
+    stimuli: TargetStimuli  # what is known of its stimuli (the driver's copy; the board holds another)
+    planned: dict[int, list[QuestionRequest]]  # LLM generator -> its requests so far, in order
+    prompt_u: str
+    base_dir: Path
+    parent_model: str
+
+    @classmethod
+    def plan(cls, run: Run, target: ResolvedTarget) -> TargetQuestions:
+        """What is known before streaming: the target's stored stimuli, or its fixed questions,
+        its first round of requests and the parts of them already stored."""
+        prefix = run.target_prefix(target.id)
+        base_dir, parent_model = run.repo.root, run.resolved.parent_model
+        if run.store.exists(f"{prefix}/{STIM_MANIFEST}"):
+            questions = [record["question"] for record in read_stimuli(run.store, prefix)]
+            return cls(target, TargetStimuli(target.id, [len(questions)], {0: questions}), {}, "", base_dir,
+                       parent_model)
+        generators = target.spec.generators
+        llm = {j: g for j, g in enumerate(generators) if g.type in LLM_TYPES}
+        fixed = fixed_questions(target, base_dir, run.target_index(target))
+        planned = {j: [r.model_copy(update={"target": target.id}) for r in requests]
+                   for j, requests in first_round(target, llm, base_dir=base_dir, parent_model=parent_model).items()}
+        stimuli = TargetStimuli(target.id, [len(fixed[j]) if j in fixed else g.numq for j, g in enumerate(generators)],
+                                fixed, {j: [r.request for r in rs] for j, rs in planned.items()},
+                                stored_parts(run.store, prefix))
+        return cls(target, stimuli, planned, render_teacher_prompt(target), base_dir, parent_model)
+
+    def first_round(self) -> list[QuestionRequest]:
+        return [r for requests in self.planned.values() for r in requests]
+
+    def next_round(self) -> list[QuestionRequest]:
+        """Once every request so far has arrived: the requests for what each generator still lacks."""
+        new = []
+        generators = self.target.spec.generators
+        for j, requests in self.planned.items():
+            more = [r.model_copy(update={"target": self.target.id}) for r in more_requests(
+                j, generators[j], requests, len(self.stimuli.known(j)), prompt_u=self.prompt_u,
+                base_dir=self.base_dir, parent_model=self.parent_model)]
+            requests += more
+            self.stimuli.requests[j] += [r.request for r in more]
+            new += more
+        return new
 
 
 def sample_slots(run: Run, targets: list[ResolvedTarget], board: Any, slots: int, num_actors: int):
@@ -271,10 +317,8 @@ class StreamProgress:
     def __exit__(self, *exc) -> None:
         self.bars.__exit__(*exc)
 
-    def question_arrived(self, reply: QuestionReply) -> None:
-        plan = self.plans[reply.target]
-        plan.parts[reply.generator, reply.request] = reply.questions
-        self.bars.update(self.questions[reply.target], completed=plan.questions_known())
+    def question_arrived(self, target_id: str) -> None:
+        self.bars.update(self.questions[target_id], completed=self.plans[target_id].questions_known())
 
     def follow(self, rows) -> None:
         """Count the sampler pool's rows (run in a thread); keep its error for the driver."""

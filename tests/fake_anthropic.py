@@ -13,7 +13,10 @@ replies. Each request takes `delay_s`, so requests in flight at once can be coun
 
 `deterministic=True` makes every reply a function of its prompt alone (the n-th question of a
 prompt is always the same), so two runs that send the same prompts get the same questions in
-whatever order their requests arrive.
+whatever order their requests arrive. With it, `reply_size=(8, 2)` makes every reply 8 questions,
+however many were asked, the last 2 of them repeats of its first (case changed): a generator of
+more than 6 then needs rounds of requests, one after another, as with an LLM that writes fewer
+than it is asked.
 
 `judge`, if given, answers the prompts of `bgit eval`'s judge (those asking for "one integer"): it
 takes the prompt and returns the reply's text.
@@ -27,6 +30,8 @@ Scripted behaviours, consumed one per request in order (then normal replies agai
     "duplicates"  a 200 reply repeating questions (case and spacing changed), half of them new
 `fail_from(n)` answers 500 to every request after the first n, until `recover()`.
 `refuse(text)` answers 400 (not retried) to every prompt containing `text`, until `recover()`.
+`hold(text, until)` keeps every request whose prompt contains `text` waiting until `until()` is
+true (at most `timeout_s`), then answers it; `released[text]` says whether `until()` came true.
 `api_key`, if given, is the only key accepted: any other gets 401 authentication_error.
 """
 
@@ -48,8 +53,9 @@ COUNT = re.compile(r"(\d+) (?:\w+ ){0,3}questions")
 class FakeAnthropic:
     def __init__(self, delay_s: float | tuple[float, float] = 0.2, retry_after: str = "1",
                  judge: Callable[[str], str] | None = None, deterministic: bool = False,
-                 api_key: str | None = None):
+                 api_key: str | None = None, reply_size: tuple[int, int] | None = None):
         self.delay_s = delay_s
+        self.reply_size = reply_size
         self.api_key = api_key
         self.deterministic = deterministic
         self.judge = judge
@@ -63,6 +69,8 @@ class FakeAnthropic:
         self._script: list[str] = []
         self._fail_from: int | None = None
         self._refused: str | None = None
+        self._holds: dict[str, tuple[Callable[[], bool], float]] = {}
+        self.released: dict[str, bool] = {}
         self._questions_made = 0
         self._recent: list[str] = []
         self._lock = threading.Lock()
@@ -92,6 +100,18 @@ class FakeAnthropic:
         """Answer 400 invalid_request_error to every prompt that contains `text`."""
         with self._lock:
             self._refused = text
+
+    def hold(self, text: str, until: Callable[[], bool], timeout_s: float = 120) -> None:
+        with self._lock:
+            self._holds[text] = (until, timeout_s)
+
+    def _wait_for_holds(self, prompt: str) -> None:
+        for text, (until, timeout_s) in list(self._holds.items()):
+            if text in prompt:
+                deadline = time.monotonic() + timeout_s
+                while not until() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                self.released[text] = until()
 
     def recover(self) -> None:
         with self._lock:
@@ -133,7 +153,9 @@ class FakeAnthropic:
         count = int(match.group(1)) if match else 5
         if self.deterministic:
             digest = hashlib.sha256(prompt.encode()).hexdigest()[:8]
-            return json.dumps([f"Question {digest}-{i}: what would a pirate say about topic {i}?" for i in range(count)])
+            size, repeats = self.reply_size or (count, 0)
+            fresh = [f"Question {digest}-{i}: what would a pirate say about topic {i}?" for i in range(size - repeats)]
+            return json.dumps(fresh + [question.upper() for question in fresh[:repeats]])
         with self._lock:
             questions = self._questions(count, behaviour)
             style = self._questions_made % 4
@@ -186,6 +208,7 @@ class FakeAnthropic:
                     with fake._lock:
                         fake.prompts.append(prompt)
                         fake.bodies.append(request)
+                    fake._wait_for_holds(prompt)
                     if fake.api_key is not None and key != fake.api_key:
                         error = {"type": "authentication_error", "message": "invalid x-api-key"}
                         self._send(401, {"type": "error", "error": error})

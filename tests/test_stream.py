@@ -1,7 +1,7 @@
 """Stim and rollout in one streaming run (bread_ray.stream) over three targets, questions from a
 loopback Anthropic server, the tiny model as teacher: byte for byte the stage by stage path's
 output with 1 and 2 sampler actors, an actor killed mid-stream, a target whose questions fail,
-and when shards become ready."""
+when shards become ready, and a shard sampled while stim's next round of requests is written."""
 
 import json
 import os
@@ -113,6 +113,35 @@ def test_streaming_writes_byte_for_byte_what_the_stages_write(repo, reference, f
     for name, prefix in prefixes(repo).items():
         assert store.get_json(f"{prefix}/rollout/manifest.json")["shards_generated"] == SHARDS[name]
     assert fake.requests == 4  # the persona requests, 2 + 1 + 1, none made twice
+
+
+ROUNDS_INPUT = yaml.safe_dump({
+    "PROMPT": {"teacher": {"messages": [{"role": "system", "content": "Be helpful."}]}},
+    "TARGET": [{"name": "parrot", "generators": [{"type": "oneshot_qs", "numq": 18}], "max_concurrency": 1,
+                "max_tokens": 6, "num_traj_per_stimulus": 2,
+                "prompt": {"teacher": {"messages": [{"role": "system", "content": "You are a parrot."}]}}}],
+}, sort_keys=False)
+
+
+def test_a_shard_is_sampled_while_the_next_round_of_requests_is_written(tmp_path, tiny_model, ray_session, monkeypatch):
+    """Each reply holds 6 distinct questions (8, 2 of them repeats), so stim asks in rounds, one
+    after another: for 18, then 12, then 6. Shard 0 is known after the second reply: its rollout
+    part is stored while the third request is still unanswered (the server holds that request
+    until the part exists, or 120 s), and the store is byte for byte the stage by stage path's."""
+    repo = committed_repo(tmp_path / "parrot", tiny_model, ROUNDS_INPUT, "rounds")
+    (prefix,) = prefixes(repo).values()
+    stages, streaming = LocalStore(tmp_path / "stages"), LocalStore(tmp_path / "streaming")
+    with FakeAnthropic(delay_s=0.05, deterministic=True, reply_size=(8, 2)) as server:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", server.url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "test")
+        stage_by_stage(repo, stages)
+        assert server.requests == 3
+        server.reset_counts()
+        server.hold("Write 6 different", until=lambda: any((streaming.root / prefix / "rollout").glob("part-*")))
+        _, done = streamed(repo, streaming, num_actors=1)
+        assert server.requests == 3 and server.released == {"Write 6 different": True}
+    assert stored(streaming, repo) == stored(stages, repo)
+    assert list(done.shards.values()) == [3]  # 18 stimuli: every shard sampled while streaming
 
 
 def part_times(store, repo):
