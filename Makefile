@@ -18,7 +18,7 @@ PYTEST = $(VENV_PATH) .venv/bin/python -m pytest -q -n 2 --dist loadfile --no-lo
 test:            ## install into .venv with the test tools and the S3-compatible server, lint, run every test
 	bash scripts/setup.sh --test
 	.venv/bin/ruff check bread_ray tests bench
-	$(PYTEST) --durations=15
+	$(PYTEST) --durations=30
 
 test-fast:       ## lint, and the tests without the slow end-to-end ones (after `make test` has installed once)
 	.venv/bin/ruff check bread_ray tests bench

@@ -46,6 +46,7 @@ from bread_ray.store import BAKE_RESULT, ROLLOUT_MANIFEST, bake_prefix, open_sto
 
 SMOLLM2 = "smollm2-135m-instruct"  # the packaged model's short name (bread_ray.model_sources)
 DEMO_ENTRIES = {"persona", "store", "eval.png"}  # what a demo's folder holds: its repository, store, heatmap
+MIN_QUESTIONS = 10  # a bake holds a tenth of its questions out for its held-out KL: at least one
 
 
 @dataclass(frozen=True)
@@ -282,12 +283,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="bake the synthetic tiny model instead of SmolLM2-135M-Instruct (about 3 minutes)")
     parser.add_argument("--epochs", type=int, nargs=2, metavar=("V1", "V2"),
                         help="each bake's epochs instead of the recipe's (fewer: a quicker, weaker bake; the "
-                             "tests run the demo with 1 2)")
+                             "tests run 1 1)")
+    parser.add_argument("--questions", type=int, metavar="N",
+                        help="each bake's questions: the first N of the recipe's (fewer: a quicker, weaker bake; "
+                             "the tests run 24)")
     parser.add_argument("--seed", type=int, help="the rollouts' and bakes' seed (default 42)")
     args = parser.parse_args(argv)
     if args.epochs and min(args.epochs) < 1:
         parser.error(f"--epochs {args.epochs[0]} {args.epochs[1]}: each bake needs at least 1 epoch")
     recipe, base = (tiny_recipe(), tiny_base) if args.tiny else (SMOLLM2_RECIPE, smollm2_base)
+    if args.questions is not None and not MIN_QUESTIONS <= args.questions <= len(recipe.questions):
+        parser.error(f"--questions {args.questions}: between {MIN_QUESTIONS} and the recipe's {len(recipe.questions)}")
+    if args.questions is not None:
+        recipe = replace(recipe, questions=recipe.questions[:args.questions])
     if args.epochs:
         recipe = replace(recipe, epochs=tuple(args.epochs))
     if args.seed is not None:

