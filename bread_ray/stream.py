@@ -217,7 +217,8 @@ def stream_targets(run: Run, targets: list[ResolvedTarget], *, num_actors: int =
                         failures.setdefault(reply.target, []).append(reply.error)
                         continue
                     store_part(run.store, run.target_prefix(reply.target), reply)
-                    board.add.remote(reply.target, reply.generator, reply.request, reply.questions)
+                    # waited for: an async actor may run calls out of order, and `close` must not pass an `add`
+                    ray.get(board.add.remote(reply.target, reply.generator, reply.request, reply.questions))
                     known[reply.target].parts[reply.generator, reply.request] = reply.questions
                     view.question_arrived(reply.target)
                 requests = [r for target in questions if target.target.id not in failures for r in target.next_round()]
