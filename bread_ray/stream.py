@@ -18,8 +18,9 @@ Everything goes to the store as it is made, in the layout and with the seeds of 
 path (`bgit run stim`, then `bgit run rollout`): question parts as requests finish, rollout parts
 as shards finish. That path then completes each target (bread_ray.pipeline): it writes the stimuli
 and the manifests, and makes whatever the stream could not (a generator still short after stim's
-rounds, a shard left). So the stored stimuli and trajectories are byte for byte the stage by stage path's, a re-run
-does only what is missing, and a failed target keeps every finished part of every target.
+rounds, a shard left). So the stored stimuli and trajectories are byte for byte the stage by stage
+path's, a re-run does only what is missing, and a failed target keeps every finished part of every
+target.
 """
 
 from __future__ import annotations
