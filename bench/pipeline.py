@@ -56,13 +56,14 @@ class Shape:
     latency: tuple[float, float]  # seconds per question request, drawn uniformly
     reply_size: tuple[int, int] | None = None  # FakeAnthropic's: questions per reply, repeats among them
     faults: tuple[str, ...] = ()  # FakeAnthropic's scripted behaviours, one per request from the first
-    max_concurrency: int = 10  # question requests in flight (input.yml's default)
+    max_concurrency: int | None = None  # question requests in flight; None: input.yml's default
 
     def input_yml(self) -> str:
         return yaml.safe_dump({
             "PROMPT": {"teacher": {"messages": [{"role": "system", "content": "Be helpful."}]}},
             "TARGET": [{"name": name, "generators": [dict(self.generator)], "max_tokens": self.max_tokens,
-                        "num_traj_per_stimulus": self.trajectories, "max_concurrency": self.max_concurrency,
+                        "num_traj_per_stimulus": self.trajectories,
+                        **({"max_concurrency": self.max_concurrency} if self.max_concurrency else {}),
                         "prompt": {"teacher": {"messages": [{"role": "system", "content": prompt}]}}}
                        for name, prompt in TARGETS.items()],
         }, sort_keys=False)

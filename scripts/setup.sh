@@ -19,8 +19,9 @@ extras=""
 # DeepSpeed compiles the ops a bake on CPU loads on their first use (about 80 s on 2 cores): compile
 # them as soon as torch and DeepSpeed are in, while the rest of the set-up mostly waits on the
 # network and the disk. With the venv's ninja first on PATH, as `make` runs everything after
-# (another ninja would build them again). pyproject.toml's other dependencies only add packages.
-.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt "torch" "deepspeed>=0.17"
+# (another ninja would build them again). Unpinned here: pyproject.toml says which versions do, and
+its other dependencies only add packages.
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt "torch" "deepspeed"
 PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -m bread_ray.accelerator > .venv/deepspeed-ops.log 2>&1 &  # from the source tree
 ops_build=$!
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".${extras}"
