@@ -20,7 +20,7 @@ extras=""
 # them as soon as torch and DeepSpeed are in, while the rest of the set-up mostly waits on the
 # network and the disk. With the venv's ninja first on PATH, as `make` runs everything after
 # (another ninja would build them again). Unpinned here: pyproject.toml says which versions do, and
-its other dependencies only add packages.
+# its other dependencies only add packages.
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt "torch" "deepspeed"
 PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -m bread_ray.accelerator > .venv/deepspeed-ops.log 2>&1 &  # from the source tree
 ops_build=$!
