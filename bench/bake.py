@@ -5,7 +5,7 @@ hand-written loop, and the step's FLOP/s against this machine's matmul FLOP/s.
     .venv/bin/python bench/bake.py --quick    # 512 tokens: about a minute
     .venv/bin/python bench/bake.py --model smollm2-135m-instruct   # the bake step on the real chat model
 
-KL section: forward + backward of chunked_kl (default chunk_tokens) and of naive_kl (logits
+KL section: forward + backward of chunked_divergence (default chunk_tokens) and of naive_divergence (logits
 h @ W.T with autograd) at Qwen3's vocabulary of 151,936, a small hidden size, float32, on CPU.
 Each variant runs in a fresh process, which reports its peak RSS above its RSS once the inputs
 exist (the memory the loss itself needs), and the median time of its runs. Prints both, the ratios
@@ -14,7 +14,7 @@ and the two losses (they must agree). Then the achieved float32 matmul FLOP/s of
 
 Bake-step section: the framework's per-worker loop (`run_standalone`: DeepSpeed engine, ZeRO,
 collation, reporting) against a minimal PyTorch loop doing the same step (PEFT LoRA student,
-teacher with the adapter disabled, chunked_kl, AdamW) on the same model and batches, both in this
+teacher with the adapter disabled, chunked_divergence, AdamW) on the same model and batches, both in this
 process: median tokens/s of each (warm-up steps excluded) and the ratio. Then the step's model
 FLOP/s (2·params per token forward, 2 more backward through the frozen weights, and the head's
 three matmuls per response token) as a fraction of the matmul FLOP/s measured just before; the
@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from bread_ray.bake.loss import CHUNK_TOKENS, chunked_kl, naive_kl
+from bread_ray.bake.loss import CHUNK_TOKENS, chunked_divergence, naive_divergence
 
 QWEN3_VOCAB = 151_936
 KL_VARIANTS = ("naive", "chunked")
@@ -60,9 +60,9 @@ def kl_forward_backward(variant: str, student_hidden: torch.Tensor, teacher_hidd
     [tokens, hidden]. Returns the loss."""
     student_hidden = student_hidden.detach().requires_grad_()
     if variant == "naive":
-        loss = naive_kl(student_hidden @ head_weight.T, teacher_hidden @ head_weight.T)
+        loss = naive_divergence(student_hidden @ head_weight.T, teacher_hidden @ head_weight.T)
     else:
-        loss = chunked_kl(student_hidden, teacher_hidden, head_weight, chunk_tokens=chunk_tokens)
+        loss = chunked_divergence(student_hidden, teacher_hidden, head_weight, chunk_tokens=chunk_tokens)
     loss.backward()
     return loss.item()
 
@@ -109,8 +109,8 @@ def print_kl_table(results: list[dict], tokens: int, hidden: int, vocab: int, ch
           f"float32, CPU, {torch.get_num_threads()} torch threads; median of {runs} runs")
     print(f"one [tokens, vocab] float32 tensor: {logits_gb:.2f} GB")
     print(f"{'':>34} {'peak GB':>8} {'x logits':>8} {'seconds':>8}")
-    for name, result in [("naive_kl (full logits, autograd)", naive),
-                         (f"chunked_kl (chunk_tokens {chunk_tokens})", chunked)]:
+    for name, result in [("naive_divergence (full logits, autograd)", naive),
+                         (f"chunked_divergence (chunk_tokens {chunk_tokens})", chunked)]:
         peak_gb = result["peak_bytes"] / GB
         print(f"{name:>34} {peak_gb:8.2f} {peak_gb / logits_gb:8.2f} {result['seconds']:8.2f}")
     print(f"{'ratio naive / chunked':>34} {naive['peak_bytes'] / chunked['peak_bytes']:7.2f}x {'':8} "
@@ -213,7 +213,7 @@ def bench_bake_step(quick: bool, model_name: str | None) -> None:
         with torch.no_grad(), student.disable_adapter():
             teacher = student(input_ids=batch.teacher_ids, attention_mask=batch.teacher_mask).logits.flatten(0, 1)[batch.teacher_positions]
         hidden_states = student(input_ids=batch.student_ids, attention_mask=batch.student_mask).logits
-        loss = chunked_kl(hidden_states.flatten(0, 1)[batch.student_positions], teacher, head)
+        loss = chunked_divergence(hidden_states.flatten(0, 1)[batch.student_positions], teacher, head)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="a quarter of the tokens and of chunk_tokens, and 1024-square matmuls")
     parser.add_argument("--tokens", type=int, help="default 2048, or 512 with --quick")
     parser.add_argument("--chunk-tokens", type=int,
-                        help=f"chunked_kl's default ({CHUNK_TOKENS}), or a quarter of it with --quick: as many chunks")
+                        help=f"chunked_divergence's default ({CHUNK_TOKENS}), or a quarter of it with --quick: as many chunks")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=QWEN3_VOCAB)
     parser.add_argument("--runs", type=int, default=3, help="timed runs of each KL variant")

@@ -56,7 +56,7 @@ from rollout import ship_manual  # bench/rollout.py: bench/ is on sys.path when 
 from transformers import AutoConfig
 
 from bread_ray.bake.data import BakeData, build_bake_data, collate
-from bread_ray.bake.loss import naive_kl
+from bread_ray.bake.loss import naive_divergence
 from bread_ray.chat_format import encode_chat
 from bread_ray.config import resolve_bake
 from bread_ray.model_sources import resolve_model_source
@@ -153,7 +153,7 @@ def held_out_kl(model, data: BakeData) -> float:
             student = model(input_ids=batch.student_ids, attention_mask=batch.student_mask).logits.flatten(0, 1)
             with model.disable_adapter():
                 teacher = model(input_ids=batch.teacher_ids, attention_mask=batch.teacher_mask).logits.flatten(0, 1)
-            kl = naive_kl(student[batch.student_positions].float(), teacher[batch.teacher_positions].float())
+            kl = naive_divergence(student[batch.student_positions].float(), teacher[batch.teacher_positions].float())
             total, tokens = total + float(kl) * batch.response_tokens, tokens + batch.response_tokens
     return total / tokens
 
@@ -226,7 +226,7 @@ def run_hand(model_name: str, records: list[dict], spec: Bake, work: Path) -> di
         with torch.no_grad(), model.disable_adapter():
             teacher = model(input_ids=batch.teacher_ids, attention_mask=batch.teacher_mask).logits.flatten(0, 1)
         student = model(input_ids=batch.student_ids, attention_mask=batch.student_mask).logits.flatten(0, 1)
-        loss = naive_kl(student[batch.student_positions].float(), teacher[batch.teacher_positions].float())
+        loss = naive_divergence(student[batch.student_positions].float(), teacher[batch.teacher_positions].float())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -310,6 +310,32 @@ class Data(Section):
         return split
 
 
+class BakeLoss(Section):
+    """What the bake minimises on each response token, between the teacher's next-token
+    distribution p and the student's q: TRL's generalized JSD family (bread_ray/bake/loss.py)."""
+
+    type: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="forward_kl: KL(p ‖ q), the student covers every answer the teacher gives; "
+                                  "reverse_kl: KL(q ‖ p), the student keeps to what the teacher finds likely; "
+                                  "jsd: beta · KL(p ‖ m) + (1 − beta) · KL(q ‖ m) with m = beta · p + (1 − beta) · q."
+    )
+    beta: Probability = Field(0.5, description="jsd only: the mixture's weight on the teacher (TRL's GKDConfig.beta): "
+                                               "0 is forward KL, 1 reverse KL.")
+
+    @field_validator("beta")
+    @classmethod
+    def _beta_only_for_jsd(cls, beta: float, info: Any) -> float:
+        loss_type = info.data.get("type")
+        if loss_type is not None and loss_type != "jsd":
+            raise ValueError(f"applies to type: jsd only, and this loss is {loss_type}")
+        return beta
+
+    @property
+    def divergence_beta(self) -> float:
+        """The loss as `chunked_divergence`'s beta: 0 forward KL, 1 reverse KL, between them JSD."""
+        return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(self.type, self.beta)
+
+
 def _one_or_many(value: Any) -> Any:
     """Accept one mapping where a list of mappings is expected (TARGET, BAKE.checkpoint)."""
     if isinstance(value, dict):
@@ -339,8 +365,11 @@ class Bake(Section):
     eval_interval: Annotated[int, Strict()] = Field(0, ge=0, description="Held-out KL every N steps; 0: before and after training only.")
     kl_top_k: PositiveInt | None = Field(
         None, description="KL to the teacher's top-k tokens only (renormalised; Bread's Tinker bakes use 20); "
-                          "null: the full vocabulary."
+                          "null: the full vocabulary. reverse_kl takes the student's top-k instead, jsd both models', "
+                          "each with the rest of the vocabulary as one more outcome (TRL's add_tail)."
     )
+    loss: BakeLoss = Field(default_factory=BakeLoss, description="The divergence trained on; the held-out KL "
+                                                                  "the bake reports is forward KL whatever it is.")
 
     _wrap_checkpoint = field_validator("checkpoint", mode="before")(_one_or_many)
 

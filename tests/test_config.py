@@ -157,8 +157,9 @@ ALTERNATIVES = {"system": "user", "user": "assistant", "assistant": "user", "lor
                 "linear": "cosine", "cpu": "none", "huggingface": None, "function": None}
 # Leaves without a valid change of their own: renaming a target or switching a generator's type
 # breaks the rest of the file, the stage is held at 3 by offload_param (tested on its own below),
-# max_concurrency is how fast, not what (changing it must not re-run paid generation), and the
-# final model is always saved (tested on its own below).
+# max_concurrency is how fast, not what (changing it must not re-run paid generation), the
+# final model is always saved (tested on its own below), and a loss other than jsd refuses the
+# file's beta (the loss's type is tested on its own below).
 EXEMPT = {"name", "target", "max_concurrency", "stage", "save_end_of_training"}
 SETS = {"target_modules"}  # order-free lists: reordering them is not a change
 
@@ -194,7 +195,7 @@ def test_every_semantic_change_changes_a_name():
     expected = names(FULL)
     without_valid_change = []
     for path in leaf_paths(data):
-        discriminator_or_only_option = path[-1] == "type" and {"generators", "tools", "checkpoint"} & set(path)
+        discriminator_or_only_option = path[-1] == "type" and {"generators", "tools", "checkpoint", "loss"} & set(path)
         if path[-1] in EXEMPT or discriminator_or_only_option:
             continue
         original = _get(data, path)
@@ -234,6 +235,19 @@ def test_parent_model_is_part_of_target_and_bake_identity():
     assert before["target:main_target"] != after["target:main_target"]
     assert before["bake"] != after["bake"]
     assert {k: v for k, v in before.items() if k.startswith("prompt")} == {k: v for k, v in after.items() if k.startswith("prompt")}
+
+
+def test_the_loss_is_part_of_a_bakes_identity_and_the_default_keeps_the_ids_before_it():
+    default = names(MINIMAL)
+    assert names(MINIMAL + "  loss: {type: forward_kl}\n") == default
+    _, resolved = load_and_resolve(MINIMAL, parent_model=PARENT)
+    assert "loss" not in resolved.bake.config  # hashed as before the loss was a choice
+    reverse, jsd, jsd_03 = (names(MINIMAL + f"  loss: {loss}\n")["bake"]
+                            for loss in ("{type: reverse_kl}", "{type: jsd}", "{type: jsd, beta: 0.3}"))
+    assert len({default["bake"], reverse, jsd, jsd_03}) == 4
+    _, resolved = load_and_resolve(MINIMAL + "  loss: {type: jsd, beta: 0.3}\n", parent_model=PARENT)
+    assert resolved.bake.config["loss"] == {"type": "jsd", "beta": 0.3}
+    assert resolved.bake.spec.loss.divergence_beta == 0.3
 
 
 def test_name_format():

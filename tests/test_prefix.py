@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from test_bake import HOUSE_STYLE, bake_config, trajectories
 
 from bread_ray.bake.data import build_bake_data, collate
-from bread_ray.bake.loss import chunked_kl
+from bread_ray.bake.loss import chunked_divergence
 from bread_ray.bake.prefix import (
     CHECKPOINTING_KEEPS_A_READ_CACHE,
     SharedPrefix,
@@ -48,7 +48,7 @@ def student_model(tiny_model, checkpointing: bool) -> Engine:
 
 
 def kl_and_grads(engine: Engine, head: torch.Tensor, batch, teacher_prefix: list[int], student_prefix: list[int]):
-    """The bake's KL for `batch`, as batch_kl computes it, and the LoRA weights' gradients."""
+    """The bake's KL for `batch`, as batch_loss computes it, and the LoRA weights' gradients."""
     engine.module.zero_grad()
     teacher_cache = None
     with torch.no_grad(), engine.module.disable_adapter():
@@ -57,7 +57,7 @@ def kl_and_grads(engine: Engine, head: torch.Tensor, batch, teacher_prefix: list
         teacher = final_hidden(engine, batch.teacher_ids, batch.teacher_mask, batch.teacher_positions, teacher_cache)
     student_cache = run_prefix(engine, torch.tensor([student_prefix])) if student_prefix else None
     student = final_hidden(engine, batch.student_ids, batch.student_mask, batch.student_positions, student_cache)
-    kl = chunked_kl(student, teacher, head)
+    kl = chunked_divergence(student, teacher, head)
     kl.backward()
     grads = {name: p.grad.clone() for name, p in engine.module.named_parameters() if p.requires_grad}
     return kl.detach(), teacher, student.detach(), grads

@@ -2,7 +2,7 @@
 
     setup         the parent (its chain of adapters added in) with a fresh LoRA, in a DeepSpeed engine;
                   the keys and values of the prefix all teacher prompts share (the prompt baked in), once
-    train_step    one optimizer step: teacher and student passes, the chunked KL, backward; the
+    train_step    one optimizer step: teacher and student passes, the chunked loss, backward; the
                   teacher's hidden states are kept after an example's first pass (TeacherCache); the
                   student prompts' shared prefix runs once per micro batch (bake.prefix)
     evaluate      the held-out KL, all ranks together
@@ -12,7 +12,7 @@
 One copy of the parent's weights serves both sides: the student is the parent plus the LoRA
 (BAKE.model.baked_adapter_config), seeing the student prompt; the teacher is the same weights with
 the adapter disabled, seeing the teacher prompt. The output head is taken out of the model so that
-a forward pass returns hidden states, and `chunked_kl` projects them through the head a chunk of
+a forward pass returns hidden states, and `chunked_divergence` projects them through the head a chunk of
 tokens at a time: `[batch, seq, vocab]` logits never exist.
 
 bread_ray.bake.driver runs `bake_worker` on Ray Train's workers, or without Ray (`run_standalone`).
@@ -42,7 +42,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from bread_ray.bake.data import BakeData, Batch, Example, collate, optimizer_steps, rank_slice
 from bread_ray.bake.deepspeed import build_optimizer, build_scheduler, deepspeed_config
 from bread_ray.bake.job import BakeJob, WorkerSession
-from bread_ray.bake.loss import CHUNK_TOKENS, chunked_kl
+from bread_ray.bake.loss import CHUNK_TOKENS, chunked_divergence
 from bread_ray.bake.prefix import SharedPrefix, final_hidden, prefixes_to_share, run_prefix
 from bread_ray.lineage import check_foldable, lora_deltas, read_adapter
 from bread_ray.model_sources import resolve_model_source
@@ -276,9 +276,10 @@ def teacher_hidden(trainer: Trainer, batch: Batch, split: str, indices: list[int
     return teacher
 
 
-def batch_kl(trainer: Trainer, job: BakeJob, split: str, indices: list[int]) -> tuple[torch.Tensor, Batch]:
-    """Mean KL(teacher ‖ student) per response token over the examples `indices` of `split`
-    ("train" or "eval"), with the gradient to the student where grad mode is on; and their batch."""
+def batch_loss(trainer: Trainer, job: BakeJob, split: str, indices: list[int]) -> tuple[torch.Tensor, Batch]:
+    """Mean divergence per response token over the examples `indices` of `split`, with the
+    gradient to the student where grad mode is on; and their batch. "train" takes BAKE.loss;
+    "eval" (the held-out figure) is always forward KL(teacher ‖ student), whatever the bake trains on."""
     examples = [(job.data.train if split == "train" else job.data.eval)[i] for i in indices]
     batch = collate(examples, job.data.pad_id, len(trainer.teacher_prefix_ids),
                     len(trainer.student_prefix_ids)).to(trainer.device)
@@ -288,9 +289,10 @@ def batch_kl(trainer: Trainer, job: BakeJob, split: str, indices: list[int]) -> 
         student_prefix = run_prefix(trainer.engine, torch.tensor([trainer.student_prefix_ids], device=trainer.device))
     student = final_hidden(trainer.engine, batch.student_ids, batch.student_mask, batch.student_positions,
                            student_prefix)
-    kl = chunked_kl(student, teacher, trainer.head, top_k=job.bake.spec.kl_top_k,
-                    chunk_tokens=job.kl_chunk_tokens or CHUNK_TOKENS)
-    return kl, batch
+    beta = job.bake.spec.loss.divergence_beta if split == "train" else 0.0
+    loss = chunked_divergence(student, teacher, trainer.head, beta=beta, top_k=job.bake.spec.kl_top_k,
+                              chunk_tokens=job.kl_chunk_tokens or CHUNK_TOKENS)
+    return loss, batch
 
 
 def train_step(trainer: Trainer, job: BakeJob, step: int) -> dict[str, Any]:
@@ -305,7 +307,7 @@ def train_step(trainer: Trainer, job: BakeJob, step: int) -> dict[str, Any]:
         # LoRA dropout draws from the global RNG: seeding each micro step makes a resumed run and
         # any ZeRO stage draw the same masks
         torch.manual_seed(spec.seed * 1_000_003 + micro_step * world + rank)
-        loss, batch = batch_kl(trainer, job, "train",
+        loss, batch = batch_loss(trainer, job, "train",
                                rank_slice(job.data.order, micro_step, rank, world, spec.micro_batch_size))
         engine.backward(loss)
         engine.step()
@@ -336,7 +338,7 @@ def evaluate(trainer: Trainer, job: BakeJob) -> KlCell | None:
         for b in range(batches):
             indices = mine[b * micro:(b + 1) * micro]
             weight = 1.0 if indices else 0.0
-            kl, batch = batch_kl(trainer, job, "eval", indices or [0])
+            kl, batch = batch_loss(trainer, job, "eval", indices or [0])
             total += torch.tensor([kl.item() * batch.response_tokens * weight, batch.response_tokens * weight],
                                   dtype=torch.float64, device=trainer.device)
     engine.module.train()

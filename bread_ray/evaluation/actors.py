@@ -84,7 +84,7 @@ class EvalActor:
     use (their chains folded into one) and switched between; the base is the adapters disabled.
 
     Forward passes run the decoder only and take its final (normed) hidden states at the response
-    positions; `chunked_kl` projects them through the output head a chunk at a time, so
+    positions; `chunked_divergence` projects them through the output head a chunk at a time, so
     [batch, seq, vocab] logits never exist.
     """
 
@@ -133,7 +133,7 @@ class EvalActor:
         import torch
 
         from bread_ray.bake.data import Example, collate
-        from bread_ray.bake.loss import chunked_kl
+        from bread_ray.bake.loss import chunked_divergence
 
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         sums = {model: [0.0, 0] for model in models}
@@ -148,7 +148,7 @@ class EvalActor:
                 for model in models:
                     with self.using(model):
                         student = self.hidden(batch.student_ids, batch.student_mask, batch.student_positions)
-                    kl = chunked_kl(student, reference, self.head.to(student.dtype))
+                    kl = chunked_divergence(student, reference, self.head.to(student.dtype))
                     sums[model][0] += float(kl) * batch.response_tokens
                     sums[model][1] += batch.response_tokens
                     tokens += int(batch.student_mask.sum())
