@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from bread_ray.config_errors import ConfigError, Path_, Problem, did_you_mean
 from bread_ray.fingerprints import file_fingerprint
 from bread_ray.model_sources import model_identity
-from bread_ray.schema import Bake, BakeLoss, InputConfig, Message, Prompt, Target, Tool
+from bread_ray.schema import Bake, BakeLoss, InputConfig, Message, OnPolicy, Prompt, Target, Tool
 from bread_ray.yaml_lines import parse_yaml
 
 # --------------------------------------------------------------------------------------------
@@ -307,8 +307,9 @@ def resolve_bake(bake: Bake, datasets: dict[str, float], parent_model: str,
     parent_identity = parent_identity or model_identity(parent_model)
     ordered = tuple(sorted(datasets.items()))  # dataset order does not change what is trained on
     settings = bake.model_dump(mode="json", exclude={"name", "datasets"})
-    if settings["loss"] == BakeLoss().model_dump(mode="json"):
-        del settings["loss"]  # a bake of the default loss keeps the id it had before the loss was a choice
+    for name, default in (("loss", BakeLoss()), ("on_policy", OnPolicy())):
+        if settings[name] == default.model_dump(mode="json"):
+            del settings[name]  # a bake without it keeps the id it had before the setting existed
     config = {
         "parent_model": parent_identity,
         "datasets": [{"target": target_id, "weight": weight} for target_id, weight in ordered],

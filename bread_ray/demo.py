@@ -67,6 +67,7 @@ class Recipe:
     lora_rank: int = 16  # all linear layers, alpha = 2 x rank, no dropout
     answer_tokens: int = 64  # the greedy answers at the end
     seed: int = 42  # the rollouts' and bakes' seed
+    on_policy_share: float = 0.0  # BAKE.on_policy.share: the student's own answers among the training sequences
 
     def input_yml(self, version: int) -> str:
         """input.yml of v1 (version 0) or v2 (version 1): a target of the teacher's answers and a bake on it."""
@@ -83,7 +84,9 @@ class Recipe:
                                                         "lora_dropout": 0.0},
                                # small models: activations fit without recomputing them
                                "disable_activation_checkpoint": True},
-                     "deepspeed": {"zero_optimization": {"stage": 2}}},  # one worker: nothing to shard
+                     "deepspeed": {"zero_optimization": {"stage": 2}},  # one worker: nothing to shard
+                     **({"on_policy": {"share": self.on_policy_share, "max_tokens": self.max_tokens}}
+                        if self.on_policy_share else {})},
         }, sort_keys=False)
 
 
@@ -288,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="each bake's questions: the first N of the recipe's (fewer: a quicker, weaker bake; "
                              "the tests run 24)")
     parser.add_argument("--seed", type=int, help="the rollouts' and bakes' seed (default 42)")
+    parser.add_argument("--on-policy", type=float, metavar="SHARE",
+                        help="the share of each bake's training sequences that are the student's own answers "
+                             "(BAKE.on_policy.share, sampled once per epoch; default 0)")
     args = parser.parse_args(argv)
     if args.epochs and min(args.epochs) < 1:
         parser.error(f"--epochs {args.epochs[0]} {args.epochs[1]}: each bake needs at least 1 epoch")
@@ -300,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         recipe = replace(recipe, epochs=tuple(args.epochs))
     if args.seed is not None:
         recipe = replace(recipe, seed=args.seed)
+    if args.on_policy is not None:
+        if not 0 <= args.on_policy <= 1:
+            parser.error(f"--on-policy {args.on_policy}: a share between 0 and 1")
+        recipe = replace(recipe, on_policy_share=args.on_policy)
     run(recipe, base, Path(args.dir).resolve())
     return 0
 

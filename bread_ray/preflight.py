@@ -3,7 +3,8 @@ after paid question generation or hours of rollout, each problem at its place in
 
     base_model_problem(repo.base_model)      the repository's base model is not a model
     teacher_problems(index, target, models)  the teacher is not a model; max_tokens beyond its context
-    bake_model_problems(bake, ..., models)   target_modules that match no layer; max_length too short
+    bake_model_problems(bake, ..., models)   target_modules that match no layer; max_length too short;
+                                             on-policy answers beyond the parent's context
 
 The stages' `problems` (bread_ray.stage) call these; `bgit run` refuses to start while an item it
 would run has a problem, `bgit validate` lists them all, and `bgit status` shows them instead of
@@ -105,7 +106,7 @@ def bake_model_problems(bake: ResolvedBake, targets: tuple[ResolvedTarget, ...],
             problems.append(Problem(TARGET_MODULES, (
                 f"{', '.join(map(repr, unmatched))} match{'es' if len(unmatched) == 1 else ''} no layer of "
                 f"{bake.parent_model}; its layers are {', '.join(layers)}")))
-    max_length = bake.spec.data.max_length
+    max_length, on_policy = bake.spec.data.max_length, bake.spec.on_policy
     if files.tokenizer:
         baked_here = [target for target in targets if target.id in dict(bake.datasets)]
         for target in baked_here:
@@ -114,6 +115,14 @@ def bake_model_problems(bake: ResolvedBake, targets: tuple[ResolvedTarget, ...],
                 problems.append(Problem(("BAKE", "data", "max_length"), (
                     f"{max_length} tokens leave no room for a response: the prompt of target {target.name} is "
                     f"{prompt} tokens with the chat template, before any question")))
+        student_prompts = [prompt_tokens(files, target.student) for target in baked_here]
+        if on_policy.share > 0 and files.context_length and student_prompts:
+            prompt = max(student_prompts)
+            if prompt + on_policy.max_tokens > files.context_length:
+                problems.append(Problem(("BAKE", "on_policy", "max_tokens"), (
+                    f"{on_policy.max_tokens} tokens after the student prompt's {prompt} exceed the context of "
+                    f"{bake.parent_model} ({files.context_length} tokens): lower max_tokens to "
+                    f"{files.context_length - prompt} or less")))
     return problems
 
 

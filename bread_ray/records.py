@@ -114,6 +114,16 @@ class RolloutManifest(Record):
     seconds: float
 
 
+class OnPolicyAnswers(Record):
+    """The student's answers that one rank trained on in one refresh window of a bake
+    (bread_ray.bake.on_policy): a resumed bake reads them rather than sample again."""
+
+    window: int
+    steps: tuple[int, int]  # the window's first and last optimizer step
+    sampling: RolloutSampling  # the seed is the bake's; each answer's own is derived from it and its slot
+    answers: dict[int, list[int]]  # training slot (a position of the bake's order) -> the answer's token ids
+
+
 class KlCell(Record):
     """KL(teacher ‖ model) over a set of examples: a cell of `bgit eval`'s matrix."""
 

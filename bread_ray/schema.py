@@ -181,6 +181,19 @@ SAMPLER_SETTINGS = {
 }
 
 
+def _sampler_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """extra_kwargs: only settings both samplers take, each in its range."""
+    for key, value in settings.items():
+        if key not in SAMPLER_SETTINGS:
+            raise PydanticCustomError("unknown_field", "unknown sampling setting '{key}'{hint}; the settings are {known}",
+                                      {"key": key, "hint": did_you_mean(key, list(SAMPLER_SETTINGS)),
+                                       "known": ", ".join(SAMPLER_SETTINGS)})
+        problem = SAMPLER_SETTINGS[key](value)
+        if problem:
+            raise ValueError(f"{key}: {problem}, got {value!r}")
+    return settings
+
+
 class Target(Section):
     """Stimuli and the teacher's trajectories for one prompt (stages stim and rollout)."""
 
@@ -201,18 +214,7 @@ class Target(Section):
     )
     seed: Seed = Field(42, description="Seeds the rollout's sampling: the same seed gives the same trajectories.")
 
-    @field_validator("extra_kwargs")
-    @classmethod
-    def _known_sampler_settings(cls, settings: dict[str, Any]) -> dict[str, Any]:
-        for key, value in settings.items():
-            if key not in SAMPLER_SETTINGS:
-                raise PydanticCustomError("unknown_field", "unknown sampling setting '{key}'{hint}; the settings are {known}",
-                                          {"key": key, "hint": did_you_mean(key, list(SAMPLER_SETTINGS)),
-                                           "known": ", ".join(SAMPLER_SETTINGS)})
-            problem = SAMPLER_SETTINGS[key](value)
-            if problem:
-                raise ValueError(f"{key}: {problem}, got {value!r}")
-        return settings
+    _known_sampler_settings = field_validator("extra_kwargs")(_sampler_settings)
 
 
 class Dataset(Section):
@@ -336,6 +338,24 @@ class BakeLoss(Section):
         return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(self.type, self.beta)
 
 
+class OnPolicy(Section):
+    """The student's own answers as training sequences (on-policy distillation, TRL GKD's `lmbda`):
+    the student (the parent plus the adapter being trained) answers training questions without the
+    prompt, the teacher scores its answers, and the loss is taken on them (bread_ray/bake/on_policy.py)."""
+
+    share: Probability = Field(0.0, description="The share of training sequences that are the student's own answers "
+                                                "to their questions instead of the teacher's; 0: none.")
+    refresh_every_n_steps: PositiveInt | None = Field(
+        None, description="Sample the next answers every N optimizer steps, with the adapter as it is then; "
+                          "null: once per epoch.")
+    max_tokens: PositiveInt = Field(256, description="Longest answer, in tokens (cut further to fit BAKE.data.max_length).")
+    temperature: SamplingTemperature = Field(1.0, description="Sampling temperature of the student's answers, 0 to 2.")
+    extra_kwargs: dict[str, Any] = Field(default_factory=dict, description=f"More sampling settings: "
+                                                                           f"{', '.join(SAMPLER_SETTINGS)}.")
+
+    _known_sampler_settings = field_validator("extra_kwargs")(_sampler_settings)
+
+
 def _one_or_many(value: Any) -> Any:
     """Accept one mapping where a list of mappings is expected (TARGET, BAKE.checkpoint)."""
     if isinstance(value, dict):
@@ -370,6 +390,7 @@ class Bake(Section):
     )
     loss: BakeLoss = Field(default_factory=BakeLoss, description="The divergence trained on; the held-out KL "
                                                                   "the bake reports is forward KL whatever it is.")
+    on_policy: OnPolicy = Field(default_factory=OnPolicy, description="Training on the student's own answers too.")
 
     _wrap_checkpoint = field_validator("checkpoint", mode="before")(_one_or_many)
 

@@ -172,6 +172,11 @@ BAKE_RESULT = "result.json"
 EVAL_VERSION = 1  # part of every stored eval result's key: bump it when the measurement changes
 
 
+def on_policy_key(prefix: str, window: int, rank: int, world: int) -> str:
+    """A bake's on-policy answers of one refresh window, sampled by one rank (records.OnPolicyAnswers)."""
+    return f"{prefix}/on_policy/window-{window:05d}/rank-{rank:04d}-of-{world:04d}.json"
+
+
 def eval_folder(set_prefix: str) -> str:
     """Where `bgit eval` keeps its results on a set of examples: a bake's held-out set, or a neutral set."""
     return f"{set_prefix}/eval/v{EVAL_VERSION}"

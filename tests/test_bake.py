@@ -227,14 +227,22 @@ def losses(store: LocalStore, job) -> list[float]:
 
 @pytest.mark.slow
 def test_zero2_and_zero3_bakes_match_and_publish_real_adapters(ray_session, tiny_model, tokenizer, tmp_path):
+    """Two Ray Train workers, ZeRO-2 and ZeRO-3, half the training slots the student's own answers,
+    sampled once per epoch (under ZeRO-3 with the weights gathered on each rank): the same answers,
+    losses and adapters, and real adapters published."""
     from bread_ray.bake.driver import run_bake
+    from bread_ray.records import OnPolicyAnswers
+    from bread_ray.store import on_policy_key
 
     store = LocalStore(tmp_path / "store")
     records = trajectories(12, student=HOUSE_STYLE)  # both sides run a shared prefix apart
     jobs = {stage: make_job(tokenizer, tiny_model, store, f"b{stage}", records, epochs=2,  # epoch 2: cached teacher
-                            deepspeed={"zero_optimization": {"stage": stage}},
+                            deepspeed={"zero_optimization": {"stage": stage}}, on_policy={"share": 0.5, "max_tokens": 12},
                             checkpoint=[{"save_every_n_steps": 4}]) for stage in (2, 3)}
     results = {stage: run_bake(job, num_workers=2, use_gpu=False, progress=False) for stage, job in jobs.items()}
+    answers = {stage: [store.get_record(on_policy_key(job.prefix, window, rank, 2), OnPolicyAnswers).answers
+                       for window in (0, 1) for rank in (0, 1)] for stage, job in jobs.items()}  # steps 1-6, 7-11
+    assert answers[2] == answers[3] and all(answers[2])
     zero2, zero3 = losses(store, jobs[2]), losses(store, jobs[3])
     assert len(zero2) == len(zero3) == results[2].steps == 11  # 2 epochs x 22 examples / (2 per micro batch x 2 workers)
     assert zero2 == pytest.approx(zero3, rel=1e-4)
@@ -361,6 +369,58 @@ def test_a_bake_in_one_process_killed_mid_bake_resumes_from_its_checkpoint_in_th
     assert [entry.iter for entry in read_metrics_log(store, job.prefix)] == list(range(1, 7))
     assert result.model_names == [f"me/r/{job.bake.id}/{s}" for s in (2, 4, 6)]
     assert [folder.rsplit("-", 1)[1] for folder in checkpoints.complete()] == ["00000002", "00000004"]  # the last two
+
+
+@pytest.mark.slow
+def test_on_policy_answers_are_the_students_stored_per_window_and_read_again_after_a_kill(tiny_model, tokenizer,
+                                                                                          tmp_path):
+    """BAKE.on_policy, 60% of the slots the student's, fresh answers every 2 steps, in one plain
+    process: window 0's answers (the adapter still zero) are what the parent samples without the
+    prompt, each slot with its own seed; each stored window holds the student slots of its steps; a
+    run killed after step 3 (window 1 sampled, the checkpoint at step 2) resumes with window 1's
+    answers as stored, and samples window 2 itself."""
+    import pickle
+
+    from bread_ray.bake.on_policy import is_student_slot
+    from bread_ray.decode import Sampling, decode, derive_seed
+    from bread_ray.models import load_causal_lm
+    from bread_ray.records import OnPolicyAnswers
+    from bread_ray.store import on_policy_key
+
+    store = LocalStore(tmp_path / "store")
+    job = make_job(tokenizer, tiny_model, store, "onpolicy", total_trajectories=12, checkpoint=[{"save_every_n_steps": 2}],
+                   data={"train_eval_split": [1.0, 0.0]}, model={"baked_adapter_config": {"lora_dropout": 0.0}},
+                   on_policy={"share": 0.6, "refresh_every_n_steps": 2, "max_tokens": 12})
+    (tmp_path / "job.pkl").write_bytes(pickle.dumps(job))
+    script = ("import os, pickle, signal, sys\n"
+              "from bread_ray.bake.driver import run_standalone\n"
+              "def die(step, rank, session):\n"
+              "    if step == 3 and sys.argv[1] == 'die':\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              f"print(run_standalone(pickle.load(open({str(tmp_path / 'job.pkl')!r}, 'rb')), die).model_dump_json())\n")
+    keys = [on_policy_key(job.prefix, window, 0, 1) for window in range(3)]  # 6 steps, 2 a window
+    killed = subprocess.run([sys.executable, "-c", script, "die"], capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert store.exists(keys[0]) and store.exists(keys[1]) and not store.exists(keys[2])
+    window_1 = store.get_bytes(keys[1])
+    done = subprocess.run([sys.executable, "-c", script, "live"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert BakeResult.model_validate_json(done.stdout.strip().splitlines()[-1]).resumed_from_step == 2
+    assert store.get_bytes(keys[1]) == window_1  # read, not sampled again
+
+    windows = [store.get_record(key, OnPolicyAnswers) for key in keys]
+    for window, stored in enumerate(windows):  # one worker, micro batch 2: window w trains slots 4w..4w+3
+        assert stored.steps == (2 * window + 1, 2 * window + 2)
+        assert sorted(stored.answers) == [slot for slot in range(4 * window, 4 * window + 4)
+                                          if is_student_slot(job.bake.spec.seed, slot, 0.6)]
+    student_slots = sum(len(stored.answers) for stored in windows)
+    assert 0 < len(windows[0].answers) and student_slots < 12
+    parent = load_causal_lm(tiny_model, dtype=torch.float32, device="cpu")
+    for slot, answer in windows[0].answers.items():
+        example = job.data.train[job.data.order[slot]]
+        [sampled] = decode(parent, tokenizer, [example.student_prompt_ids], Sampling(max_tokens=12),
+                           [derive_seed(job.bake.spec.seed, slot)])
+        assert answer == sampled.tokens
 
 
 @pytest.mark.slow

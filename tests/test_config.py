@@ -237,11 +237,12 @@ def test_parent_model_is_part_of_target_and_bake_identity():
     assert {k: v for k, v in before.items() if k.startswith("prompt")} == {k: v for k, v in after.items() if k.startswith("prompt")}
 
 
-def test_the_loss_is_part_of_a_bakes_identity_and_the_default_keeps_the_ids_before_it():
+def test_the_loss_and_on_policy_are_part_of_a_bakes_identity_and_their_defaults_keep_the_ids_before_them():
     default = names(MINIMAL)
     assert names(MINIMAL + "  loss: {type: forward_kl}\n") == default
     _, resolved = load_and_resolve(MINIMAL, parent_model=PARENT)
-    assert "loss" not in resolved.bake.config  # hashed as before the loss was a choice
+    assert "loss" not in resolved.bake.config and "on_policy" not in resolved.bake.config  # hashed as before them
+    assert names(MINIMAL + "  on_policy: {share: 0.5}\n")["bake"] != default["bake"]
     reverse, jsd, jsd_03 = (names(MINIMAL + f"  loss: {loss}\n")["bake"]
                             for loss in ("{type: reverse_kl}", "{type: jsd}", "{type: jsd, beta: 0.3}"))
     assert len({default["bake"], reverse, jsd, jsd_03}) == 4

@@ -61,6 +61,10 @@ MISTAKES = {
         input_yml(target={"max_tokens": 4096}),
         "max_tokens:", "TARGET.max_tokens: 4096 tokens after the teacher prompt's",
     ),
+    "on-policy answers beyond the model's context": (
+        input_yml(bake={"on_policy": {"share": 0.5, "max_tokens": 4096}}),
+        "max_tokens: 4096", "BAKE.on_policy.max_tokens: 4096 tokens after the student prompt's",
+    ),
     "a teacher prompt longer than the model's context": (
         input_yml(prompt={"teacher": {"messages": [{"role": "system", "content": "Talk like a pirate. " * 300}]}}),
         "teacher:", "PROMPT.teacher: the teacher prompt is ",

@@ -218,10 +218,16 @@ def optimizer_steps(num_examples: int, micro_batch: int, accumulation: int, worl
     return max(1, math.ceil(num_examples / (micro_batch * accumulation * world_size)))
 
 
-def rank_slice(order: list[int], micro_step: int, rank: int, world_size: int, micro_batch: int) -> list[int]:
-    """The training indices rank `rank` takes at global micro step `micro_step` (wrapping around)."""
+def rank_slots(order_length: int, micro_step: int, rank: int, world_size: int, micro_batch: int) -> list[int]:
+    """The positions of the order (training slots) rank `rank` takes at global micro step
+    `micro_step` (wrapping around)."""
     start = (micro_step * world_size + rank) * micro_batch
-    return [order[(start + k) % len(order)] for k in range(micro_batch)]
+    return [(start + k) % order_length for k in range(micro_batch)]
+
+
+def rank_slice(order: list[int], micro_step: int, rank: int, world_size: int, micro_batch: int) -> list[int]:
+    """The training indices rank `rank` takes at global micro step `micro_step`."""
+    return [order[slot] for slot in rank_slots(len(order), micro_step, rank, world_size, micro_batch)]
 
 
 @dataclass

@@ -4,7 +4,9 @@
                   the keys and values of the prefix all teacher prompts share (the prompt baked in), once
     train_step    one optimizer step: teacher and student passes, the chunked loss, backward; the
                   teacher's hidden states are kept after an example's first pass (TeacherCache); the
-                  student prompts' shared prefix runs once per micro batch (bake.prefix)
+                  student prompts' shared prefix runs once per micro batch (bake.prefix); with
+                  BAKE.on_policy, the student's own answers in some slots (bake.on_policy), sampled
+                  at each refresh window's first step
     evaluate      the held-out KL, all ranks together
     checkpoint    the training state and the adapter, for the runner to keep; the adapter published
     finish        the final adapter published as the bake's model, and the bake's result
@@ -12,8 +14,8 @@
 One copy of the parent's weights serves both sides: the student is the parent plus the LoRA
 (BAKE.model.baked_adapter_config), seeing the student prompt; the teacher is the same weights with
 the adapter disabled, seeing the teacher prompt. The output head is taken out of the model so that
-a forward pass returns hidden states, and `chunked_divergence` projects them through the head a chunk of
-tokens at a time: `[batch, seq, vocab]` logits never exist.
+a forward pass returns hidden states, and `chunked_divergence` projects them through the head a
+chunk of tokens at a time: `[batch, seq, vocab]` logits never exist.
 
 bread_ray.bake.driver runs `bake_worker` on Ray Train's workers, or without Ray (`run_standalone`).
 """
@@ -39,14 +41,15 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from transformers import AutoConfig
 from transformers.integrations import HfDeepSpeedConfig
 
-from bread_ray.bake.data import BakeData, Batch, Example, collate, optimizer_steps, rank_slice
+from bread_ray.bake.data import BakeData, Batch, Example, collate, optimizer_steps, rank_slots
 from bread_ray.bake.deepspeed import build_optimizer, build_scheduler, deepspeed_config
 from bread_ray.bake.job import BakeJob, WorkerSession
 from bread_ray.bake.loss import CHUNK_TOKENS, chunked_divergence
+from bread_ray.bake.on_policy import StudentAnswers, decoding
 from bread_ray.bake.prefix import SharedPrefix, final_hidden, prefixes_to_share, run_prefix
 from bread_ray.lineage import check_foldable, lora_deltas, read_adapter
 from bread_ray.model_sources import resolve_model_source
-from bread_ray.models import download_folded_adapter, load_causal_lm
+from bread_ray.models import download_folded_adapter, load_causal_lm, load_tokenizer
 from bread_ray.records import BakeResult, HeldOutKl, KlCell, Lineage, Loss, MetricsEntry, ModelMetrics
 from bread_ray.store import BAKE_RESULT, Store, eval_folder, eval_key, open_store, read_metrics_log, write_metrics_log
 
@@ -112,6 +115,8 @@ class Trainer:
     teacher_prefix_ids: list[int]  # the prefix the teacher's rows leave out, run once (empty: none to share)
     student_prefix_ids: list[int]  # the prefix the student's rows leave out, run once per micro batch
     teacher_prefix: SharedPrefix | None  # the keys and values of teacher_prefix_ids, computed in setup
+    student_answers: StudentAnswers | None = None  # BAKE.on_policy's answers, when its share is above 0
+    tokenizer: Any = None  # for sampling those answers
 
 
 @dataclass
@@ -154,9 +159,16 @@ def setup(job: BakeJob) -> Trainer:
     if teacher_prefix:  # the teacher's weights do not change during a bake: its prefix runs once
         with as_teacher(model):
             teacher_prefix_cache = run_prefix(engine, torch.tensor([teacher_prefix], device=device))
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    student_answers = tokenizer = None
+    if spec.on_policy.share > 0:
+        student_answers = StudentAnswers(spec, job.data, store, job.prefix, total_steps, rank, world,
+                                         collective=device if zero3 and world > 1 else None)
+        tokenizer = load_tokenizer(job.base_model)
     return Trainer(engine, head.to(device), zero3_loading, store, rank, world, device, total_steps, cache,
-                   zero3=ds_config["zero_optimization"]["stage"] == 3, teacher_prefix_ids=teacher_prefix,
-                   student_prefix_ids=student_prefix, teacher_prefix=teacher_prefix_cache)
+                   zero3=zero3, teacher_prefix_ids=teacher_prefix,
+                   student_prefix_ids=student_prefix, teacher_prefix=teacher_prefix_cache,
+                   student_answers=student_answers, tokenizer=tokenizer)
 
 
 def attend_with_grouped_heads() -> None:
@@ -259,11 +271,13 @@ def start(trainer: Trainer, job: BakeJob, session: WorkerSession) -> Progress:
 
 # ---- train step and evaluation -----------------------------------------------------------------
 
-def teacher_hidden(trainer: Trainer, batch: Batch, split: str, indices: list[int], examples: list[Example]) -> torch.Tensor:
+def teacher_hidden(trainer: Trainer, batch: Batch, split: str, indices: list[int], examples: list[Example],
+                   cacheable: bool = True) -> torch.Tensor:
     """The teacher's hidden states [tokens, hidden], aligned on the response: from the cache, or
-    from a forward pass without the adapter (then cached). Under ZeRO-3 a rank runs the pass
-    whenever any rank needs it, as the pass gathers the weights from all of them."""
-    cached = trainer.teacher_cache.get(split, indices, trainer.device)
+    from a forward pass without the adapter (then cached, unless not `cacheable`: a batch with the
+    student's answers). Under ZeRO-3 a rank runs the pass whenever any rank needs it, as the pass
+    gathers the weights from all of them."""
+    cached = trainer.teacher_cache.get(split, indices, trainer.device) if cacheable else None
     needed = torch.tensor([cached is None], dtype=torch.int32, device=trainer.device)
     if trainer.zero3 and trainer.world > 1 and split in trainer.teacher_cache.splits:
         dist.all_reduce(needed, op=dist.ReduceOp.MAX)
@@ -272,24 +286,26 @@ def teacher_hidden(trainer: Trainer, batch: Batch, split: str, indices: list[int
     with as_teacher(trainer.engine.module):
         teacher = final_hidden(trainer.engine, batch.teacher_ids, batch.teacher_mask, batch.teacher_positions,
                                trainer.teacher_prefix)
-    trainer.teacher_cache.put(split, indices, examples, teacher)
+    if cacheable:
+        trainer.teacher_cache.put(split, indices, examples, teacher)
     return teacher
 
 
-def batch_loss(trainer: Trainer, job: BakeJob, split: str, indices: list[int]) -> tuple[torch.Tensor, Batch]:
-    """Mean divergence per response token over the examples `indices` of `split`, with the
-    gradient to the student where grad mode is on; and their batch. "train" takes BAKE.loss;
-    "eval" (the held-out figure) is always forward KL(teacher ‖ student), whatever the bake trains on."""
-    examples = [(job.data.train if split == "train" else job.data.eval)[i] for i in indices]
+def batch_loss(trainer: Trainer, job: BakeJob, split: str, indices: list[int], examples: list[Example],
+               cacheable: bool = True) -> tuple[torch.Tensor, Batch]:
+    """Mean divergence per response token over `examples` (the examples `indices` of `split`, or
+    some with the student's answers: then not `cacheable`), with the gradient to the student where
+    grad mode is on; and their batch. "train" takes BAKE.loss; "eval" (the held-out figure) is
+    always forward KL(teacher ‖ student), whatever the bake trains on."""
     batch = collate(examples, job.data.pad_id, len(trainer.teacher_prefix_ids),
                     len(trainer.student_prefix_ids)).to(trainer.device)
-    teacher = teacher_hidden(trainer, batch, split, indices, examples)
+    teacher = teacher_hidden(trainer, batch, split, indices, examples, cacheable)
     student_prefix = None
     if trainer.student_prefix_ids:  # with the adapter and the gradient: the LoRA changes every step
         student_prefix = run_prefix(trainer.engine, torch.tensor([trainer.student_prefix_ids], device=trainer.device))
     student = final_hidden(trainer.engine, batch.student_ids, batch.student_mask, batch.student_positions,
                            student_prefix)
-    beta = job.bake.spec.loss.divergence_beta if split == "train" else 0.0
+    beta = 0.0 if split == "eval" else job.bake.spec.loss.divergence_beta
     loss = chunked_divergence(student, teacher, trainer.head, beta=beta, top_k=job.bake.spec.kl_top_k,
                               chunk_tokens=job.kl_chunk_tokens or CHUNK_TOKENS)
     return loss, batch
@@ -307,8 +323,12 @@ def train_step(trainer: Trainer, job: BakeJob, step: int) -> dict[str, Any]:
         # LoRA dropout draws from the global RNG: seeding each micro step makes a resumed run and
         # any ZeRO stage draw the same masks
         torch.manual_seed(spec.seed * 1_000_003 + micro_step * world + rank)
-        loss, batch = batch_loss(trainer, job, "train",
-                               rank_slice(job.data.order, micro_step, rank, world, spec.micro_batch_size))
+        slots = rank_slots(len(job.data.order), micro_step, rank, world, spec.micro_batch_size)
+        indices = [job.data.order[slot] for slot in slots]
+        examples, answered = [job.data.train[i] for i in indices], False
+        if trainer.student_answers:
+            examples, answered = trainer.student_answers.examples(slots)
+        loss, batch = batch_loss(trainer, job, "train", indices, examples, cacheable=not answered)
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach())
@@ -338,7 +358,8 @@ def evaluate(trainer: Trainer, job: BakeJob) -> KlCell | None:
         for b in range(batches):
             indices = mine[b * micro:(b + 1) * micro]
             weight = 1.0 if indices else 0.0
-            kl, batch = batch_loss(trainer, job, "eval", indices or [0])
+            indices = indices or [0]
+            kl, batch = batch_loss(trainer, job, "eval", indices, [examples[i] for i in indices])
             total += torch.tensor([kl.item() * batch.response_tokens * weight, batch.response_tokens * weight],
                                   dtype=torch.float64, device=trainer.device)
     engine.module.train()
@@ -436,6 +457,9 @@ def bake_worker(job: BakeJob, session: WorkerSession) -> BakeResult | None:
     eval_interval = job.bake.spec.eval_interval
     while progress.step < trainer.total_steps:
         progress.step += 1
+        if trainer.student_answers:  # at a refresh window's first step: the student's answers for it
+            trainer.student_answers.prepare(progress.step, decoding(trainer.engine, trainer.head, trainer.zero3),
+                                            trainer.tokenizer)
         entry = train_step(trainer, job, progress.step)
         if session.after_step:
             session.after_step(progress.step, trainer.rank, session)
