@@ -249,6 +249,9 @@ def test_the_loss_and_on_policy_are_part_of_a_bakes_identity_and_their_defaults_
     _, resolved = load_and_resolve(MINIMAL + "  loss: {type: jsd, beta: 0.3}\n", parent_model=PARENT)
     assert resolved.bake.config["loss"] == {"type": "jsd", "beta": 0.3}
     assert resolved.bake.spec.loss.divergence_beta == 0.3
+    for loss, beta in (("forward_kl", 0.0), ("reverse_kl", 1.0)):
+        _, resolved = load_and_resolve(MINIMAL + f"  loss: {{type: {loss}}}\n", parent_model=PARENT)
+        assert resolved.bake.spec.loss.divergence_beta == beta
 
 
 def test_name_format():
