@@ -92,8 +92,9 @@ class StimManifest(Record):
     generators: list[GeneratorCount]
 
 
-class RolloutSampling(Record):
-    """How every trajectory of a rollout was sampled (also in each trajectory's `sampling` column)."""
+class SamplingSettings(Record):
+    """How a rollout's trajectories (also in each one's `sampling` column) or a bake's on-policy
+    answers were sampled."""
 
     max_tokens: int
     temperature: float
@@ -110,7 +111,7 @@ class RolloutManifest(Record):
     shard_size: int
     num_traj_per_stimulus: int
     model: str  # the teacher
-    sampling: RolloutSampling
+    sampling: SamplingSettings
     seconds: float
 
 
@@ -120,7 +121,7 @@ class OnPolicyAnswers(Record):
 
     window: int
     steps: tuple[int, int]  # the window's first and last optimizer step
-    sampling: RolloutSampling  # the seed is the bake's; each answer's own is derived from it and its slot
+    sampling: SamplingSettings  # the seed is the bake's; each answer's own is derived from it and its slot
     answers: dict[int, list[int]]  # training slot (a position of the bake's order) -> the answer's token ids
 
 

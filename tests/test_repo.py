@@ -151,7 +151,7 @@ def test_status_shows_state_and_plan(model_repo, capsys, tmp_path, tiny_model):
     assert f"· bake            {resolved.bake.id}" in out
 
     # once the target's manifest is in the store, status says it will be reused
-    from bread_ray.records import GeneratorCount, RolloutManifest, RolloutSampling, StimManifest
+    from bread_ray.records import GeneratorCount, RolloutManifest, SamplingSettings, StimManifest
     from bread_ray.store import open_store, target_prefix
 
     store, prefix = open_store(), target_prefix("alice", "yoda", resolved.targets[0].id)
@@ -161,7 +161,7 @@ def test_status_shows_state_and_plan(model_repo, capsys, tmp_path, tiny_model):
     assert "stim complete - 4 stimuli" in capsys.readouterr().out
     store.put_record(f"{prefix}/rollout/manifest.json", RolloutManifest(
         stimuli=4, trajectories=8, tokens=64, shards=1, shards_generated=1, shard_size=8, num_traj_per_stimulus=2,
-        model=str(tiny_model), sampling=RolloutSampling(max_tokens=16, temperature=1.0, extra_kwargs={}, seed=42),
+        model=str(tiny_model), sampling=SamplingSettings(max_tokens=16, temperature=1.0, extra_kwargs={}, seed=42),
         seconds=1.0))
     (repo.root / "input.yml").write_text("BAKE: {}\n")
     assert main(["status"]) == 0

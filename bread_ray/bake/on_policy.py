@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from bread_ray.bake.data import BakeData, Example, rank_slots
 from bread_ray.decode import DecodeBatch, Sampling, derive_seed
-from bread_ray.records import OnPolicyAnswers, RolloutSampling
+from bread_ray.records import OnPolicyAnswers, SamplingSettings
 from bread_ray.schema import Bake
 from bread_ray.store import Store, on_policy_key
 
@@ -127,7 +127,7 @@ class StudentAnswers:
         on_policy = spec.on_policy
         self.sampling = Sampling(max_tokens=on_policy.max_tokens, temperature=on_policy.temperature,
                                  **on_policy.extra_kwargs)
-        self.recorded_sampling = RolloutSampling(max_tokens=on_policy.max_tokens, temperature=on_policy.temperature,
+        self.recorded_sampling = SamplingSettings(max_tokens=on_policy.max_tokens, temperature=on_policy.temperature,
                                                  extra_kwargs=on_policy.extra_kwargs, seed=spec.seed)
 
     def prepare(self, step: int, decode_model: Any, tokenizer: Any) -> None:
@@ -140,11 +140,11 @@ class StudentAnswers:
         key = on_policy_key(self.prefix, window, self.rank, self.world)
         stored = self.store.exists(key)  # sampled before this run was interrupted
         slots = [] if stored else student_slots(self.spec, self.data, steps, self.rank, self.world)
-        sampling = torch.tensor(len(slots), device=self.collective)
+        most_slots = torch.tensor(len(slots), device=self.collective)  # of any rank's, under ZeRO-3
         if self.collective is not None:
-            dist.all_reduce(sampling, op=dist.ReduceOp.MAX)
+            dist.all_reduce(most_slots, op=dist.ReduceOp.MAX)
         answers = []
-        if sampling.item():
+        if most_slots.item():
             with decode_model as model:
                 if slots:
                     examples = [self.data.train[self.data.order[slot]] for slot in slots]
