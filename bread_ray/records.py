@@ -155,17 +155,19 @@ class MetricsEntry(Record):
     """An optimizer step of a bake, as rank 0 logs it."""
 
     iter: int  # the step, from 1
-    loss: float  # KL(teacher ‖ student), nats per response token: the step's mean over ranks
+    loss: float  # BAKE.loss (forward KL by default), nats per response token: the step's mean over ranks
     lr: float
     epoch: float
     grad_norm: float | None
     seconds: float
     tokens_per_s: float  # teacher and student contexts through the model, per second of the step
     eval_kl: float | None = None  # the held-out KL, at every BAKE.eval_interval steps
+    sampling_s: float | None = None  # rank 0's seconds sampling on-policy answers before the step (a window's first)
 
     def to_json(self) -> dict[str, Any]:
-        """As the log writes it: eval_kl only where it was measured."""
-        return self.model_dump(mode="json", exclude=set() if self.eval_kl is not None else {"eval_kl"})
+        """As the log writes it: eval_kl and sampling_s only where they were measured."""
+        return self.model_dump(mode="json", exclude={name for name in ("eval_kl", "sampling_s")
+                                                     if getattr(self, name) is None})
 
 
 class BakeResult(Record):

@@ -385,7 +385,7 @@ def test_on_policy_answers_are_the_students_stored_per_window_and_read_again_aft
     from bread_ray.decode import Sampling, decode, derive_seed
     from bread_ray.models import load_causal_lm
     from bread_ray.records import OnPolicyAnswers
-    from bread_ray.store import on_policy_key
+    from bread_ray.store import on_policy_key, read_metrics_log
 
     store = LocalStore(tmp_path / "store")
     job = make_job(tokenizer, tiny_model, store, "onpolicy", total_trajectories=12, checkpoint=[{"save_every_n_steps": 2}],
@@ -407,6 +407,8 @@ def test_on_policy_answers_are_the_students_stored_per_window_and_read_again_aft
     assert done.returncode == 0, done.stderr[-3000:]
     assert BakeResult.model_validate_json(done.stdout.strip().splitlines()[-1]).resumed_from_step == 2
     assert store.get_bytes(keys[1]) == window_1  # read, not sampled again
+    sampled_at = [entry.iter for entry in read_metrics_log(store, job.prefix) if entry.sampling_s is not None]
+    assert sampled_at == [1, 5]  # window 1 sampled before the kill; the resumed step 3 read it
 
     windows = [store.get_record(key, OnPolicyAnswers) for key in keys]
     for window, stored in enumerate(windows):  # one worker, micro batch 2: window w trains slots 4w..4w+3

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -130,12 +131,14 @@ class StudentAnswers:
         self.recorded_sampling = SamplingSettings(max_tokens=on_policy.max_tokens, temperature=on_policy.temperature,
                                                  extra_kwargs=on_policy.extra_kwargs, seed=spec.seed)
 
-    def prepare(self, step: int, decode_model: Any, tokenizer: Any) -> None:
+    def prepare(self, step: int, decode_model: Any, tokenizer: Any) -> float | None:
         """Have the answers of the window that holds optimizer step `step`. `decode_model` is a
-        context manager giving the model to sample with (`decoding`), entered only to sample."""
+        context manager giving the model to sample with (`decoding`), entered only to sample.
+        Returns the seconds spent sampling, or None where nothing was sampled."""
         window = (step - 1) // self.every
         if window == self.window:
-            return
+            return None
+        started = time.perf_counter()
         steps = window_steps(window, self.every, self.total_steps)
         key = on_policy_key(self.prefix, window, self.rank, self.world)
         stored = self.store.exists(key)  # sampled before this run was interrupted
@@ -153,10 +156,11 @@ class StudentAnswers:
         self.window = window
         if stored:
             self.answers = self.store.get_record(key, OnPolicyAnswers).answers
-        else:
-            self.answers = dict(zip(slots, answers))
-            self.store.put_record(key, OnPolicyAnswers(window=window, steps=steps, sampling=self.recorded_sampling,
-                                                       answers=self.answers))
+            return None
+        self.answers = dict(zip(slots, answers))
+        self.store.put_record(key, OnPolicyAnswers(window=window, steps=steps, sampling=self.recorded_sampling,
+                                                   answers=self.answers))
+        return round(time.perf_counter() - started, 4)
 
     def examples(self, slots: list[int]) -> tuple[list[Example], bool]:
         """The examples of these slots, the student's answer in place of the teacher's response in

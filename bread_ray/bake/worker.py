@@ -311,7 +311,7 @@ def batch_loss(trainer: Trainer, job: BakeJob, split: str, indices: list[int], e
     return loss, batch
 
 
-def train_step(trainer: Trainer, job: BakeJob, step: int) -> dict[str, Any]:
+def train_step(trainer: Trainer, job: BakeJob, step: int) -> MetricsEntry:
     """Optimizer step `step` (1-based): its micro-batches forward and backward; returns its log
     entry (mean loss over ranks, tokens/s of all ranks)."""
     spec, engine = job.bake.spec, trainer.engine
@@ -457,10 +457,11 @@ def bake_worker(job: BakeJob, session: WorkerSession) -> BakeResult | None:
     eval_interval = job.bake.spec.eval_interval
     while progress.step < trainer.total_steps:
         progress.step += 1
+        sampling_s = None
         if trainer.student_answers:  # at a refresh window's first step: the student's answers for it
-            trainer.student_answers.prepare(progress.step, decoding(trainer.engine, trainer.head, trainer.zero3),
-                                            trainer.tokenizer)
-        entry = train_step(trainer, job, progress.step)
+            sampling_s = trainer.student_answers.prepare(progress.step, decoding(trainer.engine, trainer.head,
+                                                                                 trainer.zero3), trainer.tokenizer)
+        entry = train_step(trainer, job, progress.step).model_copy(update={"sampling_s": sampling_s})
         if session.after_step:
             session.after_step(progress.step, trainer.rank, session)
         if eval_interval and progress.step % eval_interval == 0 and progress.step < trainer.total_steps:
