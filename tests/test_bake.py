@@ -297,11 +297,22 @@ def test_a_dead_head_recorded_on_this_machine_does_not_hold_up_a_local_bakes_end
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_bake_resumes_from_its_checkpoint(ray_session, tiny_model, tokenizer, tmp_path):
+    """Two workers under ZeRO-3 (the default), one SIGKILLed mid-bake. The teacher cache's budget
+    fits one rank's share of the held-out examples and not the other's: the ranks must agree to
+    cache nothing, or the caching rank would skip teacher passes whose weight gathers the other waits in."""
+    from transformers import AutoConfig
+
     from bread_ray.bake.driver import run_bake
     from bread_ray.store import read_metrics_log
 
     store = LocalStore(tmp_path / "store")
     job = make_job(tokenizer, tiny_model, store, "kill", checkpoint=[{"save_every_n_steps": 2}])
+    assert job.bake.spec.deepspeed.zero_optimization.stage == 3
+    spec, hidden = job.bake.spec, AutoConfig.from_pretrained(tiny_model).hidden_size
+    held_out_bytes = [sum(len(job.data.eval[i].response_ids) for i in job.data.read_by(
+        rank, 2, spec.micro_batch_size, spec.gradient_accumulation_steps)["eval"]) * hidden * 4 for rank in (0, 1)]
+    assert held_out_bytes[0] != held_out_bytes[1]
+    job.teacher_cache_bytes = min(held_out_bytes)
 
     def kill_rank_1_after_step_3(step: int, rank: int, session) -> None:  # local: pickled by value to the workers
         """A worker dies mid-bake, as on a lost node, once. First give Ray Train's controller time

@@ -152,14 +152,18 @@ def setup(job: BakeJob) -> Trainer:
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(trainable, spec),
                                       lr_scheduler=build_scheduler(spec, total_steps), config=ds_config)
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
     cache = TeacherCache.for_bake(job.data, hidden_size, head.element_size(), job.teacher_cache_bytes)
+    if zero3 and world > 1:  # each rank sized its own share: all cache or none, or a cached rank skips a
+        fits = torch.tensor(int(bool(cache.splits)), device=device)  # teacher pass whose gathers the others wait in
+        dist.all_reduce(fits, op=dist.ReduceOp.MIN)
+        cache = cache if fits.item() else TeacherCache(frozenset())
     teacher_prefix, student_prefix = prefixes_to_share(model, job.data.teacher_prefix, job.data.student_prefix,
                                                        checkpointing=not spec.model.disable_activation_checkpoint)
     teacher_prefix_cache = None
     if teacher_prefix:  # the teacher's weights do not change during a bake: its prefix runs once
         with as_teacher(model):
             teacher_prefix_cache = run_prefix(engine, torch.tensor([teacher_prefix], device=device))
-    zero3 = ds_config["zero_optimization"]["stage"] == 3
     student_answers = tokenizer = None
     if spec.on_policy.share > 0:
         student_answers = StudentAnswers(spec, job.data, store, job.prefix, total_steps, rank, world,
