@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from bread_ray.bake.data import BakeData, Example, rank_slots
-from bread_ray.decode import DecodeBatch, Sampling, derive_seed
+from bread_ray.decode import Sampling, decode, derive_seed
 from bread_ray.records import OnPolicyAnswers, SamplingSettings
 from bread_ray.schema import Bake
 from bread_ray.store import Store, on_policy_key
@@ -101,14 +101,10 @@ def sample_answers(model: Any, tokenizer: Any, examples: list[Example], seeds: l
     time, row i drawn with seeds[i]; each cut to fit max_length with either prompt."""
     answers = []
     for start in range(0, len(examples), SAMPLE_ROWS):
-        batch = DecodeBatch(model, tokenizer)
-        rows = [batch.row(example.student_prompt_ids, sampling, seed)
-                for example, seed in zip(examples[start:start + SAMPLE_ROWS], seeds[start:start + SAMPLE_ROWS])]
-        batch.start(rows)
-        while batch.rows:
-            batch.step()
-        answers += [row.decoded.tokens[:answer_room(example, max_length)]
-                    for row, example in zip(rows, examples[start:start + SAMPLE_ROWS])]
+        chunk = examples[start:start + SAMPLE_ROWS]
+        decoded = decode(model, tokenizer, [example.student_prompt_ids for example in chunk], sampling,
+                         seeds[start:start + SAMPLE_ROWS])
+        answers += [answer.tokens[:answer_room(example, max_length)] for answer, example in zip(decoded, chunk)]
     return answers
 
 
